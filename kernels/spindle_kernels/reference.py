@@ -1,0 +1,151 @@
+"""Plain torch versions of every kernel, with the kernels' exact signatures.
+
+These are the CPU path of the shard and the ground truth the Triton kernels are tested against.
+
+Paged KV layout (per layer):
+
+    k_cache, v_cache : [num_blocks, block_size, num_kv_heads, head_dim]
+    block_tables     : [batch, max_blocks] int32, row b lists sequence b's blocks in order
+    slot             : block * block_size + offset; token at position p of sequence b lives in
+                       slot block_tables[b, p // block_size] * block_size + p % block_size
+
+Varlen queries (prefill chunks and decodes flattened together):
+
+    q            : [num_tokens, num_heads, head_dim]
+    cu_seqlens_q : [batch + 1] int32, sequence b's queries are q[cu_seqlens_q[b] : cu_seqlens_q[b + 1]]
+    context_lens : [batch] int32, tokens of sequence b in the cache *including* this chunk
+
+    sequence b:  |<------------- context_lens[b] ------------->|
+                 | cached prefix (already in blocks) | chunk    |
+                                                     |<- q_len ->|
+    query i of the chunk sits at position context_lens[b] - q_len + i and attends to positions <= it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into the caches at `slot_mapping` [num_tokens]."""
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
+    slots = slot_mapping.long()
+    flat_k.index_copy_(0, slots, key.to(k_cache.dtype))
+    flat_v.index_copy_(0, slots, value.to(v_cache.dtype))
+
+
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+    """[context_len, num_kv_heads, head_dim] of one sequence, in position order."""
+    block_size = cache.shape[1]
+    num_blocks = (context_len + block_size - 1) // block_size
+    blocks = block_table[:num_blocks].long()
+    return cache.index_select(0, blocks).flatten(0, 1)[:context_len]
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of varlen query chunks over their paged context (see module docstring).
+
+    Grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads).
+    Returns [num_tokens, num_heads, head_dim] in q's dtype.
+    """
+    num_heads = q.shape[1]
+    num_kv_heads = k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = context_lens.tolist()
+    for b in range(len(lens)):
+        start, end = cu[b], cu[b + 1]
+        q_len, ctx_len = end - start, lens[b]
+        if q_len == 0:
+            continue
+        k = _gather_context(k_cache, block_tables[b], ctx_len)
+        v = _gather_context(v_cache, block_tables[b], ctx_len)
+        if group > 1:
+            k = k.repeat_interleave(group, dim=1)
+            v = v.repeat_interleave(group, dim=1)
+        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+        k_pos = torch.arange(ctx_len, device=q.device)
+        mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, ctx_len], True = attend
+        attn = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1).float(),  # [heads, q_len, d]
+            k.transpose(0, 1).float(),
+            v.transpose(0, 1).float(),
+            attn_mask=mask,
+            scale=scale,
+        )
+        out[start:end] = attn.transpose(0, 1).to(q.dtype)
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence, q [batch, num_heads, head_dim], attending to all context_lens[b] tokens."""
+    batch = q.shape[0]
+    cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
+    return paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+
+
+def rms_norm(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    residual: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm with an optional fused residual add.
+
+    Returns (normed, residual_out): with `residual`, x + residual is normalised and also returned as
+    the next residual; without, `x` itself is the next residual.
+    """
+    if residual is not None:
+        x = x + residual
+    residual_out = x
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed.to(x.dtype) * weight), residual_out
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """Rotate q [T, heads, d] and k [T, kv_heads, d] in place, "rotate half" (GPT-NeoX / Llama) style.
+
+    cos, sin: [T, d // 2] for each token's position.
+    """
+    for t in (q, k):
+        half = t.shape[-1] // 2
+        x1 = t[..., :half].float()
+        x2 = t[..., half:].float()
+        c = cos[:, None, :].float()
+        s = sin[:, None, :].float()
+        o1 = x1 * c - x2 * s
+        o2 = x2 * c + x1 * s
+        t[..., :half] = o1.to(t.dtype)
+        t[..., half:] = o2.to(t.dtype)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """x [T, 2 * I] holding [gate | up] -> silu(gate) * up, [T, I]."""
+    half = x.shape[-1] // 2
+    return F.silu(x[..., :half]) * x[..., half:]

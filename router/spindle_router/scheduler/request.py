@@ -1,0 +1,98 @@
+"""What crosses the boundary between the HTTP layer and the scheduler.
+
+The HTTP layer turns a body into a `ValidRequest` (token ids, resolved parameters) and hands it to the
+scheduler, which answers with a `RequestStream` of events:
+
+    [PrefillEvent]  TokenEvent*  EndEvent        a request that finished
+    [PrefillEvent]  TokenEvent*  ErrorEvent      a request the shards failed
+
+`EndEvent` carries the last token itself (there is no separate TokenEvent for it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 1.0
+    top_k: int = 0  # 0: disabled
+    top_p: float = 1.0  # 1.0: disabled
+    typical_p: float = 1.0  # 1.0: disabled
+    do_sample: bool = False
+    seed: int = 0
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+
+    @property
+    def is_sampling(self) -> bool:
+        """True when the shard samples rather than taking the argmax (TGI's rule)."""
+        return (
+            self.do_sample
+            or self.temperature != 1.0
+            or self.top_k != 0
+            or self.top_p < 1.0
+            or self.typical_p < 1.0
+        )
+
+
+@dataclass(frozen=True)
+class StoppingParams:
+    max_new_tokens: int
+    stop_sequences: tuple[str, ...] = ()
+    ignore_eos_token: bool = False
+
+
+@dataclass(frozen=True)
+class ValidRequest:
+    """A request that passed validation: what the scheduler needs, nothing it must re-derive."""
+
+    input_ids: tuple[int, ...]  # tokenized and truncated prompt
+    sampling: SamplingParams
+    stopping: StoppingParams
+    top_n_tokens: int = 0
+    prefill_logprobs: bool = False  # decoder_input_details: also bypasses the prefix cache
+
+    @property
+    def input_length(self) -> int:
+        return len(self.input_ids)
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+    text: str
+    logprob: float | None  # None where unknown (NaN on the wire)
+    special: bool = False
+
+
+@dataclass(frozen=True)
+class PrefillEvent:
+    tokens: list[Token]  # one per prompt token; the first has logprob None
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    token: Token
+    top_tokens: list[Token] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class EndEvent:
+    token: Token
+    top_tokens: list[Token]
+    generated_text: str
+    finish_reason: str  # "length" | "eos_token" | "stop_sequence"
+    generated_tokens: int
+    seed: int | None  # set when the request sampled
+    queued_at: float  # time.monotonic() when submitted
+    started_at: float  # time.monotonic() when first scheduled into a batch
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    message: str  # e.g. "Server error: ..." from the shard client
+
+
+Event = PrefillEvent | TokenEvent | EndEvent | ErrorEvent
