@@ -1,0 +1,108 @@
+"""Paged self-attention of one layer: qkv projection -> rotary -> write K/V to the paged cache -> attend.
+
+The engine builds one `AttentionMetadata` per forward and every layer reads it. Tokens of all sequences are
+flattened into one varlen batch:
+
+    tokens:        | seq 0 chunk (3) | seq 1 decode (1) | seq 2 chunk (4)   |
+    cu_seqlens_q:  0                 3                  4                   8
+    context_lens:  [cached_0 + 3,      cached_1 + 1,      cached_2 + 4]
+    slot_mapping:  one KV slot per token = block_tables[b, pos // block_size] * block_size + pos % block_size
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from spindle_kernels import KernelOps
+
+from spindle_server.distributed import Distributed
+from spindle_server.layers.linear import QKVParallelLinear, RowParallelLinear
+from spindle_server.layers.rotary import RotaryEmbedding
+from spindle_server.weights import Weights
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this forward's tokens live in the paged KV cache; built once per forward by the engine."""
+
+    slot_mapping: torch.Tensor  # [T] int64: KV slot each new token is written to
+    cu_seqlens_q: torch.Tensor  # [B+1] int32: sequence b's new tokens are rows cu[b]:cu[b+1]
+    context_lens: torch.Tensor  # [B] int32: tokens in the cache for b INCLUDING this step's
+    block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
+    max_q_len: int
+    is_decode: bool  # every sequence has exactly one new token -> ops.paged_decode_attention
+
+
+class PagedAttention(torch.nn.Module):
+    """Self-attention over this rank's heads (num_heads / world, num_kv_heads / world) with a paged KV cache."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_heads: int,
+        num_kv_heads: int,
+        head_dim: int,
+        rotary: RotaryEmbedding,
+        dist: Distributed,
+        ops: KernelOps,
+        qkv_bias: bool,
+        o_bias: bool,
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
+        super().__init__()
+        ws = dist.world_size
+        if num_heads % ws or num_kv_heads % ws:
+            raise ValueError(
+                f"tensor parallelism over {ws} ranks needs num_heads ({num_heads}) and num_kv_heads "
+                f"({num_kv_heads}) divisible by {ws}"
+            )
+        self.num_heads = num_heads // ws
+        self.num_kv_heads = num_kv_heads // ws
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.rotary = rotary
+        self.ops = ops
+        self.qkv_proj = QKVParallelLinear(
+            hidden_size, head_dim, num_heads, num_kv_heads, dist, bias=qkv_bias, dtype=dtype, device=device
+        )
+        self.o_proj = RowParallelLinear(
+            num_heads * head_dim, hidden_size, dist, bias=o_bias, dtype=dtype, device=device
+        )
+
+    def load(self, weights: Weights, prefix: str) -> None:
+        """prefix: e.g. "model.layers.3.self_attn" (q_proj, k_proj, v_proj, o_proj below it)."""
+        self.qkv_proj.load(weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
+        self.o_proj.load(weights, f"{prefix}.o_proj")
+
+    def forward(
+        self,
+        positions: torch.Tensor,
+        hidden: torch.Tensor,
+        kv_cache: tuple[torch.Tensor, torch.Tensor],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """hidden [T, hidden_size] -> [T, hidden_size] (all-reduced over ranks)."""
+        num_tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)
+        q_size = self.num_heads * self.head_dim
+        kv_size = self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        # Kernels take contiguous [T, heads, head_dim]; the split views are strided.
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim).contiguous()
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
+        self.rotary(positions, q, k, meta.cu_seqlens_q, meta.context_lens)
+
+        k_cache, v_cache = kv_cache
+        self.ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            out = self.ops.paged_decode_attention(
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale
+            )
+        else:
+            out = self.ops.paged_attention(
+                q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, self.scale
+            )
+        return self.o_proj(out.reshape(num_tokens, q_size))

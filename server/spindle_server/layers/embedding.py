@@ -1,0 +1,94 @@
+"""Vocabulary-parallel token embedding and LM head.
+
+The vocabulary is cut into N equal contiguous ranges (the last padded with zero rows when N does not
+divide it):
+
+    vocab ids:  [0 ........ per) [per ...... 2*per) ... [(N-1)*per ... V) + padding
+                   rank 0            rank 1                 rank N-1
+
+Embedding: each rank looks up the ids in its range, zeros the rest, and an all-reduce sums the rows.
+LM head: each rank scores its range, an all-gather concatenates the ranges, padding is cut off, so every
+rank holds the same full-vocabulary logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from spindle_server.distributed import Distributed
+from spindle_server.weights import Weights
+
+
+class VocabParallelEmbedding(torch.nn.Module):
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        dist: Distributed,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.dist = dist
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.vocab_per_rank = -(-vocab_size // dist.world_size)  # ceil
+        self.vocab_start = dist.rank * self.vocab_per_rank
+        self.vocab_stop = min(self.vocab_start + self.vocab_per_rank, vocab_size)  # may be < start + per
+        self.weight = torch.nn.Parameter(
+            torch.zeros(self.vocab_per_rank, hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
+
+    def load(self, weights: Weights, name: str) -> None:
+        """name: the full tensor name, e.g. "model.embed_tokens.weight"."""
+        shape = weights.shape(name)
+        if shape != (self.vocab_size, self.hidden_size):
+            raise ValueError(
+                f"weight {name!r} has shape {shape}, expected {(self.vocab_size, self.hidden_size)}"
+            )
+        num_rows = max(self.vocab_stop - self.vocab_start, 0)
+        with torch.no_grad():
+            self.weight.zero_()
+            if num_rows:
+                self.weight[:num_rows].copy_(weights.get_rows(name, 0, self.vocab_start, self.vocab_stop))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [T] -> [T, hidden], identical on every rank."""
+        if self.dist.world_size == 1:
+            return F.embedding(input_ids, self.weight)
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_per_rank)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside[:, None], 0)
+        return self.dist.all_reduce(out)
+
+
+class ParallelLMHead(torch.nn.Module):
+    """hidden [N, hidden] -> float32 logits [N, vocab_size], full vocabulary on every rank."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        hidden_size: int,
+        dist: Distributed,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+        tied_to: VocabParallelEmbedding | None = None,
+    ) -> None:
+        super().__init__()
+        self.dist = dist
+        self.vocab_size = vocab_size
+        # Same vocabulary split as the embedding, so a tied head can share its weight.
+        self.table = tied_to or VocabParallelEmbedding(vocab_size, hidden_size, dist, dtype, device)
+        self.is_tied = tied_to is not None
+
+    def load(self, weights: Weights, name: str) -> None:
+        """name: e.g. "lm_head.weight"; a tied head loads nothing (the embedding did)."""
+        if not self.is_tied:
+            self.table.load(weights, name)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = F.linear(hidden, self.table.weight)  # [N, vocab_per_rank]
+        logits = self.dist.all_gather_last_dim(logits)
+        return logits[:, : self.vocab_size].float()
