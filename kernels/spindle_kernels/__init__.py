@@ -2,21 +2,29 @@
 
 The shard picks one `KernelOps` at start-up with `ops_for(device)` and passes it to its layers, so hot
 code never asks which platform it runs on.
+
+Implementations, best first: flash-attn attention (CUDA, when `flash_attn` imports) over the Triton
+ops; the Triton ops (CUDA, when `triton` imports); the torch reference (anywhere). Importing this
+package imports neither triton nor flash_attn: they load on first use. The Triton functions are
+also exported here by name (`spindle_kernels.paged_decode_attention`, ...), loaded on access.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from spindle_kernels import reference
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class KernelOps:
-    name: str  # reported by the shard's Info as attention_impl
+    name: str  # reported by the shard's Info as attention_impl: "flash_attn" | "triton" | "torch"
     reshape_and_cache: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
     paged_decode_attention: Callable[..., torch.Tensor]
@@ -36,9 +44,71 @@ REFERENCE_OPS = KernelOps(
 )
 
 
-def ops_for(device: torch.device) -> KernelOps:
-    """The fastest available implementation for `device`: torch reference on CPU."""
-    return REFERENCE_OPS
+def triton_ops() -> KernelOps:
+    """The Triton ops (imports triton; on CPU they run only under TRITON_INTERPRET=1)."""
+    from spindle_kernels.triton_ops import TRITON_OPS
+
+    return TRITON_OPS
 
 
-__all__ = ["KernelOps", "REFERENCE_OPS", "ops_for", "reference"]
+def flash_attn_ops(base: KernelOps) -> KernelOps:
+    """`base` with attention served by flash-attn; calls flash-attn cannot serve fall back to `base`."""
+    from spindle_kernels import flash
+
+    return dataclasses.replace(
+        base,
+        name="flash_attn",
+        paged_attention=functools.partial(flash.paged_attention, fallback=base.paged_attention),
+        paged_decode_attention=functools.partial(
+            flash.paged_decode_attention, fallback=base.paged_decode_attention
+        ),
+    )
+
+
+def ops_for(device: torch.device | str, *, block_size: int | None = None) -> KernelOps:
+    """The fastest available implementation for `device`.
+
+    CPU (or any non-CUDA device): the torch reference. CUDA: flash-attn attention over the Triton ops
+    when `flash_attn` imports and `block_size` (if given) is a multiple of 256, which flash-attn's
+    paged cache requires; else the Triton ops; else (no triton) the reference.
+    """
+    device = torch.device(device)
+    if device.type != "cuda":
+        return REFERENCE_OPS
+    try:
+        base = triton_ops()
+    except ImportError:
+        base = REFERENCE_OPS
+    if block_size is not None and block_size % 256 != 0:
+        return base
+    try:
+        return flash_attn_ops(base)
+    except ImportError:  # not installed, or built for another torch
+        return base
+
+
+_TRITON_EXPORTS = {
+    "paged_attention": "spindle_kernels.attention",
+    "paged_decode_attention": "spindle_kernels.attention",
+    "reshape_and_cache": "spindle_kernels.kv_store",
+    "rms_norm": "spindle_kernels.norm",
+    "rotary_embedding": "spindle_kernels.rotary",
+    "silu_and_mul": "spindle_kernels.activation",
+}
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: the Triton kernels load (and import triton) only when first asked for.
+    if name in _TRITON_EXPORTS:
+        return getattr(importlib.import_module(_TRITON_EXPORTS[name]), name)
+    raise AttributeError(f"module 'spindle_kernels' has no attribute {name!r}")
+
+
+__all__ = [
+    "KernelOps",
+    "REFERENCE_OPS",
+    "flash_attn_ops",
+    "ops_for",
+    "reference",
+    "triton_ops",
+]  # the Triton names are left out so `import *` never imports triton

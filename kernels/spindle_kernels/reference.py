@@ -34,11 +34,17 @@ def reshape_and_cache(
     v_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
 ) -> None:
-    """Write key/value [num_tokens, num_kv_heads, head_dim] into the caches at `slot_mapping` [num_tokens]."""
+    """Write key/value [num_tokens, num_kv_heads, head_dim] into the caches at `slot_mapping` [num_tokens].
+
+    A negative slot marks a padding token (a batch padded to a captured CUDA-graph size): it is skipped.
+    """
     num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
     flat_k = k_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
     flat_v = v_cache.view(num_blocks * block_size, num_kv_heads, head_dim)
     slots = slot_mapping.long()
+    keep = slots >= 0
+    if not bool(keep.all()):
+        key, value, slots = key[keep], value[keep], slots[keep]
     flat_k.index_copy_(0, slots, key.to(k_cache.dtype))
     flat_v.index_copy_(0, slots, value.to(v_cache.dtype))
 

@@ -1,0 +1,364 @@
+"""Triton paged attention: decode (one query per sequence) and varlen prefill chunks.
+
+Both read keys/values straight out of the paged cache through the block table, one BLOCK_N tile of
+positions at a time, so block_size need not match the tile:
+
+    position p of sequence b  ->  page  = block_tables[b, p // block_size]
+                                  entry = k_cache[page, p % block_size, kv_head, :]
+
+and both keep an online softmax (running max m, running sum l, rescaled accumulator) in fp32, using
+exp2 with the scale folded into log2 units.
+
+Decode is split-KV ("flash-decoding"): programs are (sequence, kv head, split); each handles every
+query head of its GQA group against one range of the context (so K/V are read once per group), and
+writes a partial output and its log-sum-exp; a second kernel merges the splits. The split count
+depends only on shapes (never on context values), so a decode step can be captured in a CUDA graph.
+
+Prefill programs are (query tile, head). Query tiles of all sequences are numbered consecutively;
+a program finds its sequence from `cu_tiles` (exclusive prefix sums of tiles per sequence, built
+on the device without a host sync). It sweeps the context positions every query in the tile may
+see without a mask, then the diagonal tiles with the causal mask.
+
+Importing this module imports triton; `spindle_kernels` only imports it when the Triton ops are used.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from spindle_kernels.checks import check_attention_inputs, check_ndim, check_scale
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_kernel(
+    Q, K, V, BlockTables, ContextLens, Out, Lse,
+    qk_scale_log2,
+    stride_qb, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_btb,
+    stride_ob, stride_oh, stride_os,
+    stride_lb, stride_lh,
+    GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
+    DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    context_len = tl.load(ContextLens + b)
+    start = split * SPLIT_TOKENS
+    end = tl.minimum(context_len, start + SPLIT_TOKENS)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    g_mask = offs_g < GROUP
+    d_mask = offs_d < HEAD_DIM
+    heads = kv_head * GROUP + offs_g
+    q = tl.load(
+        Q + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=g_mask[:, None] & d_mask[None, :], other=0.0,
+    )
+
+    m_i = tl.full([BLOCK_G], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], dtype=tl.float32)
+    table = BlockTables + b * stride_btb
+    for n0 in range(start, end, BLOCK_N):
+        pos = n0 + offs_n
+        n_mask = pos < end
+        page = tl.load(table + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_off = page * stride_kb + (pos % PAGE_SIZE) * stride_kt + kv_head * stride_kh
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(K + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [G, N]
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # An empty split (start >= context_len) leaves l_i == 0: output 0 with weight exp2(-inf) == 0.
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
+    if not DIRECT:
+        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+
+
+@triton.jit
+def _merge_splits_kernel(
+    Partial, Lse, Out,
+    stride_pb, stride_ph, stride_ps,
+    stride_lb, stride_lh,
+    stride_ob, stride_oh,
+    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < NUM_SPLITS
+    d_mask = offs_d < HEAD_DIM
+    lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
+    weight = tl.exp2(lse - tl.max(lse, 0))
+    partial = tl.load(
+        Partial + b * stride_pb + h * stride_ph + offs_s[:, None] * stride_ps + offs_d[None, :],
+        mask=s_mask[:, None] & d_mask[None, :], other=0.0,
+    )
+    out = tl.sum(partial * weight[:, None], 0) / tl.sum(weight, 0)
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_d, out.to(Out.dtype.element_ty), mask=d_mask)
+
+
+@triton.jit
+def _prefill_kernel(
+    Q, K, V, BlockTables, ContextLens, CuSeqlensQ, CuTiles, Out,
+    qk_scale_log2, batch,
+    stride_qt, stride_qh,
+    stride_kb, stride_kt, stride_kh,
+    stride_btb,
+    stride_ot, stride_oh,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    kv_head = head // GROUP
+
+    # Which sequence owns this tile: the number of sequences whose tiles all come before it.
+    offs_b = tl.arange(0, BLOCK_B)
+    tile_ends = tl.load(CuTiles + 1 + offs_b, mask=offs_b < batch, other=2147483647)
+    seq = tl.sum((tile_ends <= tile).to(tl.int32), 0)
+    is_valid = seq < batch
+    seq = tl.minimum(seq, batch - 1)
+    tile_in_seq = tile - tl.load(CuTiles + seq)
+    q_start = tl.load(CuSeqlensQ + seq)
+    q_len = tl.load(CuSeqlensQ + seq + 1) - q_start
+    context_len = tl.load(ContextLens + seq)
+    prefix_len = context_len - q_len
+
+    offs_m = tile_in_seq * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the chunk
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_mask = offs_m < tl.where(is_valid, q_len, 0)
+    d_mask = offs_d < HEAD_DIM
+    q_pos = prefix_len + offs_m
+    q = tl.load(
+        Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        mask=m_mask[:, None] & d_mask[None, :], other=0.0,
+    )
+
+    # Positions < first_q are visible to every query of the tile; the rest up to last_q need the mask.
+    first_q = prefix_len + tile_in_seq * BLOCK_M
+    last_q = tl.minimum(first_q + BLOCK_M, context_len) - 1
+    unmasked_end = tl.where(is_valid, (first_q // BLOCK_N) * BLOCK_N, 0)
+    masked_end = tl.where(is_valid, last_q + 1, 0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    table = BlockTables + seq * stride_btb
+    kv_head_off = kv_head * stride_kh
+    for n0 in range(0, unmasked_end, BLOCK_N):
+        pos = n0 + offs_n
+        page = tl.load(table + pos // PAGE_SIZE).to(tl.int64)
+        kv_off = page * stride_kb + (pos % PAGE_SIZE) * stride_kt + kv_head_off
+        k = tl.load(K + kv_off[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_off[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    for n0 in range(unmasked_end, masked_end, BLOCK_N):
+        pos = n0 + offs_n
+        n_mask = pos < context_len
+        page = tl.load(table + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+        kv_off = page * stride_kb + (pos % PAGE_SIZE) * stride_kt + kv_head_off
+        kv_mask = n_mask[:, None] & d_mask[None, :]
+        k = tl.load(K + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+        s = tl.where(visible, s, float("-inf"))
+        # Every row saw a visible position in the first tile it met, so m_new is finite here.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs would otherwise be truncated to tf32 on tensor cores; the reference is exact fp32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: any small number exercises the split path
+
+
+def _decode_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
+    """Enough splits to fill the device about twice over, each at least 256 positions long."""
+    programs = batch * num_kv_heads
+    wanted = triton.cdiv(2 * _num_sms(device), max(programs, 1))
+    return max(1, min(wanted, triton.cdiv(max_context, 256), 64))
+
+
+def decode_attention_splits(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    num_splits: int,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """`paged_decode_attention` with the split count and tile length chosen by the caller (tests, tuning)."""
+    batch, num_heads, num_kv_heads = check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    scale = check_scale(scale)
+    if q.shape[0] != batch:
+        raise ValueError(f"q has {q.shape[0]} tokens but the batch has {batch} sequences (one query each)")
+    if num_splits < 1 or block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(f"num_splits must be >= 1 and block_n a power of two >= 16, got {num_splits}, {block_n}")
+    _, block_size, _, head_dim = k_cache.shape
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if batch == 0:
+        return out
+    group = num_heads // num_kv_heads
+    max_context = block_tables.shape[1] * block_size
+    split_tokens = triton.cdiv(triton.cdiv(max(max_context, 1), num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max(max_context, 1), split_tokens)
+    direct = num_splits == 1
+    if direct:
+        partial, lse = out.unsqueeze(2), out  # lse is never written when DIRECT
+    else:
+        partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    _decode_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, context_lens, partial, lse,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        lse.stride(0), lse.stride(1),
+        GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PAGE_SIZE=block_size, BLOCK_N=block_n, SPLIT_TOKENS=split_tokens,
+        DIRECT=direct, DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4,
+    )
+    if not direct:
+        _merge_splits_kernel[(batch, num_heads)](
+            partial, lse, out,
+            partial.stride(0), partial.stride(1), partial.stride(2),
+            lse.stride(0), lse.stride(1),
+            out.stride(0), out.stride(1),
+            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            num_warps=4,
+        )
+    return out
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Triton version of `reference.paged_decode_attention`: q [batch, num_heads, head_dim] -> same shape."""
+    check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    max_context = block_tables.shape[1] * k_cache.shape[1]
+    num_splits = _decode_num_splits(q.shape[0], k_cache.shape[2], max_context, q.device)
+    return decode_attention_splits(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
+
+
+def prefill_attention_tiles(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    block_m: int = 64,
+    block_n: int = 64,
+) -> torch.Tensor:
+    """`paged_attention` with the tile sizes chosen by the caller (tests, tuning)."""
+    batch, num_heads, num_kv_heads = check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
+    scale = check_scale(scale)
+    check_ndim("cu_seqlens_q", cu_seqlens_q, 1, "[batch + 1]")
+    if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.shape[0] != batch + 1:
+        raise ValueError(
+            f"cu_seqlens_q must be int32 [batch + 1] = [{batch + 1}], "
+            f"got {cu_seqlens_q.dtype} {tuple(cu_seqlens_q.shape)}"
+        )
+    if cu_seqlens_q.device != q.device:
+        raise ValueError(f"cu_seqlens_q is on {cu_seqlens_q.device}, q on {q.device}")
+    for name, size in (("block_m", block_m), ("block_n", block_n)):
+        if size < 16 or size & (size - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {size}")
+    _, block_size, _, head_dim = k_cache.shape
+    num_tokens = q.shape[0]
+    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    if num_tokens == 0 or batch == 0:
+        return out
+    # cu_tiles [batch + 1]: exclusive prefix sums of query tiles per sequence (device-side, no sync).
+    q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+    cu_tiles = torch.zeros(batch + 1, dtype=torch.int32, device=q.device)
+    cu_tiles[1:] = torch.cumsum((q_lens + block_m - 1) // block_m, 0)
+    max_tiles = triton.cdiv(num_tokens, block_m) + batch  # each sequence adds at most one partial tile
+    _prefill_kernel[(max_tiles, num_heads)](
+        q, k_cache, v_cache, block_tables, context_lens, cu_seqlens_q, cu_tiles, out,
+        scale * _LOG2E, batch,
+        q.stride(0), q.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        block_tables.stride(0),
+        out.stride(0), out.stride(1),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
+        PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=triton.next_power_of_2(batch),
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4, num_stages=2,
+    )
+    return out
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Triton version of `reference.paged_attention` (varlen chunks, paged context, causal, GQA)."""
+    return prefill_attention_tiles(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
