@@ -1,0 +1,136 @@
+"""One step of a batch: forward -> prompt log-probs -> sample -> stop -> detokenize -> Generations.
+
+Requests whose chunk does not reach the end of their tokens only advance `computed_len`: their logits
+are not even computed, and they produce no Generation. Requests that finish leave the batch.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import tokenizers
+import torch
+
+from spindle_server.engine.batch import ShardBatch
+from spindle_server.engine.generation import FinishedText, Generation, TokenList
+from spindle_server.engine.inputs import StepInputs, build_step_inputs
+from spindle_server.engine.request import RequestState
+from spindle_server.kv_cache import KVCache
+from spindle_server.sampling.detokenizer import decode_generated
+from spindle_server.sampling.sampler import sample
+
+
+@dataclass
+class StepResult:
+    generations: list[Generation]
+    finished_ids: list[int]  # already removed from the batch
+    forward_ns: int
+    decode_ns: int
+
+
+class ModelRunner:
+    """Runs steps of batches through one model and one KV cache."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer: tokenizers.Tokenizer, device: torch.device) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.device = device
+
+    @torch.inference_mode()
+    def forward(self, inputs: StepInputs, kv_cache: KVCache) -> torch.Tensor | None:
+        """Logits [N, vocab] float32 of `inputs.logit_rows`, or None when no row needs them."""
+        hidden = self.model(inputs.input_ids, inputs.positions, kv_cache.layers, inputs.meta)
+        if inputs.logit_rows.numel() == 0:
+            return None
+        return self.model.compute_logits(hidden.index_select(0, inputs.logit_rows)).float()
+
+    def step(self, batch: ShardBatch, kv_cache: KVCache) -> StepResult:
+        """Advance every request of `batch` by its next chunk; mutates the batch."""
+        start = time.perf_counter_ns()
+        requests = list(batch.requests)
+        inputs = build_step_inputs(requests, batch.block_size, self.device)
+        logits = self.forward(inputs, kv_cache)
+        forward_ns = time.perf_counter_ns() - start
+
+        start = time.perf_counter_ns()
+        self._record_prompt_logprobs(requests, inputs, logits)
+        for r in requests:  # the chunk is in the cache now; the next chunk comes with the next call
+            r.computed_len += r.next_len
+            r.chunk_len = None
+        generations, finished = self._sample_and_stop(requests, inputs, logits)
+        batch.remove(finished)
+        return StepResult(generations, finished, forward_ns, time.perf_counter_ns() - start)
+
+    def _record_prompt_logprobs(
+        self, requests: list[RequestState], inputs: StepInputs, logits: torch.Tensor | None
+    ) -> None:
+        """Row i of a chunk starting at position a predicts the token at a + i + 1 (if it is a prompt token)."""
+        if logits is None or all(rows is None for rows in inputs.prompt_rows):
+            return
+        # log_softmax of the raw logits: prompt log-probs ignore sampling parameters.
+        log_probs = torch.log_softmax(logits, dim=-1)
+        for r, rows in zip(requests, inputs.prompt_rows):
+            if rows is None:
+                continue
+            a = r.computed_len
+            last = min(a + r.next_len, r.prompt_len - 1)  # the last prompt position this chunk predicts
+            if last < a + 1:
+                continue
+            row_idx = torch.tensor(list(rows[: last - a]), dtype=torch.int64, device=log_probs.device)
+            targets = torch.tensor(r.all_ids[a + 1 : last + 1], dtype=torch.int64, device=log_probs.device)
+            picked = log_probs.index_select(0, row_idx).gather(1, targets[:, None]).squeeze(1)
+            r.prompt_logprobs.extend(picked.tolist())
+
+    def _sample_and_stop(
+        self, requests: list[RequestState], inputs: StepInputs, logits: torch.Tensor | None
+    ) -> tuple[list[Generation], list[int]]:
+        chosen = [(r, row) for r, row in zip(requests, inputs.sample_row) if row is not None]
+        if not chosen:
+            return [], []
+        assert logits is not None
+        rows = torch.tensor([row for _, row in chosen], dtype=torch.int64, device=logits.device)
+        out = sample(
+            logits.index_select(0, rows),
+            [r.params for r, _ in chosen],
+            [r.all_ids for r, _ in chosen],
+            [r.num_generated for r, _ in chosen],
+            [r.top_n_tokens for r, _ in chosen],
+        )
+        generations: list[Generation] = []
+        finished: list[int] = []
+        for i, (r, _) in enumerate(chosen):
+            token = out.next_ids[i]
+            prefill = self._prefill_tokens(r) if r.prefill_logprobs and r.num_generated == r.num_resumed else None
+            r.all_ids.append(token)
+            text = r.detokenizer.step(token)
+            reason = r.stopping(token, text)
+            gen = Generation(
+                request_id=r.id,
+                tokens=TokenList([token], [out.logprobs[i]], [text], [r.detokenizer.is_special(token)]),
+                prefill_tokens=prefill,
+            )
+            if r.top_n_tokens > 0:
+                gen.top_tokens = [self._token_list(out.top_ids[i], out.top_logprobs[i], r)]
+            if reason is not None:
+                gen.generated_text = FinishedText(
+                    text=decode_generated(self.tokenizer, r.generated_ids),
+                    generated_tokens=r.num_generated,
+                    finish_reason=reason,
+                    seed=r.params.seed if r.params.is_sampling else None,
+                )
+                finished.append(r.id)
+            generations.append(gen)
+        return generations, finished
+
+    def _prefill_tokens(self, r: RequestState) -> TokenList | None:
+        if r.num_resumed > 0:  # its prompt log-probs went out before it was preempted
+            return None
+        prompt = r.all_ids[: r.prompt_len]
+        logprobs = r.prompt_logprobs + [math.nan] * (r.prompt_len - len(r.prompt_logprobs))
+        return self._token_list(prompt, logprobs, r)
+
+    def _token_list(self, ids: list[int], logprobs: list[float], r: RequestState) -> TokenList:
+        texts = self.tokenizer.decode_batch([[i] for i in ids], skip_special_tokens=False)
+        return TokenList(list(ids), list(logprobs), texts, [r.detokenizer.is_special(i) for i in ids])

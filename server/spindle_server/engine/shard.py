@@ -1,0 +1,297 @@
+"""The shard's engine: the model, its KV cache and the cached batches, driven by the RPCs.
+
+Every method checks the whole call before touching state, so a call rejected with an
+`InvalidArgumentError` / `BatchNotFoundError` / `NotReadyError` leaves the shard exactly as it was.
+All ranks receive identical calls, so they take identical branches and run the same collectives.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import tokenizers
+import torch
+
+from spindle_server.distributed import Distributed
+from spindle_server.engine.batch import BatchContext, RequestUpdate, ShardBatch
+from spindle_server.engine.errors import BatchNotFoundError, InvalidArgumentError, NotReadyError
+from spindle_server.engine.generation import Generation
+from spindle_server.engine.request import RequestState
+from spindle_server.engine.runner import ModelRunner
+from spindle_server.kv_cache import KVCache, KVCacheShape, agree_num_blocks, cache_budget_bytes
+from spindle_server.models.registry import ModelConfig
+from spindle_server.sampling.detokenizer import IncrementalDetokenizer
+from spindle_server.sampling.params import SamplingParams
+from spindle_server.sampling.stopping import StoppingCriteria
+
+log = logging.getLogger("spindle_server.engine")
+
+
+@dataclass(frozen=True)
+class CacheSettings:
+    block_size: int = 16
+    kv_cache_bytes: int | None = None  # CPU budget per rank; None: min(25% of RAM, 4 GiB)
+    cuda_memory_fraction: float = 0.9  # share of the GPU this process may use in total
+
+    def __post_init__(self) -> None:
+        if self.block_size < 1:
+            raise ValueError(f"block_size must be positive, got {self.block_size}")
+        if self.kv_cache_bytes is not None and self.kv_cache_bytes < 1:
+            raise ValueError(f"kv_cache_bytes must be positive, got {self.kv_cache_bytes}")
+        if not 0.0 < self.cuda_memory_fraction <= 1.0:
+            raise ValueError(f"cuda_memory_fraction must be in (0, 1], got {self.cuda_memory_fraction}")
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    model_type: str
+    dtype: str
+    device_type: str
+    block_size: int
+    world_size: int
+    attention_impl: str
+    vocab_size: int
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+    support_chunking: bool = True
+
+
+@dataclass(frozen=True)
+class WarmupSpec:
+    max_input_tokens: int
+    max_prefill_tokens: int
+    max_total_tokens: int
+    max_batch_size: int = 0  # 0: no limit given
+
+
+@dataclass(frozen=True)
+class WarmupResult:
+    num_blocks: int
+    block_size: int
+
+    @property
+    def max_supported_total_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+
+@dataclass
+class StepOutcome:
+    generations: list[Generation]
+    batch: ShardBatch | None  # None when every request finished
+    forward_ns: int
+    decode_ns: int
+    total_ns: int
+    concat_ns: int
+
+
+class ShardEngine:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        config: ModelConfig,
+        tokenizer: tokenizers.Tokenizer,
+        dist: Distributed,
+        device: torch.device,
+        dtype: torch.dtype,
+        attention_impl: str,
+        settings: CacheSettings,
+    ) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.dist = dist
+        self.device = device
+        self.dtype = dtype
+        self.attention_impl = attention_impl
+        self.settings = settings
+        self.runner = ModelRunner(model, tokenizer, device)
+        self.kv_shape = KVCacheShape(
+            num_layers=config.num_layers,
+            block_size=settings.block_size,
+            kv_heads_per_rank=config.kv_heads_per_rank(dist.world_size),
+            head_dim=config.head_dim,
+            dtype=dtype,
+        )
+        self.kv_cache: KVCache | None = None  # allocated by warmup
+        self.batches: dict[int, ShardBatch] = {}
+
+    # ---- static facts -------------------------------------------------------------------------
+    def info(self) -> ShardInfo:
+        return ShardInfo(
+            model_type=self.config.model_type,
+            dtype=str(self.dtype).removeprefix("torch."),
+            device_type=self.device.type,
+            block_size=self.settings.block_size,
+            world_size=self.dist.world_size,
+            attention_impl=self.attention_impl,
+            vocab_size=self.config.vocab_size,
+            max_position_embeddings=self.config.max_position_embeddings,
+            eos_token_ids=self.config.eos_token_ids,
+        )
+
+    def health(self) -> None:
+        torch.zeros(1, device=self.device).add_(1).item()
+
+    def batch_context(self) -> BatchContext:
+        """What `ShardBatch.from_proto` checks new requests against; needs the KV cache."""
+        return BatchContext(
+            tokenizer=self.tokenizer,
+            eos_token_ids=self.config.eos_token_ids,
+            vocab_size=self.config.vocab_size,
+            block_size=self.settings.block_size,
+            num_blocks=self._cache().num_blocks,
+        )
+
+    def _cache(self) -> KVCache:
+        if self.kv_cache is None:
+            raise NotReadyError("the KV cache is not allocated yet: call Warmup first")
+        return self.kv_cache
+
+    # ---- warmup ---------------------------------------------------------------------------------
+    def warmup(self, spec: WarmupSpec) -> WarmupResult:
+        """Run the largest forward the router may send, then size the KV cache with what is left."""
+        if spec.max_prefill_tokens < 1:
+            raise InvalidArgumentError("max_prefill_tokens must be at least 1")
+        bs = self.settings.block_size
+        self.batches.clear()
+        self.kv_cache = None
+        seq_cap = min(spec.max_input_tokens or spec.max_prefill_tokens, self.config.max_position_embeddings)
+        lengths = _split(spec.max_prefill_tokens, max(1, seq_cap), spec.max_batch_size)
+        temp = KVCache(self.kv_shape, sum(math.ceil(n / bs) for n in lengths), self.device)
+        batch = ShardBatch(0, self._dummy_requests(lengths), bs)
+        try:
+            self.runner.step(batch, temp)
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError(
+                f"not enough memory to handle {spec.max_prefill_tokens} prefill tokens: decrease "
+                "max_prefill_tokens"
+            ) from exc
+        del temp, batch
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.empty_cache()
+        budget = cache_budget_bytes(self.device, self.settings.kv_cache_bytes, self.settings.cuda_memory_fraction)
+        num_blocks = agree_num_blocks(budget // self.kv_shape.bytes_per_block, self.dist, self.device)
+        needed = math.ceil(max(spec.max_total_tokens, 1) / bs)
+        if num_blocks < needed:
+            raise RuntimeError(
+                f"the KV cache fits {num_blocks} blocks of {bs} tokens ({budget} bytes on this rank), fewer "
+                f"than one request of max_total_tokens={spec.max_total_tokens} needs ({needed})"
+            )
+        self.kv_cache = KVCache(self.kv_shape, num_blocks, self.device)
+        log.info(
+            "KV cache: %d blocks x %d tokens, %.1f MiB on this rank",
+            num_blocks, bs, self.kv_cache.num_bytes / 2**20,
+        )
+        return WarmupResult(num_blocks=num_blocks, block_size=bs)
+
+    def _dummy_requests(self, lengths: Sequence[int]) -> list[RequestState]:
+        bs = self.settings.block_size
+        requests, next_block = [], 0
+        for i, n in enumerate(lengths):
+            ids = [(3 + j) % self.config.vocab_size for j in range(n)]
+            num = math.ceil(n / bs)
+            requests.append(
+                RequestState(
+                    id=i, prompt_len=n, all_ids=ids, block_table=list(range(next_block, next_block + num)),
+                    cache_len=0, computed_len=0, chunk_len=None, num_resumed=0, params=SamplingParams(),
+                    stopping=StoppingCriteria(1, [], self.config.eos_token_ids, False),
+                    detokenizer=IncrementalDetokenizer(self.tokenizer, ids),
+                    prefill_logprobs=False, top_n_tokens=0,
+                )
+            )
+            next_block += num
+        return requests
+
+    # ---- batches --------------------------------------------------------------------------------
+    def _get(self, batch_id: int) -> ShardBatch:
+        batch = self.batches.get(batch_id)
+        if batch is None:
+            raise BatchNotFoundError(batch_id)
+        return batch
+
+    def prefill(
+        self, batch: ShardBatch, cached_batch_id: int | None, updates: Sequence[RequestUpdate]
+    ) -> StepOutcome:
+        """Admit `batch` (merged after `cached_batch_id`'s requests, which get `updates`) and step it."""
+        start = time.perf_counter_ns()
+        kv_cache = self._cache()
+        cached = self._get(cached_batch_id) if cached_batch_id is not None else None
+        if batch.id in self.batches and batch.id != cached_batch_id:
+            raise InvalidArgumentError(f"batch id {batch.id} is already cached")
+        for other in self.batches.values():
+            dup = set(other.request_ids).intersection(batch.request_ids)
+            if dup:
+                raise InvalidArgumentError(f"request {min(dup)} is already in cached batch {other.id}")
+        if cached is None:
+            if updates:
+                raise InvalidArgumentError("updates given without a cached batch")
+            merged = batch
+        else:
+            cached.check_updates(updates, kv_cache.num_blocks)
+            merged = ShardBatch.concatenate([cached, batch], batch.id)
+            cached.apply(updates, kv_cache.num_blocks)
+            del self.batches[cached.id]
+        return self._step(merged, kv_cache, start, time.perf_counter_ns() - start)
+
+    def decode(self, batch_ids: Sequence[int], updates: Sequence[RequestUpdate],
+               expected_request_ids: Sequence[Sequence[int]] = ()) -> StepOutcome:
+        """Step the named batches, merged into the first id when several are named."""
+        start = time.perf_counter_ns()
+        kv_cache = self._cache()
+        if not batch_ids:
+            raise InvalidArgumentError("Decode names no batch")
+        if len(set(batch_ids)) != len(batch_ids):
+            raise InvalidArgumentError("Decode names a batch twice")
+        batches = [self._get(i) for i in batch_ids]
+        for b, expected in zip(batches, expected_request_ids):
+            if expected and sorted(expected) != sorted(b.request_ids):
+                raise InvalidArgumentError(
+                    f"batch {b.id} holds requests {sorted(b.request_ids)}, the call names {sorted(expected)}"
+                )
+        merged = batches[0] if len(batches) == 1 else ShardBatch.concatenate(batches, batch_ids[0])
+        merged.apply(updates, kv_cache.num_blocks)  # validates first
+        for i in batch_ids:
+            del self.batches[i]
+        return self._step(merged, kv_cache, start, time.perf_counter_ns() - start)
+
+    def _step(self, batch: ShardBatch, kv_cache: KVCache, start: int, concat_ns: int) -> StepOutcome:
+        # The batch left the cache; if the forward fails, its requests are gone (the router fails them).
+        result = self.runner.step(batch, kv_cache)
+        kept = batch if len(batch) else None
+        if kept is not None:
+            self.batches[kept.id] = kept
+        return StepOutcome(
+            generations=result.generations,
+            batch=kept,
+            forward_ns=result.forward_ns,
+            decode_ns=result.decode_ns,
+            total_ns=time.perf_counter_ns() - start,
+            concat_ns=concat_ns,
+        )
+
+    def filter(self, batch_id: int, keep_ids: Sequence[int]) -> ShardBatch | None:
+        kept = self._get(batch_id).filter(keep_ids)
+        if kept is None:
+            del self.batches[batch_id]
+        else:
+            self.batches[batch_id] = kept
+        return kept
+
+    def clear(self, batch_id: int | None) -> None:
+        """Forget one batch (unknown ids are fine: the goal state holds), or all."""
+        if batch_id is None:
+            self.batches.clear()
+        else:
+            self.batches.pop(batch_id, None)
+
+
+def _split(total: int, cap: int, max_batch_size: int) -> list[int]:
+    """`total` tokens as sequences of at most `cap` tokens (at most `max_batch_size` of them when given)."""
+    lengths = [cap] * (total // cap) + ([total % cap] if total % cap else [])
+    if max_batch_size > 0:
+        lengths = lengths[:max_batch_size]
+    return lengths

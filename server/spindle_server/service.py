@@ -1,0 +1,102 @@
+"""gRPC servicer: proto -> domain, one engine call, domain -> proto. Errors are the interceptor's job.
+
+Engine calls run one at a time in a worker thread, so the event loop keeps answering Health while a
+forward runs, and the collectives of consecutive calls never interleave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TypeVar
+
+import grpc
+from spindle_proto import generate_pb2, generate_pb2_grpc
+
+from spindle_server.engine.batch import RequestUpdate, ShardBatch
+from spindle_server.engine.shard import ShardEngine, StepOutcome, WarmupSpec
+
+T = TypeVar("T")
+
+
+def _step_fields(outcome: StepOutcome) -> dict:
+    fields = dict(
+        generations=[g.to_proto() for g in outcome.generations],
+        forward_ns=outcome.forward_ns,
+        decode_ns=outcome.decode_ns,
+        total_ns=outcome.total_ns,
+        concat_ns=outcome.concat_ns,
+    )
+    if outcome.batch is not None:
+        fields["batch"] = outcome.batch.to_proto()
+    return fields
+
+
+class ShardService(generate_pb2_grpc.TextGenerationServiceServicer):
+    def __init__(self, engine: ShardEngine) -> None:
+        self.engine = engine
+        self._lock = asyncio.Lock()
+
+    async def _serial(self, fn: Callable[[], T]) -> T:
+        async with self._lock:
+            return await asyncio.to_thread(fn)
+
+    async def Info(self, request: generate_pb2.InfoRequest, context: grpc.aio.ServicerContext):
+        info = self.engine.info()
+        return generate_pb2.InfoResponse(
+            model_type=info.model_type,
+            dtype=info.dtype,
+            device_type=info.device_type,
+            block_size=info.block_size,
+            world_size=info.world_size,
+            attention_impl=info.attention_impl,
+            vocab_size=info.vocab_size,
+            max_position_embeddings=info.max_position_embeddings,
+            support_chunking=info.support_chunking,
+            eos_token_ids=list(info.eos_token_ids),
+        )
+
+    async def Health(self, request: generate_pb2.HealthRequest, context: grpc.aio.ServicerContext):
+        await asyncio.to_thread(self.engine.health)
+        return generate_pb2.HealthResponse()
+
+    async def Warmup(self, request: generate_pb2.WarmupRequest, context: grpc.aio.ServicerContext):
+        spec = WarmupSpec(
+            max_input_tokens=request.max_input_tokens,
+            max_prefill_tokens=request.max_prefill_tokens,
+            max_total_tokens=request.max_total_tokens,
+            max_batch_size=request.max_batch_size,
+        )
+        result = await self._serial(lambda: self.engine.warmup(spec))
+        return generate_pb2.WarmupResponse(
+            num_blocks=result.num_blocks,
+            block_size=result.block_size,
+            max_supported_total_tokens=result.max_supported_total_tokens,
+        )
+
+    async def Prefill(self, request: generate_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+        def call() -> StepOutcome:
+            batch = ShardBatch.from_proto(request.batch, self.engine.batch_context())
+            cached_id = request.cached_batch.id if request.HasField("cached_batch") else None
+            updates = [RequestUpdate.from_proto(u) for u in request.updates]
+            return self.engine.prefill(batch, cached_id, updates)
+
+        return generate_pb2.PrefillResponse(**_step_fields(await self._serial(call)))
+
+    async def Decode(self, request: generate_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
+        ids = [b.id for b in request.batches]
+        expected = [list(b.request_ids) for b in request.batches]
+        updates = [RequestUpdate.from_proto(u) for u in request.updates]
+        outcome = await self._serial(lambda: self.engine.decode(ids, updates, expected))
+        return generate_pb2.DecodeResponse(**_step_fields(outcome))
+
+    async def FilterBatch(self, request: generate_pb2.FilterBatchRequest, context: grpc.aio.ServicerContext):
+        kept = await self._serial(lambda: self.engine.filter(request.batch_id, list(request.request_ids)))
+        if kept is None:
+            return generate_pb2.FilterBatchResponse()
+        return generate_pb2.FilterBatchResponse(batch=kept.to_proto())
+
+    async def ClearCache(self, request: generate_pb2.ClearCacheRequest, context: grpc.aio.ServicerContext):
+        batch_id = request.id if request.HasField("id") else None
+        await self._serial(lambda: self.engine.clear(batch_id))
+        return generate_pb2.ClearCacheResponse()
