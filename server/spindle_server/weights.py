@@ -120,6 +120,11 @@ class Weights:
             self.log_progress()
         return t.to(device=self.device, dtype=self.dtype)
 
+    @property
+    def bytes_read(self) -> int:
+        """Bytes read from the checkpoint so far (only this rank's slices)."""
+        return self._bytes_read
+
     def log_progress(self) -> None:
         log.info(
             "read %d/%d tensors (%.1f MiB for this rank) in %.1fs",

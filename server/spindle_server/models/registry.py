@@ -122,6 +122,10 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
     traits = _ARCHITECTURES.get(model_type)  # type: ignore[arg-type]
     if traits is None:
         raise ValueError(f"model_type {model_type!r} is not supported (supported: {sorted(_ARCHITECTURES)})")
+    if cfg.get("hidden_act", "silu") != "silu":
+        raise ValueError(
+            f"hidden_act {cfg['hidden_act']!r} is not supported (Llama-family models use 'silu')"
+        )
     gen_path = model_dir / "generation_config.json"
     gen_eos = json.loads(gen_path.read_text()).get("eos_token_id") if gen_path.is_file() else None
     try:

@@ -1,0 +1,213 @@
+"""The Llama-family model against transformers, float32 on CPU, through the paged KV cache.
+
+Every scenario compares Spindle's logits with the reference's for the same positions: a whole prompt,
+the prompt in chunks of 7, two sequences of very different lengths in one varlen forward, and decode
+steps after a prefill.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from spindle_kernels import ops_for
+from spindle_server.distributed import Distributed
+from spindle_server.models.registry import load_model, read_model_config
+from spindle_server.weights import MissingWeightError
+
+from tests.helpers.paged_runner import PagedRunner
+from tests.helpers.tiny_model import TinyModelSpec, load_reference, make_tiny_model
+
+CPU = torch.device("cpu")
+ATOL = 1e-4
+LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64,
+}
+VARIANTS = {
+    "llama3": TinyModelSpec(arch="llama", rope_scaling=LLAMA3_ROPE),
+    "mistral": TinyModelSpec(arch="mistral", seed=1),
+    "qwen2": TinyModelSpec(arch="qwen2", seed=2),
+    "tied": TinyModelSpec(arch="llama", tie_word_embeddings=True, seed=3),
+    "sharded": TinyModelSpec(arch="llama", max_shard_size="100KB", seed=4),
+    "linear": TinyModelSpec(arch="llama", rope_scaling={"rope_type": "linear", "factor": 2.0}, seed=5),
+}
+
+
+class Models:
+    """Tiny checkpoints built on first use and shared by the module's tests."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._built: dict[str, tuple] = {}
+
+    def get(self, name: str):
+        if name not in self._built:
+            path = make_tiny_model(self.root / name, VARIANTS[name])
+            ours = load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+            ref, _ = load_reference(path)
+            self._built[name] = (path, ours, ref)
+        return self._built[name]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Models:
+    return Models(tmp_path_factory.mktemp("models"))
+
+
+def prompt(length: int, vocab_size: int, seed: int) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (length,), generator=g).tolist()
+
+
+def ref_logits(ref, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return ref(torch.tensor([ids])).logits[0].float()
+
+
+def assert_close(ours: torch.Tensor, expected: torch.Tensor) -> None:
+    assert ours.dtype == torch.float32
+    assert ours.shape == expected.shape
+    torch.testing.assert_close(ours, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_whole_prompt(models: Models, variant: str) -> None:
+    _, model, ref = models.get(variant)
+    ids = prompt(45, model.config.vocab_size, seed=10)
+    runner = PagedRunner(model)
+    runner.add_sequence(0, len(ids))
+    (logits,) = runner.step([(0, ids)])
+    assert_close(logits, ref_logits(ref, ids))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_prompt_in_chunks_of_7(models: Models, variant: str) -> None:
+    _, model, ref = models.get(variant)
+    ids = prompt(45, model.config.vocab_size, seed=11)
+    runner = PagedRunner(model)
+    runner.add_sequence(0, len(ids))
+    chunks = [runner.step([(0, ids[i : i + 7])])[0] for i in range(0, len(ids), 7)]
+    assert_close(torch.cat(chunks), ref_logits(ref, ids))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_varlen_batch_of_short_and_long(models: Models, variant: str) -> None:
+    _, model, ref = models.get(variant)
+    short = prompt(5, model.config.vocab_size, seed=12)
+    long = prompt(50, model.config.vocab_size, seed=13)
+    runner = PagedRunner(model)
+    runner.add_sequence(0, len(short))
+    runner.add_sequence(1, len(long))
+    out_short, out_long = runner.step([(0, short), (1, long)])
+    assert_close(out_short, ref_logits(ref, short))
+    assert_close(out_long, ref_logits(ref, long))
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_decode_steps_after_prefill(models: Models, variant: str) -> None:
+    _, model, ref = models.get(variant)
+    a = prompt(20, model.config.vocab_size, seed=14)  # the last two tokens are fed as decode steps
+    b = prompt(33, model.config.vocab_size, seed=15)
+    runner = PagedRunner(model)
+    runner.add_sequence(0, len(a))
+    runner.add_sequence(1, len(b))
+    runner.step([(0, a[:-2]), (1, b[:-2])])
+    ref_a, ref_b = ref_logits(ref, a), ref_logits(ref, b)
+    for back in (2, 1):  # feed a[-2], b[-2], then a[-1], b[-1]
+        pa, pb = len(a) - back, len(b) - back
+        out_a, out_b = runner.step([(0, [a[pa]]), (1, [b[pb]])])
+        assert_close(out_a, ref_a[pa : pa + 1])
+        assert_close(out_b, ref_b[pb : pb + 1])
+
+
+def test_sharded_checkpoint_is_really_sharded(models: Models) -> None:
+    path, _, _ = models.get("sharded")
+    assert (path / "model.safetensors.index.json").is_file()
+    assert len(list(path.glob("*.safetensors"))) > 1
+
+
+def test_tied_model_has_no_lm_head_tensor(models: Models) -> None:
+    path, model, _ = models.get("tied")
+    assert model.lm_head.is_tied
+    assert "lm_head.weight" not in load_file(str(path / "model.safetensors"))
+
+
+def test_dynamic_rope_beyond_trained_length(tmp_path: Path) -> None:
+    """Dynamic NTK rescales with the sequence length: a prompt longer than max_position_embeddings, then a
+    decode step, against transformers with its own KV cache (its keys keep the scale they were made with)."""
+    spec = TinyModelSpec(max_position_embeddings=32, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    path = make_tiny_model(tmp_path / "dynamic", spec)
+    model = load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+    ref, _ = load_reference(path)
+    ids = prompt(41, model.config.vocab_size, seed=16)
+    runner = PagedRunner(model)
+    runner.add_sequence(0, len(ids))
+    (prefill,) = runner.step([(0, ids[:-1])])
+    (decode,) = runner.step([(0, ids[-1:])])
+    with torch.no_grad():
+        first = ref(torch.tensor([ids[:-1]]), use_cache=True)
+        second = ref(torch.tensor([ids[-1:]]), past_key_values=first.past_key_values, use_cache=True)
+    assert_close(prefill, first.logits[0])
+    assert_close(decode, second.logits[0])
+
+
+def test_heads_not_divisible_by_world_size(models: Models) -> None:
+    path, _, _ = models.get("llama3")
+    config = read_model_config(path)  # 4 heads, 2 KV heads
+    with pytest.raises(ValueError, match=r"num_heads=4 and num_kv_heads=2 .* world size 3"):
+        config.check_world_size(3)
+    with pytest.raises(ValueError, match=r"num_kv_heads=2 .* world size 4"):
+        config.kv_heads_per_rank(4)
+    assert config.kv_heads_per_rank(2) == 1
+
+
+def test_config_reading(models: Models) -> None:
+    path, _, _ = models.get("qwen2")
+    config = read_model_config(path)
+    assert (config.model_type, config.num_layers, config.hidden_size) == ("qwen2", 2, 64)
+    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (4, 2, 16)
+    assert config.qkv_bias and not config.o_bias
+    assert config.eos_token_ids == (2,)
+    llama3 = read_model_config(models.get("llama3")[0])
+    assert llama3.rope.rope_type == "llama3" and llama3.rope.factor == 8.0
+    assert llama3.rope.original_max_position_embeddings == 64
+
+
+def _copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_missing_tensor_is_named(models: Models, tmp_path: Path) -> None:
+    path = _copy_model(models.get("llama3")[0], tmp_path / "broken")
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(MissingWeightError, match=r"model\.layers\.1\.mlp\.down_proj\.weight"):
+        load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("model_type", "gpt2", "model_type 'gpt2' is not supported"),
+        ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),
+        ("rope_parameters", {"rope_type": "yarn", "factor": 2.0}, "rope type 'yarn' is not supported"),
+    ],
+)
+def test_unsupported_config_is_rejected(models: Models, tmp_path: Path, field, value, message) -> None:
+    path = tmp_path / "m"
+    path.mkdir()
+    config = json.loads((models.get("llama3")[0] / "config.json").read_text())
+    config[field] = value
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        read_model_config(path)
