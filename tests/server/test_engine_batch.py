@@ -1,0 +1,160 @@
+"""Batch bookkeeping without a model: from_proto validation, filter, concatenate, updates, step inputs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from spindle_proto import generate_pb2 as pb
+from spindle_server.engine.batch import BatchContext, RequestUpdate, ShardBatch
+from spindle_server.engine.errors import InvalidArgumentError
+from spindle_server.engine.inputs import build_step_inputs
+
+from tests.helpers.tiny_model import build_tokenizer
+
+BS = 4  # small blocks make the slot arithmetic visible
+
+
+@pytest.fixture(scope="module")
+def ctx() -> BatchContext:
+    return BatchContext(tokenizer=build_tokenizer(300), eos_token_ids=(2,), vocab_size=300, block_size=BS,
+                        num_blocks=64)
+
+
+def request(rid: int, n: int, blocks, **kw) -> pb.Request:
+    return pb.Request(
+        id=rid, input_ids=[1] + [10 + i for i in range(n - 1)], blocks=blocks,
+        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0),
+        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=5), **kw,
+    )
+
+
+def batch(ctx, batch_id: int, *reqs: pb.Request) -> ShardBatch:
+    return ShardBatch.from_proto(pb.Batch(id=batch_id, requests=list(reqs)), ctx)
+
+
+def test_counters_and_cached_batch(ctx):
+    b = batch(ctx, 1, request(1, 10, [3, 4, 5]), request(2, 6, [6, 7], cache_len=4),
+              request(3, 9, [8, 9], chunk_len=5))
+    assert [r.next_len for r in b.requests] == [10, 2, 5]
+    assert [r.completes_context for r in b.requests] == [True, True, False]
+    cached = b.to_proto()
+    assert (cached.id, list(cached.request_ids), cached.size) == (1, [1, 2, 3], 3)
+    assert cached.current_tokens == 17 and cached.max_tokens == 7 * BS
+
+
+def test_step_inputs_slots_positions_and_logit_rows(ctx):
+    b = batch(ctx, 1, request(1, 6, [9, 2]), request(2, 7, [5, 6], cache_len=4),
+              request(3, 9, [8, 1], chunk_len=5, prefill_logprobs=True))
+    inputs = build_step_inputs(b.requests, BS, torch.device("cpu"))
+    assert inputs.positions.tolist() == [0, 1, 2, 3, 4, 5, 4, 5, 6, 0, 1, 2, 3, 4]
+    # slot = table[p // BS] * BS + p % BS
+    assert inputs.meta.slot_mapping.tolist() == [36, 37, 38, 39, 8, 9, 24, 25, 26, 32, 33, 34, 35, 4]
+    assert inputs.meta.cu_seqlens_q.tolist() == [0, 6, 9, 14]
+    assert inputs.meta.context_lens.tolist() == [6, 7, 5]
+    assert inputs.meta.block_tables.tolist() == [[9, 2], [5, 6], [8, 1]]
+    assert inputs.meta.max_q_len == 6 and not inputs.meta.is_decode
+    # r1 and r2 sample from their last row; r3 is mid-prompt (no sample) but wants every row's log-probs.
+    assert inputs.logit_rows.tolist() == [5, 8, 9, 10, 11, 12, 13]
+    assert inputs.sample_row == [0, 1, None]
+    assert inputs.prompt_rows == [None, None, range(2, 7)]
+
+
+def test_decode_step_is_decode(ctx):
+    b = batch(ctx, 1, request(1, 3, [0]), request(2, 1, [1]))
+    for r in b.requests:  # as after a prefill that sampled one token
+        r.computed_len = len(r.all_ids)
+        r.all_ids.append(42)
+    inputs = build_step_inputs(b.requests, BS, torch.device("cpu"))
+    assert inputs.meta.is_decode and inputs.positions.tolist() == [3, 1]
+    assert inputs.input_ids.tolist() == [42, 42] and inputs.sample_row == [0, 1]
+
+
+def test_filter_keeps_order_and_id(ctx):
+    b = batch(ctx, 7, request(1, 3, [0]), request(2, 3, [1]), request(3, 3, [2]))
+    kept = b.filter([3, 1])
+    assert kept.id == 7 and kept.request_ids == [1, 3]
+    assert b.filter([]) is None
+    with pytest.raises(InvalidArgumentError):
+        b.filter([4])
+    assert b.request_ids == [1, 2, 3]
+
+
+def test_concatenate(ctx):
+    a = batch(ctx, 1, request(1, 3, [0]))
+    b = batch(ctx, 2, request(2, 3, [1]), request(3, 5, [2, 3]))
+    merged = ShardBatch.concatenate([a, b], 2)
+    assert merged.id == 2 and merged.request_ids == [1, 2, 3] and merged.max_tokens == 4 * BS
+    with pytest.raises(InvalidArgumentError, match="two batches"):
+        ShardBatch.concatenate([a, batch(ctx, 3, request(1, 3, [4]))], 3)
+
+
+def test_updates_append_blocks_and_set_chunks(ctx):
+    b = batch(ctx, 1, request(1, 10, [0], chunk_len=4))
+    r = b.requests[0]
+    r.computed_len += r.next_len
+    r.chunk_len = None
+    assert r.remaining_len == 6
+    b.apply([RequestUpdate(1, blocks=(5,), chunk_len=3)], num_blocks=64)
+    assert r.block_table == [0, 5] and r.next_len == 3
+    assert b.current_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "update, match",
+    [
+        (RequestUpdate(9), "does not hold"),
+        (RequestUpdate(1, blocks=(64,)), "out of range"),
+        (RequestUpdate(1, chunk_len=7), "chunk_len"),
+        (RequestUpdate(1, chunk_len=0), "chunk_len"),
+        (RequestUpdate(1, chunk_len=5), "block table"),  # positions 4..8 need a third block
+    ],
+)
+def test_bad_update_changes_nothing(ctx, update, match):
+    b = batch(ctx, 1, request(1, 10, [0, 1], chunk_len=4), request(2, 3, [2]))
+    r = b.requests[0]
+    r.computed_len, r.chunk_len = 4, None
+    before = [(list(x.block_table), x.chunk_len, x.computed_len) for x in b.requests]
+    good = RequestUpdate(2, blocks=(3,))
+    with pytest.raises(InvalidArgumentError, match=match):
+        b.apply([good, update], num_blocks=64)
+    assert [(list(x.block_table), x.chunk_len, x.computed_len) for x in b.requests] == before
+
+
+@pytest.mark.parametrize(
+    "req, match",
+    [
+        (pb.Request(id=1, blocks=[0]), "empty"),
+        (request(1, 3, [64]), "out of range"),
+        (request(1, 9, [0]), "block table"),
+        (request(1, 3, [0], chunk_len=4), "chunk_len"),
+        (request(1, 3, [0], cache_len=3), "cache_len"),
+    ],
+)
+def test_from_proto_rejects(ctx, req, match):
+    with pytest.raises(InvalidArgumentError, match=match):
+        batch(ctx, 1, req)
+
+
+def test_from_proto_rejects_empty_and_duplicate(ctx):
+    with pytest.raises(InvalidArgumentError, match="empty"):
+        batch(ctx, 1)
+    with pytest.raises(InvalidArgumentError, match="twice"):
+        batch(ctx, 1, request(1, 3, [0]), request(1, 3, [1]))
+
+
+def test_resumed_request_counts_its_tokens(ctx):
+    req = request(1, 5, [0, 1], generated_ids=[50, 51], prefill_logprobs=True)
+    (r,) = batch(ctx, 1, req).requests
+    assert r.all_ids[-2:] == [50, 51] and r.num_generated == 2 and r.num_resumed == 2
+    assert r.next_len == 7 and r.completes_context
+    assert not r.wants_prompt_logprobs  # reported before the preemption
+    too_many = request(1, 5, [0, 1], generated_ids=[50] * 5)
+    with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
+        batch(ctx, 1, too_many)
+
+
+def test_prompt_logprobs_start_with_nan_for_cached_positions(ctx):
+    (r,) = batch(ctx, 1, request(1, 10, [0, 1, 2], cache_len=4, prefill_logprobs=True)).requests
+    assert len(r.prompt_logprobs) == 5 and all(math.isnan(x) for x in r.prompt_logprobs)
