@@ -1,0 +1,104 @@
+"""Tensor parallelism end to end: 2 gloo ranks produce the same logits as 1 rank (and as transformers)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from spindle_kernels import ops_for
+from spindle_server.distributed import Distributed
+from spindle_server.models.registry import load_model
+
+from tests.helpers.paged_runner import PagedRunner
+from tests.helpers.tiny_model import TinyModelSpec, load_reference, make_tiny_model
+from tests.helpers.tp import free_port, set_rank_env
+
+CPU = torch.device("cpu")
+WORLD = 2
+# Qwen2 with tied embeddings: q/k/v biases, a vocabulary-parallel embedding shared with the LM head.
+SPEC = TinyModelSpec(arch="qwen2", tie_word_embeddings=True, seed=7)
+
+
+def prompts(vocab_size: int) -> tuple[list[int], list[int]]:
+    g = torch.Generator().manual_seed(3)
+    return (
+        torch.randint(3, vocab_size, (30,), generator=g).tolist(),
+        torch.randint(3, vocab_size, (20,), generator=g).tolist(),
+    )
+
+
+def run_steps(model, world_size: int) -> list[torch.Tensor]:
+    """Prefill + chunked prefill mixed with decode, then a decode step; the logits of every step."""
+    a, b = prompts(model.config.vocab_size)
+    runner = PagedRunner(model, world_size=world_size)
+    runner.add_sequence(0, len(a))
+    runner.add_sequence(1, len(b))
+    out = runner.step([(0, a[:-2]), (1, b[:7])])
+    out += runner.step([(0, a[-2:-1]), (1, b[7:-1])])
+    out += runner.step([(0, a[-1:]), (1, b[-1:])])
+    return out
+
+
+def _tp_worker(rank: int, port: int, model_dir: str, bad_dir: str, out: str) -> None:
+    set_rank_env(rank, WORLD, port)
+    torch.set_num_threads(1)
+    from spindle_server.distributed import init_distributed
+
+    dist = init_distributed(CPU, timeout_s=60)
+    model = load_model(model_dir, torch.float32, CPU, dist, ops_for(CPU))
+    results: dict[str, object] = {"logits": run_steps(model, WORLD)}
+    results["kv_heads_per_rank"] = model.layers[0].self_attn.num_kv_heads
+    try:
+        load_model(bad_dir, torch.float32, CPU, dist, ops_for(CPU))
+        results["bad_error"] = "loaded"
+    except ValueError as exc:
+        results["bad_error"] = str(exc)
+    dist.barrier()
+    torch.save(results, Path(out) / f"rank{rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def tp_results(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tp_model")
+    model_dir = make_tiny_model(root / "model", SPEC)
+    # Same model but 1 KV head: fewer KV heads than ranks is rejected before any weight is read.
+    bad_dir = root / "one_kv_head"
+    bad_dir.mkdir()
+    config = json.loads((model_dir / "config.json").read_text())
+    config["num_key_value_heads"] = 1
+    (bad_dir / "config.json").write_text(json.dumps(config))
+    mp.spawn(_tp_worker, args=(free_port(), str(model_dir), str(bad_dir), str(root)), nprocs=WORLD, join=True)
+    return model_dir, [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
+
+
+def test_two_ranks_match_one_rank(tp_results) -> None:
+    model_dir, results = tp_results
+    single = load_model(model_dir, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+    expected = run_steps(single, 1)
+    for r in results:
+        assert r["kv_heads_per_rank"] == 1
+        assert len(r["logits"]) == len(expected)
+        for ours, ref in zip(r["logits"], expected):
+            torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_two_ranks_match_transformers(tp_results) -> None:
+    model_dir, results = tp_results
+    ref, _ = load_reference(model_dir)
+    a, b = prompts(ref.config.vocab_size)
+    with torch.no_grad():
+        ref_a = ref(torch.tensor([a])).logits[0]
+        ref_b = ref(torch.tensor([b])).logits[0]
+    logits = results[0]["logits"]  # [a[:-2], b[:7], a[-2], b[7:-1], a[-1], b[-1]]
+    torch.testing.assert_close(torch.cat(logits[0::2]), ref_a, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.cat(logits[1::2]), ref_b, atol=1e-4, rtol=0)
+
+
+def test_fewer_kv_heads_than_ranks_is_a_clear_error(tp_results) -> None:
+    _, results = tp_results
+    for r in results:
+        assert "num_heads=4 and num_kv_heads=1 must both be divisible by the world size 2" in r["bad_error"]
