@@ -11,6 +11,7 @@ import math
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -41,10 +42,10 @@ class ShardGroup:
     """`world_size` shard processes of one model; call(method, request) hits every rank concurrently."""
 
     def __init__(self, model_dir: Path, world_size: int = 1, kv_cache_bytes: int = 8 << 20,
-                 extra_args: tuple[str, ...] = ()) -> None:
+                 extra_args: tuple[str, ...] = (), uds_prefix: str | None = None) -> None:
         self.world_size = world_size
         self._tmp = tempfile.TemporaryDirectory(prefix="spindle-shard-")
-        self.prefix = os.path.join(self._tmp.name, "shard")
+        self.prefix = uds_prefix or os.path.join(self._tmp.name, "shard")
         port = free_port()
         self.procs: list[subprocess.Popen] = []
         self.logs = [open(os.path.join(self._tmp.name, f"rank{r}.log"), "w+") for r in range(world_size)]
@@ -71,7 +72,7 @@ class ShardGroup:
         deadline = time.monotonic() + timeout_s
         for rank, proc in enumerate(self.procs):
             path = f"{self.prefix}-{rank}"
-            while not os.path.exists(path):
+            while not (os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode)):
                 if proc.poll() is not None:
                     raise RuntimeError(f"shard {rank} exited with {proc.returncode}:\n{self.log_text(rank)}")
                 if time.monotonic() > deadline:

@@ -1,0 +1,50 @@
+"""`spindle-server serve`: --help, a stale socket from a dead run, rank-prefixed logs, graceful SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+
+import pytest
+from spindle_proto import generate_pb2 as pb
+
+from tests.helpers.tiny_model import TinyModelSpec, make_tiny_model
+from tests.server.shard_harness import ShardGroup, _server_command
+
+pytestmark = pytest.mark.slow
+
+
+def test_help_lists_the_flags():
+    out = subprocess.run(_server_command() + ["serve", "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0
+    for flag in ("MODEL_DIR", "--uds-path", "--dtype", "--kv-cache-bytes", "--cuda-memory-fraction", "--block-size"):
+        assert flag in out.stdout
+
+
+def test_bad_model_dir_exits_nonzero_with_a_message(tmp_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run(_server_command() + ["serve", str(tmp_path), "--uds-path", str(tmp_path / "s")],
+                         capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode != 0
+    assert "config.json" in out.stderr
+
+
+def test_stale_socket_replaced_and_sigterm_stops_cleanly(tmp_path):
+    path = make_tiny_model(tmp_path / "m", TinyModelSpec(num_layers=1, seed=3))
+    stale_dir = tempfile.mkdtemp(prefix="spindle-stale-")
+    prefix = os.path.join(stale_dir, "shard")
+    with open(f"{prefix}-0", "w") as f:
+        f.write("left over by a dead shard")
+    group = ShardGroup(path, uds_prefix=prefix)
+    try:
+        assert group.call("Info", pb.InfoRequest()).model_type == "llama"
+        proc = group.procs[0]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not os.path.exists(f"{prefix}-0")
+        assert "[rank 0]" in group.log_text()
+    finally:
+        group.close()
+        os.rmdir(stale_dir)
