@@ -171,6 +171,12 @@ def load_model(
 
     config = read_model_config(model_dir)
     config.check_world_size(dist.world_size)
+    if config.sliding_window is not None and config.sliding_window < config.max_position_embeddings:
+        log.warning(
+            "sliding_window=%d is not applied (attention is always full): outputs differ from the "
+            "reference for contexts longer than the window",
+            config.sliding_window,
+        )
     started = time.monotonic()
     log.info(
         "rank %d/%d: loading %s (%d layers, hidden %d) from %s as %s",
