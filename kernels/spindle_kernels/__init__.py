@@ -46,7 +46,7 @@ REFERENCE_OPS = KernelOps(
 
 def triton_ops() -> KernelOps:
     """The Triton ops (imports triton; on CPU they run only under TRITON_INTERPRET=1)."""
-    from spindle_kernels.triton_ops import TRITON_OPS
+    from spindle_kernels.triton_backend import TRITON_OPS
 
     return TRITON_OPS
 

@@ -32,7 +32,8 @@ def _reshape_and_cache_kernel(
     slot = tl.load(SlotMapping + t).to(tl.int64)
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h[:, None] < NUM_KV_HEADS) & (offs_d[None, :] < HEAD_DIM) & (slot >= 0)
+    num_heads_written = tl.where(slot >= 0, NUM_KV_HEADS, 0)  # a padding token writes nothing
+    mask = (offs_h[:, None] < num_heads_written) & (offs_d[None, :] < HEAD_DIM)
     cache_off = slot * (NUM_KV_HEADS * HEAD_DIM) + offs_h[:, None] * HEAD_DIM + offs_d[None, :]
     k = tl.load(Key + t * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     tl.store(KCache + cache_off, k.to(KCache.dtype.element_ty), mask=mask)

@@ -1,0 +1,143 @@
+"""Compiled Triton kernels (and flash-attn, when installed) vs the torch reference on CUDA.
+
+CUDA-only: skipped without a GPU. Realistic shapes: Llama-style GQA 32/8 heads, head_dim 128.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from spindle_kernels import ops_for, reference
+
+from tests.kernels.conftest import interpreter_active
+from tests.kernels.paged_inputs import PagedCase, make_paged_case
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"),
+]
+
+TOLERANCE = {
+    torch.float32: {"atol": 1e-4, "rtol": 1e-4},
+    torch.float16: {"atol": 5e-3, "rtol": 5e-3},
+    torch.bfloat16: {"atol": 3e-2, "rtol": 2e-2},
+}
+
+
+@pytest.fixture(autouse=True)
+def _compiled_triton():
+    if interpreter_active():
+        pytest.fail("TRITON_INTERPRET=1 is set in this process: GPU tests need the compiled kernels")
+
+
+def _case(q_lens, context_lens, dtype, block_size=16, seed=0) -> PagedCase:
+    return make_paged_case(
+        q_lens, context_lens, num_heads=32, num_kv_heads=8, head_dim=128, block_size=block_size,
+        dtype=dtype, device="cuda", seed=seed,
+    )
+
+
+def _decode_reference(c: PagedCase) -> torch.Tensor:
+    return reference.paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("context_lens", [[1], [2047], [1, 17, 300, 1024, 33, 5, 129, 640]])
+@pytest.mark.parametrize("block_size", [16, 256])
+def test_decode_attention(dtype, context_lens, block_size):
+    from spindle_kernels.attention import paged_decode_attention
+
+    c = _case([1] * len(context_lens), context_lens, dtype, block_size)
+    got = paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale)
+    torch.testing.assert_close(got, _decode_reference(c), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(
+    "batch", [([300], [300]), ([1, 77, 0, 128, 5], [900, 77, 3, 1000, 64]), ([513, 1], [700, 2])]
+)
+def test_prefill_attention(dtype, batch):
+    from spindle_kernels.attention import paged_attention
+
+    c = _case(*batch, dtype)
+    args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
+    torch.testing.assert_close(paged_attention(*args), reference.paged_attention(*args), **TOLERANCE[dtype])
+
+
+def test_decode_attention_replays_in_a_cuda_graph():
+    # The split count depends on shapes only and nothing syncs: a captured step stays correct when
+    # the tables and lengths change in place between replays.
+    from spindle_kernels.attention import paged_decode_attention
+
+    c = _case([1] * 4, [50, 700, 3, 1500], torch.bfloat16, seed=1)
+    q, tables, lens = c.q.clone(), c.block_tables.clone(), c.context_lens.clone()
+    paged_decode_attention(q, c.k_cache, c.v_cache, tables, lens, c.scale)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = paged_decode_attention(q, c.k_cache, c.v_cache, tables, lens, c.scale)
+    # Every table column holds a valid block id, so any length up to the table's width is in range.
+    for perm, new_lens in (([3, 2, 1, 0], [1500, 3, 700, 50]), ([1, 0, 3, 2], [9, 1200, 1, 1504])):
+        q.copy_(torch.randn_like(q))
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        tables.copy_(c.block_tables[perm])
+        graph.replay()
+        want = reference.paged_decode_attention(q, c.k_cache, c.v_cache, tables, lens, c.scale)
+        torch.testing.assert_close(out, want, **TOLERANCE[torch.bfloat16])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_elementwise_ops_match_reference_exactly_or_closely(dtype):
+    from spindle_kernels.activation import silu_and_mul
+    from spindle_kernels.kv_store import reshape_and_cache
+    from spindle_kernels.norm import rms_norm
+    from spindle_kernels.rotary import rotary_embedding
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    tokens, hidden = 37, 2048
+    x = torch.randn(tokens, hidden, device="cuda", generator=g).to(dtype)
+    residual = torch.randn(tokens, hidden, device="cuda", generator=g).to(dtype)
+    weight = torch.rand(hidden, device="cuda", generator=g).to(dtype) + 0.5
+    normed, res = rms_norm(x, weight, 1e-5, residual)
+    want_normed, want_res = reference.rms_norm(x, weight, 1e-5, residual)
+    assert torch.equal(res, want_res)
+    torch.testing.assert_close(normed, want_normed, atol=2e-2, rtol=2e-2)
+
+    gate_up = torch.randn(tokens, 2 * 8192, device="cuda", generator=g).to(dtype)
+    torch.testing.assert_close(silu_and_mul(gate_up), reference.silu_and_mul(gate_up), atol=2e-2, rtol=2e-2)
+
+    qkv = torch.randn(tokens, (32 + 16) * 128, device="cuda", generator=g).to(dtype)
+    want = qkv.clone()
+    angles = torch.rand(tokens, 64, device="cuda", generator=g) * 100
+    for t, fn in ((qkv, rotary_embedding), (want, reference.rotary_embedding)):
+        fn(t[:, : 32 * 128].view(tokens, 32, 128), t[:, 32 * 128 : 40 * 128].view(tokens, 8, 128),
+           angles.cos(), angles.sin())
+    torch.testing.assert_close(qkv, want, atol=2e-2, rtol=2e-2)
+
+    k_cache = torch.zeros(64, 16, 8, 128, device="cuda", dtype=dtype)
+    v_cache = torch.zeros_like(k_cache)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    key = qkv[:, 32 * 128 : 40 * 128].view(tokens, 8, 128)
+    value = qkv[:, 40 * 128 :].view(tokens, 8, 128)
+    slots = torch.randperm(64 * 16, device="cuda")[:tokens].to(torch.int32)
+    slots[3] = -1
+    reshape_and_cache(key, value, k_cache, v_cache, slots)
+    reference.reshape_and_cache(key, value, want_k, want_v, slots)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_flash_attn_ops_match_reference(dtype):
+    pytest.importorskip("flash_attn")
+    ops = ops_for("cuda", block_size=256)
+    assert ops.name == "flash_attn"
+    c = _case([1] * 3, [5, 600, 1300], dtype, block_size=256)
+    got = ops.paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale)
+    torch.testing.assert_close(got, _decode_reference(c), **TOLERANCE[dtype])
+    c = _case([40, 1, 300], [300, 600, 300], dtype, block_size=256)
+    args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
+    torch.testing.assert_close(ops.paged_attention(*args), reference.paged_attention(*args), **TOLERANCE[dtype])
+
+
+def test_ops_for_cuda_names_the_backend():
+    assert ops_for("cuda", block_size=16).name == "triton"
