@@ -211,3 +211,30 @@ def test_unsupported_config_is_rejected(models: Models, tmp_path: Path, field, v
     (path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         read_model_config(path)
+
+
+def test_index_naming_a_missing_shard_file(models: Models, tmp_path: Path) -> None:
+    path = _copy_model(models.get("sharded")[0], tmp_path / "sharded")
+    victim = sorted(path.glob("model-*.safetensors"))[-1]
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match=victim.name):
+        load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+
+
+def test_directory_without_weights(models: Models, tmp_path: Path) -> None:
+    path = tmp_path / "empty"
+    path.mkdir()
+    shutil.copy(models.get("llama3")[0] / "config.json", path)
+    with pytest.raises(FileNotFoundError, match="neither model.safetensors nor model.safetensors.index.json"):
+        load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+
+
+def test_weight_shape_disagreeing_with_config(models: Models, tmp_path: Path) -> None:
+    path = _copy_model(models.get("llama3")[0], tmp_path / "wrong_shape")
+    config = json.loads((path / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(
+        ValueError, match=r"gate_proj\.weight' has shape \(128, 64\), the model config expects \(96, 64\)"
+    ):
+        load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
