@@ -77,9 +77,11 @@ class ShardService(generate_pb2_grpc.TextGenerationServiceServicer):
     async def Prefill(self, request: generate_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
         def call() -> StepOutcome:
             batch = ShardBatch.from_proto(request.batch, self.engine.batch_context())
-            cached_id = request.cached_batch.id if request.HasField("cached_batch") else None
+            has_cached = request.HasField("cached_batch")
+            cached_id = request.cached_batch.id if has_cached else None
+            expected = list(request.cached_batch.request_ids) if has_cached else []
             updates = [RequestUpdate.from_proto(u) for u in request.updates]
-            return self.engine.prefill(batch, cached_id, updates)
+            return self.engine.prefill(batch, cached_id, updates, expected)
 
         return generate_pb2.PrefillResponse(**_step_fields(await self._serial(call)))
 

@@ -139,6 +139,9 @@ def test_bad_calls_get_the_right_status_and_change_nothing(shard, router):
     bad_prefills["max_new_tokens 0"].requests[0].stopping_parameters.max_new_tokens = 0
     for what, batch in bad_prefills.items():
         assert _status(group, "Prefill", pb.PrefillRequest(batch=batch)) == INVALID, what
+    stale = pb.PrefillRequest(batch=pb.Batch(id=7, requests=[_request(8, prompt(4), [5])]),
+                              cached_batch=pb.CachedBatch(id=cached.id, request_ids=[3, 99]))
+    assert _status(group, "Prefill", stale) == INVALID
     # A bad update (block out of range) in a Decode is refused before anything moves.
     bad_update = pb.DecodeRequest(batches=[cached], updates=[pb.RequestUpdate(request_id=3, blocks=[num_blocks])])
     assert _status(group, "Decode", bad_update) == INVALID

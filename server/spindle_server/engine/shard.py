@@ -214,12 +214,15 @@ class ShardEngine:
         return batch
 
     def prefill(
-        self, batch: ShardBatch, cached_batch_id: int | None, updates: Sequence[RequestUpdate]
+        self, batch: ShardBatch, cached_batch_id: int | None, updates: Sequence[RequestUpdate],
+        expected_request_ids: Sequence[int] = (),
     ) -> StepOutcome:
         """Admit `batch` (merged after `cached_batch_id`'s requests, which get `updates`) and step it."""
         start = time.perf_counter_ns()
         kv_cache = self._cache()
         cached = self._get(cached_batch_id) if cached_batch_id is not None else None
+        if cached is not None:
+            _check_holds(cached, expected_request_ids)
         if batch.id in self.batches and batch.id != cached_batch_id:
             raise InvalidArgumentError(f"batch id {batch.id} is already cached")
         for other in self.batches.values():
@@ -248,10 +251,7 @@ class ShardEngine:
             raise InvalidArgumentError("Decode names a batch twice")
         batches = [self._get(i) for i in batch_ids]
         for b, expected in zip(batches, expected_request_ids):
-            if expected and sorted(expected) != sorted(b.request_ids):
-                raise InvalidArgumentError(
-                    f"batch {b.id} holds requests {sorted(b.request_ids)}, the call names {sorted(expected)}"
-                )
+            _check_holds(b, expected)
         merged = batches[0] if len(batches) == 1 else ShardBatch.concatenate(batches, batch_ids[0])
         merged.apply(updates, kv_cache.num_blocks)  # validates first
         for i in batch_ids:
@@ -287,6 +287,15 @@ class ShardEngine:
             self.batches.clear()
         else:
             self.batches.pop(batch_id, None)
+
+
+def _check_holds(batch: ShardBatch, expected_request_ids: Sequence[int]) -> None:
+    """The router's CachedBatch must name the requests the shard holds (when it names any)."""
+    if expected_request_ids and sorted(expected_request_ids) != sorted(batch.request_ids):
+        raise InvalidArgumentError(
+            f"batch {batch.id} holds requests {sorted(batch.request_ids)}, the call names "
+            f"{sorted(expected_request_ids)}"
+        )
 
 
 def _split(total: int, cap: int, max_batch_size: int) -> list[int]:
