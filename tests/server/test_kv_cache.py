@@ -1,0 +1,41 @@
+"""KV cache layout and sizing arithmetic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from spindle_server.distributed import Distributed
+from spindle_server.kv_cache import (
+    KVCache,
+    KVCacheShape,
+    agree_num_blocks,
+    cache_budget_bytes,
+    default_cpu_kv_cache_bytes,
+)
+
+CPU = torch.device("cpu")
+
+
+def test_layout_and_bytes():
+    shape = KVCacheShape(num_layers=3, block_size=16, kv_heads_per_rank=2, head_dim=8, dtype=torch.float32)
+    assert shape.bytes_per_block == 2 * 3 * 16 * 2 * 8 * 4
+    cache = KVCache(shape, num_blocks=5, device=CPU)
+    assert len(cache.layers) == 3
+    for k, v in cache.layers:
+        assert k.shape == v.shape == (5, 16, 2, 8) and k.dtype == torch.float32
+        assert k.data_ptr() != v.data_ptr()
+    assert cache.num_bytes == sum(k.nbytes + v.nbytes for k, v in cache.layers)
+
+
+def test_budget_and_agreement_on_cpu():
+    assert cache_budget_bytes(CPU, 12345, 0.9) == 12345
+    assert 0 < cache_budget_bytes(CPU, None, 0.9) == default_cpu_kv_cache_bytes() <= 4 << 30
+    assert agree_num_blocks(17, Distributed(rank=0, world_size=1, group=None), CPU) == 17
+
+
+def test_rejects_nonsense():
+    with pytest.raises(ValueError):
+        KVCacheShape(num_layers=0, block_size=16, kv_heads_per_rank=2, head_dim=8, dtype=torch.float32)
+    shape = KVCacheShape(num_layers=1, block_size=16, kv_heads_per_rank=1, head_dim=8, dtype=torch.float32)
+    with pytest.raises(ValueError):
+        KVCache(shape, num_blocks=0, device=CPU)
