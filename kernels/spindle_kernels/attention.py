@@ -151,13 +151,14 @@ def _prefill_kernel(
     prefix_len = context_len - q_len
 
     offs_m = tile_in_seq * BLOCK_M + tl.arange(0, BLOCK_M)  # query index within the chunk
+    rows = (q_start + offs_m).to(tl.int64)  # token index in q / out (int64: long prefills)
     offs_d = tl.arange(0, BLOCK_D)
     offs_n = tl.arange(0, BLOCK_N)
     m_mask = offs_m < tl.where(is_valid, q_len, 0)
     d_mask = offs_d < HEAD_DIM
     q_pos = prefix_len + offs_m
     q = tl.load(
-        Q + (q_start + offs_m)[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+        Q + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
         mask=m_mask[:, None] & d_mask[None, :], other=0.0,
     )
 
@@ -205,7 +206,7 @@ def _prefill_kernel(
         m_i = m_new
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    o_ptrs = Out + (q_start + offs_m)[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    o_ptrs = Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
