@@ -96,3 +96,55 @@ class ErrorEvent:
 
 
 Event = PrefillEvent | TokenEvent | EndEvent | ErrorEvent
+
+
+@dataclass(eq=False)
+class ScheduledRequest:
+    """The scheduler's record of one request: counters, not phases (STYLE 2).
+
+        context:  | prompt (prompt_len)                 | generated (num_generated)      |
+                  |<- cached_tokens ->|                  (blocks shared from the prefix cache)
+                  |<------------ computed_tokens ------------>|                        K/V on the shards
+                                                              |<- scheduled_tokens ->| this step
+
+    Chunked prefill, prefix reuse, decode and resumption after preemption are all this arithmetic: a
+    step computes `scheduled_tokens` more tokens, and a step that reaches the end of the context samples
+    one more token. Owned by the scheduler task alone.
+    """
+
+    id: int  # the request id sent to the shards
+    request: ValidRequest
+    queued_at: float  # time.monotonic() at submit
+    started_at: float | None = None  # first admission into a batch
+    generated_ids: list[int] = field(default_factory=list)  # every token the client was sent
+    blocks: list[int] = field(default_factory=list)  # block table on the shards (position order)
+    cached_tokens: int = 0  # leading prompt tokens read from the prefix cache (never computed)
+    computed_tokens: int = 0  # leading context tokens whose K/V are on the shards
+    scheduled_tokens: int = 0  # tokens the step being planned computes
+    resumed_len: int = 0  # generated tokens it was last admitted with (sent as generated_ids)
+    chunk_len_sent: int | None = None  # chunk_len the shard holds for it (None: everything remaining)
+    prefix_node: object | None = None  # radix_cache.PrefixNode it keeps locked, if any
+    prompt_cached: bool = False  # its full prompt blocks were inserted into the prefix cache
+    prefill_event_sent: bool = False
+
+    @property
+    def prompt_len(self) -> int:
+        return self.request.input_length
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.generated_ids)
+
+    @property
+    def context_len(self) -> int:
+        return self.prompt_len + self.num_generated
+
+    @property
+    def remaining_tokens(self) -> int:
+        """Context tokens whose K/V are not on the shards yet (1 for a request that is decoding)."""
+        return self.context_len - self.computed_tokens
+
+    @property
+    def max_total_tokens(self) -> int:
+        """The most KV positions this request can ever need."""
+        return self.prompt_len + self.request.stopping.max_new_tokens

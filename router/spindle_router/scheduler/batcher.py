@@ -1,0 +1,141 @@
+"""The step planner: which requests advance by how many tokens in the next forward, and with which blocks.
+
+Policy (continuous batching with chunked prefill, one mixed forward per step):
+
+* Token budget. One forward carries at most `max_prefill_tokens` tokens, decodes and prefill chunks
+  together (the shard warmed up exactly that forward). Every running request computes at least one token
+  each step (a shard batch cannot idle a request), so those are reserved first; leftover budget goes to
+  prompts still prefilling, oldest first, then to new admissions. A prompt larger than what is left is
+  split: its chunk rides along with the decodes and continues next step.
+* Capacity budget. The running batch may grow to `max_total_tokens` KV positions (sum of prompt +
+  max_new_tokens over running requests); `max_batch_size` caps how many run at once.
+* Admission is strict FIFO: the first waiting request that does not fit stops admission, so nobody
+  is overtaken (head-of-line blocking by design, as in TGI). With chunking a waiting request never
+  needs to pause the decodes, so it is admitted every step it fits: TGI's `waiting_served_ratio` and
+  `max_waiting_tokens` (which ration prefill-only forwards) have nothing to decide here and are unused.
+* KV blocks are allocated on demand, as requests cross block boundaries. When a running request cannot
+  grow, even after evicting unlocked prefix-cache blocks, the most recently admitted running request
+  is preempted: it leaves the shard batch, frees its blocks and goes back to the FRONT of the queue with
+  what it generated so far, to be recomputed later. A step that preempted admits nobody.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from spindle_router.scheduler.block_manager import BlockManager
+from spindle_router.scheduler.request import ScheduledRequest
+
+
+@dataclass(frozen=True)
+class StepLimits:
+    max_prefill_tokens: int  # tokens one forward may carry (decodes + prefill chunks)
+    max_total_tokens: int | None = None  # sum of prompt + max_new_tokens over running requests
+    max_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_prefill_tokens < 1:
+            raise ValueError("max_prefill_tokens must be >= 1")
+        if self.max_batch_size is not None and self.max_batch_size < 1:
+            raise ValueError("max_batch_size must be >= 1")
+
+
+@dataclass
+class StepPlan:
+    """What the next forward does. `scheduled_tokens` of every request in it is set."""
+
+    running: list[ScheduledRequest] = field(default_factory=list)  # already on the shards, advancing
+    admitted: list[ScheduledRequest] = field(default_factory=list)  # joining this step (first chunk)
+    new_blocks: dict[int, list[int]] = field(default_factory=dict)  # running request id -> blocks appended
+    preempted: list[ScheduledRequest] = field(default_factory=list)  # left the shards, requeued at the front
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(sr.scheduled_tokens for sr in self.running + self.admitted)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.running and not self.admitted
+
+
+def plan_step(
+    running: list[ScheduledRequest], waiting: deque[ScheduledRequest], blocks: BlockManager, limits: StepLimits
+) -> StepPlan:
+    """Plan one step, updating `running` (admission order) and `waiting` (FIFO) in place."""
+    plan = StepPlan()
+    # 1. Tokens for the running batch: one each, then prefill chunks oldest first.
+    spare = limits.max_prefill_tokens - len(running)
+    for sr in running:
+        extra = max(0, min(sr.remaining_tokens - 1, spare))
+        sr.scheduled_tokens = 1 + extra
+        spare -= extra
+    # 2. Blocks for the running batch, oldest first; preempt the youngest when they run out.
+    for sr in list(running):
+        if sr not in running:
+            continue  # preempted for an older request already
+        new = blocks.grow(sr, sr.computed_tokens + sr.scheduled_tokens)
+        while new is None:
+            victim = running[-1]
+            _preempt(victim, running, waiting, blocks, plan)
+            if victim is sr:
+                break
+            new = blocks.grow(sr, sr.computed_tokens + sr.scheduled_tokens)
+        if new:
+            plan.new_blocks[sr.id] = new
+    plan.running = list(running)
+    # 3. Admit waiting requests in order while every budget allows.
+    spare = limits.max_prefill_tokens - plan.num_tokens
+    while waiting and not plan.preempted and _has_room(waiting[0], running, spare, limits):
+        sr = waiting[0]
+        if not _admit(sr, spare, blocks):
+            break
+        waiting.popleft()
+        running.append(sr)
+        plan.admitted.append(sr)
+        spare -= sr.scheduled_tokens
+    return plan
+
+
+def _has_room(sr: ScheduledRequest, running: list[ScheduledRequest], spare_tokens: int, limits: StepLimits) -> bool:
+    """Token, batch-size and capacity budgets (an empty batch always takes one request, or nothing runs)."""
+    if spare_tokens < 1:
+        return False
+    if limits.max_batch_size is not None and len(running) >= limits.max_batch_size:
+        return False
+    if limits.max_total_tokens is not None and running:
+        committed = sum(r.max_total_tokens for r in running)
+        if committed + sr.max_total_tokens > limits.max_total_tokens:
+            return False
+    return True
+
+
+def _admit(sr: ScheduledRequest, spare_tokens: int, blocks: BlockManager) -> bool:
+    """Give `sr` its cached prefix, a first chunk and the blocks for it; False (nothing held) if no room."""
+    blocks.attach_prefix(sr)
+    sr.scheduled_tokens = min(sr.remaining_tokens, spare_tokens)
+    if blocks.grow(sr, sr.computed_tokens + sr.scheduled_tokens) is None:
+        blocks.release(sr)
+        reset_progress(sr)
+        return False
+    sr.resumed_len = sr.num_generated
+    sr.chunk_len_sent = None
+    return True
+
+
+def _preempt(
+    sr: ScheduledRequest, running: list[ScheduledRequest], waiting: deque[ScheduledRequest],
+    blocks: BlockManager, plan: StepPlan,
+) -> None:
+    running.remove(sr)
+    blocks.release(sr)
+    reset_progress(sr)
+    waiting.appendleft(sr)  # preempted youngest first, so older ones end up ahead: order is kept
+    plan.preempted.append(sr)
+    plan.new_blocks.pop(sr.id, None)
+
+
+def reset_progress(sr: ScheduledRequest) -> None:
+    """Back to "nothing on the shards" (what it generated stays: it is resent as generated_ids)."""
+    sr.cached_tokens = sr.computed_tokens = sr.scheduled_tokens = 0
+    sr.chunk_len_sent = None

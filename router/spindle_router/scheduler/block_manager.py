@@ -1,0 +1,121 @@
+"""Block tables of requests: on-demand growth, prefix-cache reuse, release.
+
+Joins the allocator (ids and refcounts) and the radix cache (which full prompt blocks are shared) for the
+planner and the loop. A request's table covers exactly the positions computed so far plus this step's:
+
+    blocks:  [ 7 ][ 3 ][ 12 ][ 40 ]          block_size 4, computed 13 + scheduled 1 = 14 positions
+              cached    own   own (grown when the request crossed a block boundary)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+from spindle_router.scheduler.block_allocator import BlockAllocator
+from spindle_router.scheduler.radix_cache import PrefixNode, RadixCache
+from spindle_router.scheduler.request import ScheduledRequest
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks)
+        self.cache = RadixCache(self.allocator, block_size) if prefix_caching else None
+
+    @property
+    def num_available_blocks(self) -> int:
+        """Free now, or freeable by evicting unlocked prefix-cache blocks."""
+        evictable = self.cache.num_evictable_blocks if self.cache else 0
+        return self.allocator.num_free_blocks + evictable
+
+    @property
+    def num_cached_blocks(self) -> int:
+        return self.cache.num_cached_blocks if self.cache else 0
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+    def attach_prefix(self, sr: ScheduledRequest) -> None:
+        """Start `sr` on the longest cached prefix of its prompt (locked while it runs).
+
+        At least one context token must be computed (the step that completes the context samples), so a
+        prefix covering the whole context gives back its last block. Requests asking for prompt
+        log-probs compute every prompt token themselves.
+        """
+        assert not sr.blocks and sr.prefix_node is None, "request already holds blocks"
+        sr.cached_tokens = sr.computed_tokens = 0
+        if self.cache is None or sr.request.prefill_logprobs:
+            return
+        match = self.cache.match(sr.request.input_ids)
+        blocks, node = list(match.blocks), match.node
+        if len(blocks) * self.block_size >= sr.context_len:
+            blocks.pop()
+            node = node.parent if node.parent is not None else node
+        if not blocks:
+            return
+        self.cache.lock(node)
+        self.allocator.incref(blocks)
+        sr.prefix_node = node
+        sr.blocks = blocks
+        sr.cached_tokens = sr.computed_tokens = len(blocks) * self.block_size
+
+    def grow(self, sr: ScheduledRequest, num_tokens: int) -> list[int] | None:
+        """Append blocks so `sr` covers `num_tokens` positions, evicting cached prefixes if need be.
+
+        Returns the new blocks, or None (and changes nothing) when even eviction cannot make room.
+        """
+        need = self.blocks_for(num_tokens) - len(sr.blocks)
+        if need <= 0:
+            return []
+        if need > self.num_available_blocks:
+            return None
+        short = need - self.allocator.num_free_blocks
+        if short > 0:
+            assert self.cache is not None
+            self.cache.evict(short)
+        new = self.allocator.allocate(need)
+        sr.blocks.extend(new)
+        return new
+
+    def cache_prompt(self, sr: ScheduledRequest) -> None:
+        """Share the full prompt blocks of `sr` once its prompt is computed (and keep them locked)."""
+        if self.cache is None or sr.prompt_cached or sr.computed_tokens < sr.prompt_len:
+            return
+        num_full = sr.prompt_len // self.block_size
+        sr.prompt_cached = True
+        if num_full == 0:
+            return
+        node = self.cache.insert(sr.request.input_ids, sr.blocks[:num_full])
+        self.cache.lock(node)  # lock the new path before dropping the old lock: nothing becomes evictable
+        if isinstance(sr.prefix_node, PrefixNode):
+            self.cache.unlock(sr.prefix_node)
+        sr.prefix_node = node
+
+    def release(self, sr: ScheduledRequest) -> None:
+        """Drop every block reference and prefix lock `sr` holds (cached blocks stay in the cache)."""
+        if isinstance(sr.prefix_node, PrefixNode) and self.cache is not None:
+            self.cache.unlock(sr.prefix_node)
+        self.allocator.decref(sr.blocks)
+        sr.blocks = []
+        sr.prefix_node = None
+        sr.prompt_cached = False
+
+    def num_request_blocks(self, requests: Iterable[ScheduledRequest]) -> int:
+        """Distinct blocks held by `requests` (shared prefix blocks counted once)."""
+        return len({b for sr in requests for b in sr.blocks})
+
+    def check_integrity(self, requests: Iterable[ScheduledRequest]) -> None:
+        """Every block's refcount equals its holders (cache + request tables); see RadixCache.check_integrity."""
+        requests = list(requests)
+        if self.cache is not None:
+            self.cache.check_integrity([sr.blocks for sr in requests])
+            return
+        self.allocator.check_integrity()
+        holders: dict[int, int] = {}
+        for sr in requests:
+            assert len(set(sr.blocks)) == len(sr.blocks), "a block table lists a block twice"
+            for b in sr.blocks:
+                holders[b] = holders.get(b, 0) + 1
+        for b in range(1, self.allocator.num_blocks):
+            assert self.allocator.refcount(b) == holders.get(b, 0), f"block {b} refcount disagrees"
