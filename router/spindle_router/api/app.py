@@ -1,0 +1,191 @@
+"""The aiohttp application: the route table, auth, CORS and the one place errors become JSON."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from spindle_router.api import openai, routes
+from spindle_router.api.context import STATE, AppState, HttpError, error_response, json_response
+from spindle_router.api.openapi import Route, openapi_document
+from spindle_router.chat_template import ChatTemplate, TemplateError
+from spindle_router.config import LimitsConfig, RouterConfig
+from spindle_router.infer import Infer, InferError
+from spindle_router.metrics import Metrics
+from spindle_router.scheduler.backend import Backend
+from spindle_router.tokenizer import RouterTokenizer
+from spindle_router.validation import SchemaError, Validator
+
+log = logging.getLogger(__name__)
+
+_STATUS_TYPES = {
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def route_table() -> list[Route]:
+    r = routes
+    return [
+        Route(
+            "POST",
+            "/",
+            r.compat_generate,
+            "Generate (TGI compat: JSON array, or SSE with stream)",
+            "TGI",
+            True,
+            "GenerateRequest",
+            True,
+        ),
+        Route("POST", "/generate", r.generate, "Generate tokens", "TGI", True, "GenerateRequest"),
+        Route(
+            "POST",
+            "/generate_stream",
+            r.generate_stream,
+            "Generate a stream of tokens (SSE)",
+            "TGI",
+            True,
+            "GenerateRequest",
+            True,
+        ),
+        Route(
+            "POST",
+            "/v1/chat/completions",
+            openai.chat_completions,
+            "OpenAI chat completions",
+            "OpenAI",
+            True,
+            "ChatRequest",
+            True,
+        ),
+        Route(
+            "POST",
+            "/v1/completions",
+            openai.completions,
+            "OpenAI completions",
+            "OpenAI",
+            True,
+            "CompletionRequest",
+            True,
+        ),
+        Route("POST", "/tokenize", r.tokenize, "Tokenize inputs", "TGI", True, "GenerateRequest"),
+        Route(
+            "POST",
+            "/chat_tokenize",
+            openai.chat_tokenize,
+            "Apply the chat template and tokenize",
+            "TGI",
+            False,
+            "ChatRequest",
+        ),
+        Route("GET", "/", r.health, "Health check", "TGI", False),
+        Route("GET", "/health", r.health, "Health check", "TGI", False),
+        Route("GET", "/ping", r.health, "Health check (SageMaker)", "TGI", False),
+        Route("GET", "/info", r.info, "Server information", "TGI", False),
+        Route("GET", "/metrics", r.metrics, "Prometheus metrics", "TGI", False),
+        Route("GET", "/v1/models", r.models, "OpenAI model list", "OpenAI", False),
+        Route("GET", "/openapi.json", _openapi, "This OpenAPI document", "TGI", False),
+        Route("GET", "/api-doc/openapi.json", _openapi, "This OpenAPI document (TGI's path)", "TGI", False),
+    ]
+
+
+async def _openapi(request: web.Request) -> web.Response:
+    return json_response(openapi_document(route_table()))
+
+
+def _auth_middleware(api_key: str | None, protected: set[tuple[str, str]]):
+    expected = f"Bearer {api_key}".lower() if api_key else None
+
+    @web.middleware
+    async def auth(request: web.Request, handler):
+        if expected is not None and (request.method, request.path) in protected:
+            if request.headers.get("Authorization", "").lower() != expected:
+                return error_response(request.path, 401, "unauthorized", "Unauthorized")
+        return await handler(request)
+
+    return auth
+
+
+def _cors_middleware(origins: tuple[str, ...]):
+    @web.middleware
+    async def cors(request: web.Request, handler):
+        origin = request.headers.get("Origin")
+        allowed = origin is not None and (not origins or origin in origins)
+        if request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers:
+            resp: web.StreamResponse = web.Response(status=200 if allowed else 403)
+            if allowed:
+                resp.headers["Access-Control-Allow-Methods"] = "GET, POST"
+                resp.headers["Access-Control-Allow-Headers"] = "content-type, authorization"
+        else:
+            resp = await handler(request)
+        if allowed and not resp.prepared:
+            resp.headers["Access-Control-Allow-Origin"] = "*" if not origins else origin
+        return resp
+
+    return cors
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    path = request.path
+    try:
+        return await handler(request)
+    except InferError as e:
+        return error_response(path, e.status, e.error_type, e.message)
+    except SchemaError as e:
+        return error_response(path, 422, "validation", str(e))
+    except TemplateError as e:
+        return error_response(path, 422, "template_error", f"Template error: {e}")
+    except HttpError as e:
+        return error_response(path, e.status, e.error_type, e.message)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        return error_response(path, e.status, _STATUS_TYPES.get(e.status, "http_error"), e.reason)
+    except ConnectionError:
+        raise  # the client is gone; nothing to answer
+    except Exception:
+        log.exception("unhandled error on %s %s", request.method, path)
+        return error_response(path, 500, "internal", "Internal server error")
+
+
+def build_app(
+    *,
+    config: RouterConfig,
+    limits: LimitsConfig,
+    backend: Backend,
+    tokenizer: RouterTokenizer,
+    chat_template: ChatTemplate | None,
+    metrics: Metrics,
+    model_id: str,
+    compute_type: str = "gpu+optimized",
+) -> web.Application:
+    """The HTTP API over `backend`. `limits` must have max_input_tokens/max_total_tokens resolved
+    (after warmup). `compute_type` is the x-compute-type header (TGI: env COMPUTE_TYPE)."""
+    infer = Infer(backend, Validator(limits, tokenizer), metrics, limits)
+    table = route_table()
+    protected = {(r.method, r.path) for r in table if r.protected}
+    app = web.Application(
+        client_max_size=limits.payload_limit,
+        middlewares=[
+            _cors_middleware(config.http.cors_allow_origin),
+            _errors,
+            _auth_middleware(config.http.api_key, protected),
+        ],
+    )
+    app[STATE] = AppState(
+        config=config,
+        limits=limits,
+        infer=infer,
+        tokenizer=tokenizer,
+        chat_template=chat_template,
+        metrics=metrics,
+        model_id=model_id,
+        compute_type=compute_type,
+    )
+    for r in table:
+        app.router.add_route(r.method, r.path, r.handler)
+    return app
