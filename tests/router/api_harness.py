@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp import web
 from spindle_router.api import build_app
+from spindle_router.api.context import STATE
 from spindle_router.chat_template import ChatTemplate
 from spindle_router.config import HttpConfig, LimitsConfig, RouterConfig
 from spindle_router.metrics import Metrics
@@ -164,6 +165,7 @@ class Server:
     loop: asyncio.AbstractEventLoop
     stop: Callable[[], None]
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    infer: Any = None
 
     def call(self, fn: Callable[[], Any]) -> Any:
         """Run `fn` on the server's loop and return its result (for asyncio objects of the double)."""
@@ -190,6 +192,7 @@ def start_server(
     limits: LimitsConfig | None = None,
     api_key: str | None = None,
     with_template: bool = True,
+    handler_cancellation: bool = False,
 ) -> Server:
     limits = limits or LimitsConfig(
         max_concurrent_requests=4, max_input_tokens=256, max_total_tokens=512, payload_limit=100_000
@@ -220,13 +223,19 @@ def start_server(
             metrics=metrics,
             model_id=MODEL_ID,
         )
-        runner = web.AppRunner(app)
+        runner = web.AppRunner(app, handler_cancellation=handler_cancellation)
         loop.run_until_complete(runner.setup())
         site = web.TCPSite(runner, "127.0.0.1", 0)
         loop.run_until_complete(site.start())
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         holder.update(
-            port=port, backend=backend, metrics=metrics, tokenizer=tokenizer, loop=loop, runner=runner
+            infer=app[STATE].infer,
+            port=port,
+            backend=backend,
+            metrics=metrics,
+            tokenizer=tokenizer,
+            loop=loop,
+            runner=runner,
         )
         ready.set()
         loop.run_forever()
@@ -252,4 +261,5 @@ def start_server(
         loop=loop,
         stop=stop,
         limits=limits,
+        infer=holder["infer"],
     )
