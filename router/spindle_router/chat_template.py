@@ -129,7 +129,7 @@ class ChatTemplate:
             raise TemplateError(f"{type(e).__name__}: {e}") from e
         if continue_final:
             final = flat[-1]["content"]
-            for needle in (final.strip(), final):
+            for needle in (final, final.strip()):
                 at = rendered.rfind(needle) if needle else -1
                 if at >= 0:
                     return rendered[: at + len(needle)]
