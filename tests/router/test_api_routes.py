@@ -134,3 +134,15 @@ def test_cors(server):
     assert resp.status_code == 200 and "POST" in resp.headers["Access-Control-Allow-Methods"]
     got = requests.get(server.base_url + "/info", headers={"Origin": "http://a.example"}, timeout=10)
     assert got.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_invocations_dispatch_by_shape(server):
+    url = server.base_url + "/invocations"
+    gen = requests.post(url, json={"inputs": "a", "parameters": {"max_new_tokens": 2}}, timeout=10).json()
+    assert isinstance(gen, list) and gen[0]["generated_text"].startswith("a")  # compat: array, full text
+    chat = requests.post(url, json={"messages": [{"role": "user", "content": "a"}], "max_tokens": 2}, timeout=10)
+    assert chat.json()["object"] == "chat.completion"
+    comp = requests.post(url, json={"prompt": "a", "max_tokens": 2}, timeout=10)
+    assert comp.json()["object"] == "text_completion"
+    bad = requests.post(url, json={"foo": 1}, timeout=10)
+    assert bad.status_code == 422 and bad.json()["error_type"] == "validation"

@@ -7,7 +7,7 @@ import logging
 from aiohttp import web
 
 from spindle_router.api import openai, routes
-from spindle_router.api.context import STATE, AppState, HttpError, error_response, json_response
+from spindle_router.api.context import STATE, AppState, HttpError, error_response, json_response, read_json
 from spindle_router.api.openapi import Route, openapi_document
 from spindle_router.chat_template import ChatTemplate, TemplateError
 from spindle_router.config import LimitsConfig, RouterConfig
@@ -71,6 +71,16 @@ def route_table() -> list[Route]:
             "CompletionRequest",
             True,
         ),
+        Route(
+            "POST",
+            "/invocations",
+            _invocations,
+            "SageMaker: generate, chat or completions by body shape",
+            "TGI",
+            True,
+            "GenerateRequest",
+            True,
+        ),
         Route("POST", "/tokenize", r.tokenize, "Tokenize inputs", "TGI", True, "GenerateRequest"),
         Route(
             "POST",
@@ -90,6 +100,18 @@ def route_table() -> list[Route]:
         Route("GET", "/openapi.json", _openapi, "This OpenAPI document", "TGI", False),
         Route("GET", "/api-doc/openapi.json", _openapi, "This OpenAPI document (TGI's path)", "TGI", False),
     ]
+
+
+async def _invocations(request: web.Request) -> web.StreamResponse:
+    """SageMaker: dispatch by body shape, as TGI does (compat generate, then chat, then completions)."""
+    body = await read_json(request)  # aiohttp keeps the body: the handler reads it again
+    if isinstance(body, dict) and "inputs" in body:
+        return await routes.compat_generate(request)
+    if isinstance(body, dict) and "messages" in body:
+        return await openai.chat_completions(request)
+    if isinstance(body, dict) and "prompt" in body:
+        return await openai.completions(request)
+    raise SchemaError("body: expected a generate (inputs), chat (messages) or completions (prompt) request")
 
 
 async def _openapi(request: web.Request) -> web.Response:
