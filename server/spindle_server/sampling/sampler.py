@@ -1,0 +1,103 @@
+"""Turn a batch of logits into next tokens, their log-probs and top-n alternatives.
+
+Per row, in TGI's order: repetition penalty -> frequency penalty -> temperature -> top-k -> top-p
+-> typical-p -> argmax (greedy) or a draw (sampling). Rows with default parameters cost nothing
+beyond the batch-wide argmax and log_softmax; penalties, filters and draws run only for the rows
+that ask for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from spindle_server.sampling.logits import apply_filters, apply_penalties, apply_temperature
+from spindle_server.sampling.params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass
+class SampleOutput:
+    next_ids: list[int]
+    logprobs: list[float]  # log-prob of the chosen token under the PROCESSED distribution
+    top_ids: list[list[int]]  # per row, up to top_n[row] alternatives, best first; impossible (-inf) ones omitted
+    top_logprobs: list[list[float]]
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The generator seed of a request's `step`-th draw: depends on nothing else, so a request draws
+    the same tokens whatever its batch mates and after a preemption (step = tokens generated so far)."""
+    return _splitmix64(_splitmix64(seed) ^ step)
+
+
+def _draw(probs: torch.Tensor, seed: int, step: int) -> torch.Tensor:
+    gen = torch.Generator(device=probs.device)
+    gen.manual_seed(step_seed(seed, step))
+    return torch.multinomial(probs, 1, generator=gen)
+
+
+def sample(
+    logits: torch.Tensor,
+    params: Sequence[SamplingParams],
+    histories: Sequence[Sequence[int]],
+    steps: Sequence[int],
+    top_n: Sequence[int],
+) -> SampleOutput:
+    """Choose one token per row of `logits` [B, V].
+
+    `histories[i]`: every token id of row i so far (prompt + generated), for the penalties;
+    `steps[i]`: tokens row i generated before this one; `top_n[i]`: alternatives to report.
+    Greedy rows take the argmax of the processed scores; sampling rows draw from them with a
+    generator seeded from (seed, step). Log-probs are log_softmax of the processed scores (TGI).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be [batch, vocab], got shape {tuple(logits.shape)}")
+    batch, vocab = logits.shape
+    for name, seq in (("params", params), ("histories", histories), ("steps", steps), ("top_n", top_n)):
+        if len(seq) != batch:
+            raise ValueError(f"{name} has {len(seq)} entries for {batch} rows of logits")
+
+    scores = logits.float()
+    penalized = [i for i, p in enumerate(params) if p.has_penalties]
+    warped = [i for i, p in enumerate(params) if p.has_warpers]
+    if (penalized or warped) and scores is logits:
+        scores = scores.clone()  # never write into the caller's logits
+    for i in penalized:
+        apply_penalties(scores[i : i + 1], histories[i], params[i])
+    if warped:
+        scores = apply_temperature(scores, params)
+        for i in warped:
+            apply_filters(scores[i : i + 1], params[i])
+
+    logprobs = torch.log_softmax(scores, dim=-1)
+    next_ids = scores.argmax(dim=-1)
+    sampling = [i for i, p in enumerate(params) if p.is_sampling]
+    if sampling:
+        next_ids = next_ids.clone()
+        for i in sampling:
+            # Softmax of the row alone: the draw must not depend on how the batch was laid out.
+            probs = torch.softmax(scores[i], dim=-1)
+            next_ids[i] = _draw(probs, params[i].seed, steps[i])[0]
+    chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
+
+    top_ids: list[list[int]] = [[] for _ in range(batch)]
+    top_logprobs: list[list[float]] = [[] for _ in range(batch)]
+    k = min(max(top_n, default=0), vocab)
+    if k > 0:
+        values, indices = torch.topk(logprobs, k, dim=-1)  # sorted, best first
+        values_l, indices_l = values.tolist(), indices.tolist()
+        for i, n in enumerate(top_n):
+            kept = [j for j in range(min(n, k)) if values_l[i][j] != float("-inf")]
+            top_ids[i] = [indices_l[i][j] for j in kept]
+            top_logprobs[i] = [values_l[i][j] for j in kept]
+    return SampleOutput(next_ids=next_ids.tolist(), logprobs=chosen.tolist(), top_ids=top_ids, top_logprobs=top_logprobs)
