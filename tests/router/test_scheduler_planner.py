@@ -1,0 +1,193 @@
+"""The step planner on synthetic queues: budgets, FIFO, chunk sizes, on-demand blocks, preemption."""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+import pytest
+from spindle_router.scheduler.batcher import StepLimits, StepPlan, plan_step
+from spindle_router.scheduler.block_manager import BlockManager
+from spindle_router.scheduler.request import SamplingParams, ScheduledRequest, StoppingParams, ValidRequest
+
+BS = 4
+
+
+def req(rid: int, prompt: list[int] | int, max_new: int = 4) -> ScheduledRequest:
+    ids = tuple(prompt) if isinstance(prompt, list) else tuple(range(100 + rid * 1000, 100 + rid * 1000 + prompt))
+    vr = ValidRequest(input_ids=ids, sampling=SamplingParams(), stopping=StoppingParams(max_new_tokens=max_new))
+    return ScheduledRequest(id=rid, request=vr, queued_at=0.0)
+
+
+def finish_step(plan: StepPlan, running: list[ScheduledRequest], blocks: BlockManager) -> list[ScheduledRequest]:
+    """Play the shard: advance counters; a step reaching the end of the context samples a token."""
+    done = []
+    for sr in plan.running + plan.admitted:
+        sr.computed_tokens += sr.scheduled_tokens
+        sr.scheduled_tokens = 0
+        blocks.cache_prompt(sr)
+        if sr.computed_tokens == sr.context_len:
+            sr.generated_ids.append(sr.id % 7 + sr.num_generated)
+            if sr.num_generated == sr.request.stopping.max_new_tokens:
+                done.append(sr)
+    for sr in done:
+        running.remove(sr)
+        blocks.release(sr)
+    return done
+
+
+def test_chunked_prefill_rides_with_decodes() -> None:
+    blocks = BlockManager(64, BS, prefix_caching=False)
+    running: list[ScheduledRequest] = []
+    waiting = deque([req(0, 5), req(1, 30), req(2, 3)])
+    limits = StepLimits(max_prefill_tokens=12)
+    plan = plan_step(running, waiting, blocks, limits)
+    assert [(s.id, s.scheduled_tokens) for s in plan.admitted] == [(0, 5), (1, 7)]  # 1 is cut to the budget
+    assert list(waiting) == [waiting[0]] and waiting[0].id == 2  # FIFO: 2 waits behind 1's chunking
+    assert [len(s.blocks) for s in plan.admitted] == [2, 2]
+    finish_step(plan, running, blocks)
+    plan = plan_step(running, waiting, blocks, limits)
+    # 0 decodes (1 token); 1 continues its prompt with what is left: 11; nothing left for 2.
+    assert [(s.id, s.scheduled_tokens) for s in plan.running] == [(0, 1), (1, 11)]
+    assert plan.admitted == [] and plan.num_tokens == 12
+    assert plan.new_blocks == {1: [blocks_of(running, 1)[2], blocks_of(running, 1)[3], blocks_of(running, 1)[4]]}
+    finish_step(plan, running, blocks)
+    plan = plan_step(running, waiting, blocks, limits)
+    assert [(s.id, s.scheduled_tokens) for s in plan.running] == [(0, 1), (1, 11)]
+    assert [(s.id, s.scheduled_tokens) for s in plan.admitted] == []
+    finish_step(plan, running, blocks)
+    plan = plan_step(running, waiting, blocks, limits)
+    assert [(s.id, s.scheduled_tokens) for s in plan.running] == [(0, 1), (1, 1)]  # 1's prompt completed
+    assert [(s.id, s.scheduled_tokens) for s in plan.admitted] == [(2, 3)]
+    blocks.check_integrity(running)
+
+
+def blocks_of(running: list[ScheduledRequest], rid: int) -> list[int]:
+    return next(s.blocks for s in running if s.id == rid)
+
+
+def test_batch_size_and_capacity_budgets_stop_admission_in_order() -> None:
+    blocks = BlockManager(64, BS, prefix_caching=False)
+    running: list[ScheduledRequest] = []
+    waiting = deque([req(i, 4, max_new=4) for i in range(5)])
+    plan = plan_step(running, waiting, blocks, StepLimits(max_prefill_tokens=100, max_batch_size=2))
+    assert [s.id for s in plan.admitted] == [0, 1]
+    running2: list[ScheduledRequest] = []
+    waiting2 = deque([req(i, 4, max_new=4) for i in range(5)])
+    plan = plan_step(running2, waiting2, BlockManager(64, BS), StepLimits(100, max_total_tokens=20))
+    assert [s.id for s in plan.admitted] == [0, 1]  # 8 + 8 <= 20 < 24
+    # A request larger than the capacity budget still runs alone (or it never would).
+    plan = plan_step([], deque([req(9, 30, max_new=4)]), BlockManager(64, BS), StepLimits(100, max_total_tokens=20))
+    assert [s.id for s in plan.admitted] == [9]
+
+
+def test_prefix_hit_skips_cached_blocks_and_full_hit_leaves_one_block() -> None:
+    blocks = BlockManager(64, BS)
+    running: list[ScheduledRequest] = []
+    limits = StepLimits(100)
+    first = req(0, list(range(10)), max_new=1)
+    plan = plan_step(running, deque([first]), blocks, limits)
+    finish_step(plan, running, blocks)
+    assert running == [] and blocks.num_cached_blocks == 2
+    again = req(1, list(range(10)) + [50, 51], max_new=1)
+    plan = plan_step(running, deque([again]), blocks, limits)
+    assert again.cached_tokens == 8 and again.scheduled_tokens == 4
+    finish_step(plan, running, blocks)
+    exact = req(2, list(range(8)), max_new=1)  # the whole prompt is cached: one block is given back
+    plan = plan_step(running, deque([exact]), blocks, limits)
+    assert exact.cached_tokens == 4 and exact.scheduled_tokens == 4
+    logprobs = ScheduledRequest(id=3, request=ValidRequest(
+        input_ids=tuple(range(10)), sampling=SamplingParams(), stopping=StoppingParams(1), prefill_logprobs=True),
+        queued_at=0.0)
+    plan = plan_step(running, deque([logprobs]), blocks, limits)
+    assert logprobs.cached_tokens == 0 and logprobs.scheduled_tokens == 10
+    blocks.check_integrity(running)
+
+
+def test_preemption_picks_the_most_recent_and_requeues_it_at_the_front() -> None:
+    blocks = BlockManager(7, BS, prefix_caching=False)  # 6 usable blocks
+    running: list[ScheduledRequest] = []
+    a, b, c = req(0, 8, max_new=12), req(1, 8, max_new=12), req(2, 4, max_new=12)
+    waiting = deque([a, b, c])
+    limits = StepLimits(100)
+    plan = plan_step(running, waiting, blocks, limits)
+    assert [s.id for s in plan.admitted] == [0, 1, 2]  # 2 + 2 + 1 of 6 blocks
+    finish_step(plan, running, blocks)
+    # Next step: a and b cross a block boundary (position 8), one block is free: a gets it, b preempts c.
+    plan = plan_step(running, waiting, blocks, limits)
+    blocks.check_integrity(running)
+    assert plan.preempted == [c] and list(waiting) == [c] and [s.id for s in plan.running] == [0, 1]
+    assert len(plan.new_blocks[0]) == 1 and len(plan.new_blocks[1]) == 1
+    assert c.blocks == [] and c.computed_tokens == 0 and c.generated_ids == [2 % 7]  # resent as generated_ids
+    assert plan.admitted == []  # a step that preempted admits nobody
+    finish_step(plan, running, blocks)
+    # c comes back first when room returns, recomputing prompt + what it generated.
+    while c not in running:
+        plan = plan_step(running, waiting, blocks, limits)
+        finish_step(plan, running, blocks)
+    assert c.resumed_len == 1 and c.generated_ids[0] == 2
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_randomized_budgets_fifo_and_accounting(seed: int) -> None:
+    rng = random.Random(seed)
+    num_blocks = rng.randint(12, 40)
+    blocks = BlockManager(num_blocks, BS, prefix_caching=rng.random() < 0.7)
+    limits = StepLimits(
+        max_prefill_tokens=rng.randint(4, 40),
+        max_total_tokens=rng.choice([None, 60, 120]),
+        max_batch_size=rng.choice([None, 2, 5]),
+    )
+    stems = [[rng.randint(0, 3) for _ in range(24)] for _ in range(2)]
+    capacity = (num_blocks - 1) * BS
+    pending = []
+    for i in range(30):
+        max_new = rng.randint(1, 10)
+        n = rng.randint(1, min(30, capacity - max_new))
+        prompt = (rng.choice(stems) + [rng.randint(0, 3) for _ in range(30)])[:n]
+        pending.append(req(i, prompt, max_new=max_new))
+    waiting: deque[ScheduledRequest] = deque()
+    running: list[ScheduledRequest] = []
+    finished: list[ScheduledRequest] = []
+    first_admission: list[int] = []
+    steps = 0
+    while pending or waiting or running:
+        for _ in range(rng.randint(0, 3)):
+            if pending:
+                waiting.append(pending.pop(0))
+        before = [s.id for s in running]
+        plan = plan_step(running, waiting, blocks, limits)
+        steps += 1
+        assert steps < 5000, "no progress"
+        blocks.check_integrity(running)
+        # Budgets.
+        assert plan.num_tokens <= limits.max_prefill_tokens
+        if limits.max_batch_size:
+            assert len(running) <= limits.max_batch_size
+        if limits.max_total_tokens and len(running) > 1:
+            assert sum(s.max_total_tokens for s in running) <= limits.max_total_tokens
+        for s in plan.running + plan.admitted:
+            assert 1 <= s.scheduled_tokens <= s.remaining_tokens
+            assert len(s.blocks) * BS >= s.computed_tokens + s.scheduled_tokens  # covered
+            assert len(s.blocks) == -(-(s.computed_tokens + s.scheduled_tokens) // BS)  # and no more (on demand)
+            assert s.cached_tokens % BS == 0 and s.cached_tokens < s.context_len
+        # Preemption takes the youngest; the preempted go to the front in their admission order.
+        if plan.preempted:
+            kept = [s.id for s in plan.running]
+            assert kept == before[: len(kept)]
+            assert [s.id for s in plan.preempted] == before[len(kept):][::-1]
+            assert [s.id for s in list(waiting)[: len(plan.preempted)]] == before[len(kept):]
+            assert not plan.admitted
+        # FIFO: first admissions happen in submission order.
+        for s in plan.admitted:
+            if s.id not in first_admission:
+                first_admission.append(s.id)
+        assert running == plan.running + plan.admitted
+        finished += finish_step(plan, running, blocks)
+        blocks.check_integrity(running)
+    assert first_admission == sorted(first_admission)
+    assert sorted(s.id for s in finished) == list(range(30))
+    for s in finished:
+        assert s.generated_ids == [s.id % 7 + k for k in range(s.request.stopping.max_new_tokens)]
+    assert blocks.num_request_blocks(running) == 0
+    assert blocks.allocator.num_free_blocks + blocks.num_cached_blocks == blocks.allocator.num_usable_blocks
