@@ -1,0 +1,394 @@
+"""`spindle-launcher`: start one shard process per rank and the router, supervise them, tear them down.
+
+    spindle-launcher --model-id models/demo --num-shard 2 --port 8080
+
+    1. resolve the model directory; check the flags (a clear error before anything starts)
+    2. per rank: remove a stale socket, spawn `spindle-server serve MODEL --uds-path P` in its own process
+       group with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; its output is re-logged with its rank
+    3. wait until every socket P-<rank> exists (a shard that exits first aborts the start)
+    4. spawn the router (`python -m spindle_router.cli`), which warms the shards up and serves HTTP
+    5. supervise:  SIGTERM/SIGINT  -> router drains within the grace period, then the shards stop; exit 0
+                   a shard dies    -> log which and why, SIGUSR1 to the router (/health 503 at once, open
+                                      streams end with an error event), stop everything; exit 1
+                   router dies     -> stop the shards; exit 1
+
+The router runs as its own process, not inside the launcher, for the same reasons TGI does it: the
+supervisor stays a small synchronous loop that can always clean up (whatever the router's event loop does,
+a hang or a crash), and `spindle-router` alone runs exactly the code the launcher runs.
+Every child lives in its own process group (a terminal's Ctrl-C reaches only the launcher, which stops the
+children in order) and gets SIGTERM if the launcher itself dies (Linux parent-death signal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ctypes
+import logging
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from spindle_router.cli import (
+    add_flag,
+    add_limit_flags,
+    add_scheduler_flags,
+    add_telemetry_flags,
+    positive_float,
+    positive_int,
+    router_argv,
+)
+from spindle_router.cli import config_from_args as router_config_from_args
+from spindle_router.config import HttpConfig, RouterConfig
+
+log = logging.getLogger("spindle_launcher")
+shard_log = logging.getLogger("spindle_launcher.shard")
+
+POLL_S = 0.1
+WAIT_LOG_EVERY_S = 10.0
+TAIL_LINES = 20
+FAILURE_GRACE_S = 10.0  # a peer of a dead shard may hang in a collective: do not wait the full grace on it
+_LEVEL_RE = re.compile(r"\b(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)\b")
+_LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "WARN": logging.WARNING,
+           "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
+
+
+@dataclass(frozen=True)
+class ShardOptions:
+    dtype: str | None  # None: the shard's default (float32)
+    kv_cache_bytes: int | None
+    master_addr: str
+    master_port: int
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    router: RouterConfig
+    shard: ShardOptions
+    graceful_termination_timeout_s: float
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="spindle-launcher",
+        description=(
+            "Start a Spindle server: one shard process per tensor-parallel rank plus the HTTP router, "
+            "supervised together. Every flag also reads the environment variable of the same name in "
+            "UPPER_SNAKE case (--max-input-tokens <- MAX_INPUT_TOKENS). SIGTERM/SIGINT drain in-flight "
+            "requests for --graceful-termination-timeout seconds, then stop everything."
+        ),
+    )
+    g = p.add_argument_group("model and shards")
+    add_flag(g, "model-id", str, None, "local model directory (Hugging Face layout) or a Hub id in the local cache",
+             shown="required")
+    add_flag(g, "num-shard", positive_int, 1, "tensor-parallel ranks: one shard process each")
+    add_flag(g, "dtype", str, None, "weights, activations and KV cache dtype", shown="float32",
+             choices=["float32", "bfloat16", "float16"])
+    add_flag(g, "kv-cache-bytes", positive_int, None,
+             "CPU only: bytes of KV cache per shard", shown="min(25%% of RAM, 4 GiB)")
+    add_flag(g, "shard-uds-path", str, "/tmp/spindle-server", "shard socket prefix: rank r listens on PREFIX-r")
+    add_flag(g, "master-addr", str, "127.0.0.1", "torch.distributed rendezvous address")
+    add_flag(g, "master-port", positive_int, 29500, "torch.distributed rendezvous port")
+    h = p.add_argument_group("HTTP")
+    add_flag(h, "hostname", str, HttpConfig.hostname, "address the router listens on")
+    add_flag(h, "port", positive_int, 3000, "port the router listens on")
+    add_flag(h, "api-key", str, None, "require `Authorization: Bearer KEY` on the inference routes")
+    h.add_argument("--cors-allow-origin", action="append", default=None,
+                   help="allowed CORS origin (repeatable) [env CORS_ALLOW_ORIGIN, comma-separated]")
+    add_flag(h, "graceful-termination-timeout", positive_float, 90.0,
+             "seconds in-flight requests get to finish on SIGTERM/SIGINT before children are killed")
+    add_limit_flags(p)
+    add_scheduler_flags(p)
+    add_telemetry_flags(p)
+    return p
+
+
+def resolve_model_dir(model_id: str) -> Path:
+    """A local directory as given; otherwise a Hub id looked up through huggingface_hub (its cache, and the
+    network unless HF_HUB_OFFLINE=1)."""
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
+        return path.resolve()
+    if model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
+        raise ValueError(f"--model-id {model_id!r}: no such directory")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ValueError(f"--model-id {model_id!r} is not a directory and huggingface_hub is not installed") from None
+    patterns = ["*.json", "*.safetensors", "tokenizer*"]
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=patterns))
+    except Exception as e:  # the hub raises a dozen types for offline / missing / gated
+        raise ValueError(f"--model-id {model_id!r}: not a local directory and not resolvable on the Hub ({e})") from e
+
+
+def config_from_args(ns: argparse.Namespace) -> LauncherConfig:
+    from spindle_router.server import check_static_limits
+
+    if not ns.model_id:
+        raise ValueError("--model-id is required (or MODEL_ID)")
+    ns.model_dir = str(resolve_model_dir(ns.model_id))
+    router = router_config_from_args(ns)
+    check_static_limits(router.limits, router.scheduler)
+    return LauncherConfig(
+        router=router,
+        shard=ShardOptions(ns.dtype, ns.kv_cache_bytes, ns.master_addr, ns.master_port),
+        graceful_termination_timeout_s=ns.graceful_termination_timeout,
+    )
+
+
+def _parent_death_signal() -> None:
+    """In the child before exec: get SIGTERM when the launcher dies, however it dies (Linux only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+class Child:
+    """One supervised process in its own process group, its output re-logged line by line."""
+
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], rank: int | None, capture: bool) -> None:
+        self.name, self.rank = name, rank
+        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
+        self.proc = subprocess.Popen(
+            argv,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE if capture else None,
+            stderr=subprocess.STDOUT if capture else None,
+            start_new_session=True,
+            preexec_fn=_parent_death_signal if sys.platform.startswith("linux") else None,
+        )
+        self._pump: threading.Thread | None = None
+        if capture:
+            self._pump = threading.Thread(target=self._forward, name=f"{name}-log", daemon=True)
+            self._pump.start()
+
+    def _forward(self) -> None:
+        assert self.proc.stdout is not None
+        prefix = f"[rank {self.rank}]"
+        for raw in self.proc.stdout:
+            line = raw.decode("utf-8", errors="replace").rstrip()
+            if not line:
+                continue
+            self.tail.append(line)
+            m = _LEVEL_RE.search(line)
+            level = _LEVELS[m.group(1)] if m else logging.INFO
+            msg = line if line.startswith(prefix) else f"{prefix} {line}"
+            shard_log.log(level, "%s", msg, extra={"rank": self.rank})
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def poll(self) -> int | None:
+        return self.proc.poll()
+
+    def signal(self, sig: int) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)  # the whole group: a child's own children go too
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def stop(self, grace_s: float) -> int:
+        """SIGTERM, then SIGKILL after `grace_s`; returns the exit status."""
+        if self.poll() is None:
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace_s)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0fs: killing it", self.name, grace_s)
+        self.signal(signal.SIGKILL)  # leftovers in the group, if any
+        code = self.proc.wait()
+        if self._pump is not None:
+            self._pump.join(timeout=2.0)
+        return code
+
+    def describe_exit(self) -> str:
+        code = self.proc.returncode
+        if code is None:
+            return "running"
+        if code < 0:
+            try:
+                return f"killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"killed by signal {-code}"
+        return f"exit code {code}"
+
+    def last_lines(self) -> str:
+        return "\n".join(self.tail) if self.tail else "(no output)"
+
+
+class Launcher:
+    def __init__(self, config: LauncherConfig) -> None:
+        self.config = config
+        self.shards: list[Child] = []
+        self.router: Child | None = None
+        self.stop_requested = threading.Event()
+
+    # -- start ----------------------------------------------------------------------------------------
+
+    def _shard_argv(self) -> list[str]:
+        c = self.config
+        argv = [sys.executable, "-m", "spindle_server.cli", "serve", c.router.model_dir,
+                "--uds-path", c.router.shard_uds_path]
+        if c.shard.dtype:
+            argv += ["--dtype", c.shard.dtype]
+        if c.shard.kv_cache_bytes is not None:
+            argv += ["--kv-cache-bytes", str(c.shard.kv_cache_bytes)]
+        if c.router.telemetry.otlp_endpoint:
+            argv += ["--otlp-endpoint", c.router.telemetry.otlp_endpoint]
+        return argv
+
+    def _shard_env(self, rank: int) -> dict[str, str]:
+        c = self.config
+        env = {k: v for k, v in os.environ.items() if k != "API_KEY"}  # shards have no use for the secret
+        env.update(
+            RANK=str(rank),
+            WORLD_SIZE=str(c.router.num_shard),
+            MASTER_ADDR=c.shard.master_addr,
+            MASTER_PORT=str(c.shard.master_port),
+            PYTHONUNBUFFERED="1",
+        )
+        return env
+
+    def start_shards(self) -> None:
+        n = self.config.router.num_shard
+        log.info("starting %d shard(s) for %s", n, self.config.router.model_dir)
+        for rank in range(n):
+            path = self.config.router.shard_path(rank)
+            if os.path.exists(path):
+                log.info("removing stale socket %s", path)
+                os.unlink(path)
+            child = Child(f"shard {rank}", self._shard_argv(), self._shard_env(rank), rank, capture=True)
+            log.info("shard %d started (pid %d)", rank, child.pid)
+            self.shards.append(child)
+
+    def wait_for_shards(self) -> bool:
+        """True once every socket exists; False when a shard died first or a stop was requested."""
+        started = last_log = time.monotonic()
+        pending = set(range(len(self.shards)))
+        while pending:
+            for rank in sorted(pending):
+                child = self.shards[rank]
+                if child.poll() is not None:
+                    log.error("shard %d cannot start (%s); its last output:\n%s",
+                              rank, child.describe_exit(), child.last_lines())
+                    return False
+                if os.path.exists(self.config.router.shard_path(rank)):
+                    log.info("shard %d ready (%.1fs)", rank, time.monotonic() - started)
+                    pending.discard(rank)
+            if not pending:
+                break
+            if self.stop_requested.wait(POLL_S):
+                return False
+            if time.monotonic() - last_log >= WAIT_LOG_EVERY_S:
+                log.info("waiting for shard(s) %s to be ready...", ", ".join(map(str, sorted(pending))))
+                last_log = time.monotonic()
+        return True
+
+    def start_router(self) -> None:
+        c = self.config
+        argv = [sys.executable, "-m", "spindle_router.cli",
+                *router_argv(c.router, c.graceful_termination_timeout_s)]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        if c.router.http.api_key:
+            env["API_KEY"] = c.router.http.api_key
+        # The router writes its own log lines (same format flags) straight to our stderr.
+        self.router = Child("router", argv, env, None, capture=False)
+        log.info("router started (pid %d); it warms the shards up, then listens on %s:%d",
+                 self.router.pid, c.router.http.hostname, c.router.http.port)
+
+    # -- supervise ------------------------------------------------------------------------------------
+
+    def supervise(self) -> int:
+        """Block until a stop is requested or a child dies; tear down; return the exit code."""
+        assert self.router is not None
+        while not self.stop_requested.wait(POLL_S):
+            for rank, child in enumerate(self.shards):
+                if child.poll() is not None:
+                    log.error("shard %d died (%s); its last output:\n%s",
+                              rank, child.describe_exit(), child.last_lines())
+                    self.router.signal(signal.SIGUSR1)  # /health 503 now; open streams get an error
+                    self.teardown(FAILURE_GRACE_S)
+                    return 1
+            if self.router.poll() is not None:
+                log.error("router exited (%s)", self.router.describe_exit())
+                self.teardown(FAILURE_GRACE_S)
+                return 1
+        log.info("stop requested: draining (up to %.0fs)", self.config.graceful_termination_timeout_s)
+        self.teardown(self.config.graceful_termination_timeout_s)
+        return 0
+
+    def teardown(self, grace_s: float) -> None:
+        """Router first (it drains in-flight requests), then every shard."""
+        if self.router is not None:
+            # A little over the router's own drain timeout so its orderly exit is not cut short.
+            code = self.router.stop(grace_s + 5.0)
+            log.info("router stopped (%s)", self.router.describe_exit() if code is not None else "?")
+        for child in self.shards:
+            if child.poll() is None:
+                child.signal(signal.SIGTERM)  # all at once: ranks of one group stop together
+        for rank, child in enumerate(self.shards):
+            child.stop(grace_s)
+            log.info("shard %d stopped (%s)", rank, child.describe_exit())
+        for rank in range(len(self.shards)):
+            path = self.config.router.shard_path(rank)
+            if os.path.exists(path):
+                os.unlink(path)
+
+    def run(self) -> int:
+        try:
+            self.start_shards()
+            if not self.wait_for_shards():
+                failed = not self.stop_requested.is_set()
+                self.teardown(FAILURE_GRACE_S)
+                return 1 if failed else 0
+            self.start_router()
+            return self.supervise()
+        except BaseException:
+            self.teardown(FAILURE_GRACE_S)
+            raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    from spindle_router.logging import setup_logging
+
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    setup_logging(json_output=ns.json_output)
+    try:
+        config = config_from_args(ns)
+    except ValueError as e:
+        log.error("%s", e)
+        return 2
+    launcher = Launcher(config)
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if launcher.stop_requested.is_set():
+            log.warning("second %s: killing everything now", signal.Signals(signum).name)
+            for child in [*launcher.shards, *([launcher.router] if launcher.router else [])]:
+                child.signal(signal.SIGKILL)
+            return
+        log.info("received %s", signal.Signals(signum).name)
+        launcher.stop_requested.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    code = launcher.run()
+    log.info("launcher exiting with code %d", code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
