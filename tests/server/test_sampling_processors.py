@@ -124,7 +124,30 @@ def test_filters_run_top_k_then_top_p_then_typical() -> None:
     scores = _logits(1, 9)
     params = SamplingParams(top_k=40, top_p=0.8, typical_p=0.9)
     chain = LogitsProcessorList([TopKLogitsWarper(40), TopPLogitsWarper(0.8), TypicalLogitsWarper(0.9)])
-    _same(apply_filters(scores.clone(), params), chain(None, scores.clone()))
+    _same(apply_filters(scores.clone(), [params]), chain(None, scores.clone()))
+
+
+def test_filters_batched_over_rows_with_different_parameters() -> None:
+    params = [
+        SamplingParams(top_k=3),
+        SamplingParams(),
+        SamplingParams(top_p=0.5, typical_p=0.8),
+        SamplingParams(top_k=100, top_p=0.95),
+        SamplingParams(typical_p=0.3),
+        SamplingParams(top_k=1, top_p=0.2, typical_p=0.9),
+    ]
+    scores = _logits(len(params), 12)
+    ours = apply_filters(scores.clone(), params)
+    for i, p in enumerate(params):
+        chain = LogitsProcessorList()
+        if p.top_k:
+            chain.append(TopKLogitsWarper(p.top_k))
+        if p.top_p < 1.0:
+            chain.append(TopPLogitsWarper(p.top_p))
+        if p.typical_p < 1.0:
+            chain.append(TypicalLogitsWarper(p.typical_p))
+        _same(ours[i : i + 1], chain(None, scores[i : i + 1].clone()))
+    assert torch.equal(ours[1], scores[1])
 
 
 CHAIN_CASES = [

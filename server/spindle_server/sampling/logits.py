@@ -32,31 +32,42 @@ def apply_frequency_penalty(scores: torch.Tensor, history: torch.Tensor, penalty
     return scores
 
 
-def apply_top_k(scores: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Keep tokens scoring at least the k-th best score (ties at the boundary survive)."""
-    k = min(max(top_k, 1), scores.shape[-1])
-    kth_best = torch.topk(scores, k, dim=-1).values[..., -1:]
+def _column(values: float | Sequence[float], scores: torch.Tensor) -> torch.Tensor:
+    """One value per row as an [n, 1] tensor of the scores' dtype (a scalar applies to every row)."""
+    if isinstance(values, (int, float)):
+        values = [values] * scores.shape[0]
+    return torch.tensor(values, dtype=scores.dtype, device=scores.device).unsqueeze(1)
+
+
+def apply_top_k(scores: torch.Tensor, top_k: int | Sequence[int]) -> torch.Tensor:
+    """Keep, per row, tokens scoring at least its k-th best score (ties at the boundary survive)."""
+    ks = [top_k] * scores.shape[0] if isinstance(top_k, int) else list(top_k)
+    ks = [min(max(k, 1), scores.shape[-1]) for k in ks]
+    best = torch.topk(scores, max(ks), dim=-1).values
+    last = torch.tensor(ks, dtype=torch.int64, device=scores.device).unsqueeze(1) - 1
+    kth_best = best.gather(1, last)
     return scores.masked_fill_(scores < kth_best, _FILTERED)
 
 
-def apply_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Keep the smallest set of best tokens whose probability mass reaches `top_p` (at least one)."""
+def apply_top_p(scores: torch.Tensor, top_p: float | Sequence[float]) -> torch.Tensor:
+    """Keep, per row, the smallest set of best tokens whose probability mass reaches top_p (at least one)."""
     sorted_scores, sorted_ids = torch.sort(scores, descending=False)
     cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove_sorted = cumulative <= (1 - top_p)
+    tops = [top_p] * scores.shape[0] if isinstance(top_p, (int, float)) else list(top_p)
+    remove_sorted = cumulative <= _column([1 - p for p in tops], scores)
     remove_sorted[..., -1:] = False  # the best token always survives
     remove = remove_sorted.scatter(1, sorted_ids, remove_sorted)
     return scores.masked_fill_(remove, _FILTERED)
 
 
-def apply_typical_p(scores: torch.Tensor, mass: float) -> torch.Tensor:
-    """Typical decoding: keep tokens whose surprisal is closest to the entropy, up to `mass`."""
+def apply_typical_p(scores: torch.Tensor, mass: float | Sequence[float]) -> torch.Tensor:
+    """Typical decoding: keep, per row, tokens whose surprisal is closest to the entropy, up to `mass`."""
     logp = torch.log_softmax(scores, dim=-1)
     entropy = -(logp * logp.exp()).nansum(-1, keepdim=True)
     distance = torch.abs(-logp - entropy)
     sorted_distance, sorted_ids = torch.sort(distance, descending=False)
     cumulative = scores.gather(-1, sorted_ids).softmax(dim=-1).cumsum(dim=-1)
-    last = (cumulative < mass).sum(dim=1).clamp_(max=scores.shape[-1] - 1)
+    last = (cumulative < _column(mass, scores)).sum(dim=1).clamp_(max=scores.shape[-1] - 1)
     remove_sorted = sorted_distance > sorted_distance.gather(1, last.view(-1, 1))
     remove_sorted[..., :1] = False  # the most typical token always survives
     remove = remove_sorted.scatter(1, sorted_ids, remove_sorted)
@@ -83,12 +94,24 @@ def apply_penalties(scores: torch.Tensor, history: Sequence[int], params: Sampli
     return scores
 
 
-def apply_filters(scores: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """top-k -> top-p -> typical-p on one row `scores` [1, V] (temperature already applied)."""
-    if params.top_k != 0:
-        scores = apply_top_k(scores, params.top_k)
-    if params.top_p < 1.0:
-        scores = apply_top_p(scores, params.top_p)
-    if params.typical_p < 1.0:
-        scores = apply_typical_p(scores, params.typical_p)
+def _on_rows(scores: torch.Tensor, rows: list[int], apply, values: list) -> torch.Tensor:
+    """Run one filter as a single batched op over `rows` of `scores`, with one value per row."""
+    if len(rows) == scores.shape[0]:
+        return apply(scores, values)
+    index = torch.tensor(rows, dtype=torch.int64, device=scores.device)
+    return scores.index_copy_(0, index, apply(scores.index_select(0, index), values))
+
+
+def apply_filters(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
+    """top-k -> top-p -> typical-p on `scores` [B, V] (one params per row; temperature already
+    applied). Each filter is one batched op over the rows that use it."""
+    rows = [i for i, p in enumerate(params) if p.top_k != 0]
+    if rows:
+        scores = _on_rows(scores, rows, apply_top_k, [params[i].top_k for i in rows])
+    rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if rows:
+        scores = _on_rows(scores, rows, apply_top_p, [params[i].top_p for i in rows])
+    rows = [i for i, p in enumerate(params) if p.typical_p < 1.0]
+    if rows:
+        scores = _on_rows(scores, rows, apply_typical_p, [params[i].typical_p for i in rows])
     return scores

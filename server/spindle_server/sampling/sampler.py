@@ -75,9 +75,7 @@ def sample(
     for i in penalized:
         apply_penalties(scores[i : i + 1], histories[i], params[i])
     if warped:
-        scores = apply_temperature(scores, params)
-        for i in warped:
-            apply_filters(scores[i : i + 1], params[i])
+        scores = apply_filters(apply_temperature(scores, params), params)
 
     logprobs = torch.log_softmax(scores, dim=-1)
     next_ids = scores.argmax(dim=-1)
