@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
-
 import spindle_server.sampling.sampler as sampler_module
+import torch
 from spindle_proto import generate_pb2
 from spindle_server.sampling import SamplingParams, sample
 from spindle_server.sampling.sampler import step_seed
@@ -51,7 +50,9 @@ def test_greedy_with_penalty_is_argmax_of_the_penalized_scores() -> None:
 
 
 def _sampler_params(seed: int) -> SamplingParams:
-    return SamplingParams(do_sample=True, temperature=1.3, top_k=60, top_p=0.95, repetition_penalty=1.1, seed=seed)
+    return SamplingParams(
+        do_sample=True, temperature=1.3, top_k=60, top_p=0.95, repetition_penalty=1.1, seed=seed
+    )
 
 
 def _generate(logit_rows: list[torch.Tensor], batch_of: int, target: int, mates_seed: int) -> list[int]:
@@ -105,7 +106,10 @@ def test_resuming_at_a_step_redraws_the_same_token() -> None:
 def test_different_seeds_draw_different_tokens() -> None:
     logits = _logits(1, 1000, 4, scale=0.5)
     runs = {
-        tuple(sample(logits, [SamplingParams(do_sample=True, seed=seed)], [[]], [s], [0]).next_ids[0] for s in range(8))
+        tuple(
+            sample(logits, [SamplingParams(do_sample=True, seed=seed)], [[]], [s], [0]).next_ids[0]
+            for s in range(8)
+        )
         for seed in (0, 1, 2, 2**64 - 1)
     }
     assert len(runs) == 4
@@ -132,7 +136,9 @@ def test_sampling_follows_the_processed_distribution() -> None:
 
 def test_top_n_is_best_first_and_includes_the_greedy_choice() -> None:
     logits = _logits(3, 200, 6)
-    out = sample(logits, [GREEDY, SamplingParams(temperature=0.7, seed=1), GREEDY], [[]] * 3, [0] * 3, [5, 3, 0])
+    out = sample(
+        logits, [GREEDY, SamplingParams(temperature=0.7, seed=1), GREEDY], [[]] * 3, [0] * 3, [5, 3, 0]
+    )
     assert [len(ids) for ids in out.top_ids] == [5, 3, 0]
     for i in (0, 1):
         assert out.top_logprobs[i] == sorted(out.top_logprobs[i], reverse=True)
@@ -159,15 +165,25 @@ def test_sample_rejects_mismatched_inputs() -> None:
 
 
 def _pb(**fields) -> generate_pb2.NextTokenChooserParameters:
-    base = dict(temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0, frequency_penalty=0.0)
+    base = dict(
+        temperature=1.0, top_k=0, top_p=1.0, typical_p=1.0, repetition_penalty=1.0, frequency_penalty=0.0
+    )
     base.update(fields)
     return generate_pb2.NextTokenChooserParameters(**base)
 
 
 def test_from_proto_converts_every_field() -> None:
     p = SamplingParams.from_proto(
-        _pb(temperature=0.5, top_k=7, top_p=0.75, typical_p=0.5, do_sample=True, seed=2**64 - 1,
-            repetition_penalty=1.25, frequency_penalty=-1.5)
+        _pb(
+            temperature=0.5,
+            top_k=7,
+            top_p=0.75,
+            typical_p=0.5,
+            do_sample=True,
+            seed=2**64 - 1,
+            repetition_penalty=1.25,
+            frequency_penalty=-1.5,
+        )
     )
     assert p == SamplingParams(0.5, 7, 0.75, 0.5, True, 2**64 - 1, 1.25, -1.5)
     assert p.is_sampling

@@ -7,15 +7,6 @@ from collections import Counter
 
 import pytest
 import torch
-from transformers.generation.logits_process import (
-    LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-    TypicalLogitsWarper,
-)
-
 from spindle_server.sampling import SamplingParams, sample
 from spindle_server.sampling.logits import (
     apply_filters,
@@ -25,6 +16,14 @@ from spindle_server.sampling.logits import (
     apply_top_k,
     apply_top_p,
     apply_typical_p,
+)
+from transformers.generation.logits_process import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
 )
 
 VOCAB = 300
@@ -158,7 +157,13 @@ CHAIN_CASES = [
     SamplingParams(top_p=0.7),
     SamplingParams(typical_p=0.5),
     SamplingParams(
-        temperature=0.8, top_k=50, top_p=0.9, typical_p=0.95, repetition_penalty=1.2, frequency_penalty=-0.5, seed=7
+        temperature=0.8,
+        top_k=50,
+        top_p=0.9,
+        typical_p=0.95,
+        repetition_penalty=1.2,
+        frequency_penalty=-0.5,
+        seed=7,
     ),
 ]
 

@@ -23,7 +23,8 @@ _MASK64 = (1 << 64) - 1
 class SampleOutput:
     next_ids: list[int]
     logprobs: list[float]  # log-prob of the chosen token under the PROCESSED distribution
-    top_ids: list[list[int]]  # per row, up to top_n[row] alternatives, best first; impossible (-inf) ones omitted
+    # Per row, up to top_n[row] alternatives, best first; tokens the filters made impossible are omitted.
+    top_ids: list[list[int]]
     top_logprobs: list[list[float]]
 
 
@@ -98,4 +99,6 @@ def sample(
             kept = [j for j in range(min(n, k)) if values_l[i][j] != float("-inf")]
             top_ids[i] = [indices_l[i][j] for j in kept]
             top_logprobs[i] = [values_l[i][j] for j in kept]
-    return SampleOutput(next_ids=next_ids.tolist(), logprobs=chosen.tolist(), top_ids=top_ids, top_logprobs=top_logprobs)
+    return SampleOutput(
+        next_ids=next_ids.tolist(), logprobs=chosen.tolist(), top_ids=top_ids, top_logprobs=top_logprobs
+    )
