@@ -1,0 +1,427 @@
+"""The scheduler task: the one owner of the queue, the block accounting, the prefix cache and the shard batch.
+
+HTTP handlers call `submit` (and `RequestStream.cancel`), which only post messages; everything else runs
+in a single asyncio task, one step at a time (STYLE 4: no locks, and the batch can never disagree with
+the blocks). A step:
+
+    drain messages (new requests, cancellations)
+    plan = plan_step(running, waiting, blocks, limits)          batcher.py: tokens, chunks, blocks, preemption
+    FilterBatch  if cancelled / preempted requests are still in the shard batch
+    Prefill(new requests, cached_batch, updates)  when requests join (one mixed forward with the decodes)
+      or Decode([cached_batch], updates)           otherwise
+    generations -> events; finished requests free their blocks; full prompts enter the prefix cache
+
+On a failed shard call every request in the batch gets an ErrorEvent, the shards' batches are cleared and
+`is_healthy` turns False (until a health check passes). Waiting requests stay queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from spindle_proto import generate_pb2 as pb
+
+from spindle_router.config import SchedulerConfig
+from spindle_router.metrics import Metrics
+from spindle_router.scheduler.batcher import StepLimits, StepPlan, plan_step
+from spindle_router.scheduler.block_manager import BlockManager
+from spindle_router.scheduler.request import (
+    EndEvent,
+    ErrorEvent,
+    Event,
+    PrefillEvent,
+    ScheduledRequest,
+    Token,
+    TokenEvent,
+    ValidRequest,
+)
+from spindle_router.shards import ShardClient, ShardError
+
+log = logging.getLogger("spindle_router.scheduler")
+
+_FINISH_REASONS = {
+    pb.FINISH_REASON_LENGTH: "length",
+    pb.FINISH_REASON_EOS_TOKEN: "eos_token",
+    pb.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
+}
+
+
+class _Stream:
+    """The events of one request (implements backend.RequestStream)."""
+
+    def __init__(self, scheduler: Scheduler, request_id: int) -> None:
+        self._scheduler = scheduler
+        self.request_id = request_id
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self.is_done = False  # an EndEvent / ErrorEvent was pushed, or the client cancelled
+
+    def push(self, event: Event) -> None:
+        if self.is_done:
+            return
+        self._events.put_nowait(event)
+        self.is_done = isinstance(event, (EndEvent, ErrorEvent))
+
+    async def __aiter__(self) -> AsyncIterator[Event]:
+        while True:
+            event = await self._events.get()
+            yield event
+            if isinstance(event, (EndEvent, ErrorEvent)):
+                return
+
+    def cancel(self) -> None:
+        if self.is_done:
+            return
+        self.is_done = True
+        self._scheduler._post(_Cancel(self.request_id))
+
+
+@dataclass(frozen=True)
+class _Submit:
+    sr: ScheduledRequest
+
+
+@dataclass(frozen=True)
+class _Cancel:
+    request_id: int
+
+
+class Scheduler:
+    """Continuous batching over the shards (implements backend.Backend)."""
+
+    def __init__(
+        self, shards: ShardClient, config: SchedulerConfig, num_blocks: int, block_size: int, metrics: Metrics
+    ) -> None:
+        self.shards = shards
+        self.config = config
+        self.metrics = metrics
+        self.blocks = BlockManager(num_blocks, block_size, config.prefix_caching)
+        self.limits = StepLimits(
+            max_prefill_tokens=config.max_batch_prefill_tokens,
+            max_total_tokens=config.max_batch_total_tokens,
+            max_batch_size=config.max_batch_size,
+        )
+        self.waiting: deque[ScheduledRequest] = deque()
+        self.running: list[ScheduledRequest] = []  # admission order; == the shard batch after each step
+        self._streams: dict[int, _Stream] = {}
+        self._inbox: asyncio.Queue[_Submit | _Cancel] = asyncio.Queue()
+        self._cached: pb.CachedBatch | None = None  # the shards' batch, as they last reported it
+        self._next_request_id = 0
+        self._next_batch_id = 0
+        self._healthy = True
+        self._accepting = True
+        self._idle = asyncio.Event()  # set while no accepted request is open (stop() waits for it)
+        self._idle.set()
+        self._task: asyncio.Task[None] | None = None
+        self._hit_tokens = 0
+        self._lookup_tokens = 0
+        metrics.kv_blocks_total.set(num_blocks)
+
+    # ---- Backend ------------------------------------------------------------------------------
+    def submit(self, request: ValidRequest) -> _Stream:
+        rid = self._next_request_id
+        self._next_request_id += 1
+        stream = _Stream(self, rid)
+        capacity = self.blocks.allocator.num_usable_blocks
+        needed = self.blocks.blocks_for(request.input_length + request.stopping.max_new_tokens)
+        if not self._accepting:
+            stream.push(ErrorEvent("the server is shutting down"))
+        elif needed > capacity:  # it could never run, even alone: refuse instead of thrashing
+            stream.push(ErrorEvent(f"the request needs {needed} KV blocks, the shards hold {capacity}"))
+        else:
+            self._streams[rid] = stream
+            self._idle.clear()
+            self._post(_Submit(ScheduledRequest(id=rid, request=request, queued_at=time.monotonic())))
+            self.metrics.queue_size.inc()
+        return stream
+
+    @property
+    def is_healthy(self) -> bool:
+        return self._healthy
+
+    async def health_check(self) -> bool:
+        try:
+            await self.shards.health()
+        except ShardError as exc:
+            log.warning("health check failed: %s", exc)
+            self._healthy = False
+            return False
+        self._healthy = True
+        return True
+
+    # ---- life cycle ---------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start the scheduler task (needs a running event loop)."""
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="spindle-scheduler")
+
+    async def stop(self, drain_timeout_s: float) -> None:
+        """Refuse new requests; let queued and running ones finish for `drain_timeout_s`, then fail the rest."""
+        self._accepting = False
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout=drain_timeout_s)
+        except TimeoutError:
+            log.warning("%d request(s) still open after %.1fs: failing them", len(self._streams), drain_timeout_s)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+            self._task = None
+        if self.running or self.waiting:
+            self._fail(self.running + list(self.waiting), "the server is shutting down")
+            self.waiting.clear()
+            try:
+                await self.shards.clear_cache()
+            except ShardError:
+                pass
+        self._update_gauges()
+
+    def _post(self, message: _Submit | _Cancel) -> None:
+        self._inbox.put_nowait(message)
+
+    # ---- the task -------------------------------------------------------------------------------
+    async def _run(self) -> None:
+        while True:
+            if not self.running and not self.waiting:
+                self._handle(await self._inbox.get())
+            while not self._inbox.empty():
+                self._handle(self._inbox.get_nowait())
+            if not self.running and not self.waiting:
+                continue
+            plan = plan_step(self.running, self.waiting, self.blocks, self.limits)
+            self._note_plan(plan)
+            try:
+                await self._sync_shard_batch()
+                if not plan.is_empty:
+                    await self._step(plan)
+            except ShardError as exc:
+                log.error("shard call failed: %s", exc)
+                self._healthy = False
+                self._fail(list(self.running), str(exc))
+                self._cached = None
+                try:
+                    await self.shards.clear_cache()
+                except ShardError:
+                    pass
+            self._update_gauges()
+            if plan.is_empty and not self.running and self.waiting:
+                self._handle(await self._inbox.get())  # nothing could be admitted: wait for news
+
+    def _handle(self, message: _Submit | _Cancel) -> None:
+        if isinstance(message, _Submit):
+            self.waiting.append(message.sr)
+            return
+        for sr in self.waiting:
+            if sr.id == message.request_id:
+                self.waiting.remove(sr)
+                self._forget(sr)
+                return
+        for sr in self.running:
+            if sr.id == message.request_id:
+                self.running.remove(sr)  # its blocks free now; the shard batch is filtered before the next step
+                self._forget(sr)
+                return
+
+    def _forget(self, sr: ScheduledRequest) -> None:
+        self.blocks.release(sr)
+        self._streams.pop(sr.id, None)
+        if not self._streams:
+            self._idle.set()  # every accepted request has ended
+
+    async def _sync_shard_batch(self) -> None:
+        """FilterBatch out the requests the shards hold that left `running` (cancelled or preempted)."""
+        if self._cached is None:
+            return
+        planned = {sr.id for sr in self.running}
+        keep = [i for i in self._cached.request_ids if i in planned]
+        if len(keep) == len(self._cached.request_ids):
+            return
+        start = time.perf_counter()
+        self._cached = await self._timed("filter", self.shards.filter_batch(self._cached.id, keep))
+        self.metrics.batch_filter_duration.labels(method="filter").observe(time.perf_counter() - start)
+
+    async def _step(self, plan: StepPlan) -> None:
+        updates = [u for u in (self._update(sr, plan.new_blocks.get(sr.id, [])) for sr in plan.running) if u]
+        if plan.admitted:
+            now = time.monotonic()
+            for sr in plan.admitted:
+                sr.started_at = sr.started_at if sr.started_at is not None else now
+            batch = pb.Batch(id=self._next_batch_id, requests=[self._request(sr) for sr in plan.admitted])
+            self._next_batch_id += 1
+            if self._cached is not None:
+                self.metrics.batch_concat.labels(reason="chunking").inc()
+            self.metrics.batch_next_size.observe(len(plan.admitted))
+            method = "prefill"
+            response = await self._timed(method, self.shards.prefill(batch, self._cached, updates))
+        else:
+            assert self._cached is not None, "running requests without a shard batch"
+            method = "decode"
+            response = await self._timed(method, self.shards.decode([self._cached], updates))
+        self._observe(method, response)
+        self._absorb(plan, response)
+
+    def _request(self, sr: ScheduledRequest) -> pb.Request:
+        """A new request, sent whole once (STYLE 8)."""
+        r = sr.request
+        s, st = r.sampling, r.stopping
+        msg = pb.Request(
+            id=sr.id,
+            input_ids=list(r.input_ids),
+            parameters=pb.NextTokenChooserParameters(
+                temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, typical_p=s.typical_p,
+                do_sample=s.do_sample, seed=s.seed, repetition_penalty=s.repetition_penalty,
+                frequency_penalty=s.frequency_penalty,
+            ),
+            stopping_parameters=pb.StoppingCriteriaParameters(
+                max_new_tokens=st.max_new_tokens, stop_sequences=list(st.stop_sequences),
+                ignore_eos_token=st.ignore_eos_token,
+            ),
+            prefill_logprobs=r.prefill_logprobs,
+            top_n_tokens=r.top_n_tokens,
+            blocks=list(sr.blocks),
+            cache_len=sr.cached_tokens,
+            generated_ids=list(sr.generated_ids),
+        )
+        chunk = _chunk_len(sr)
+        if chunk is not None:
+            msg.chunk_len = chunk
+        sr.chunk_len_sent = chunk
+        return msg
+
+    def _update(self, sr: ScheduledRequest, new_blocks: list[int]) -> pb.RequestUpdate | None:
+        """Only what changed: appended blocks, and the next chunk when it differs from what the shard holds."""
+        chunk = _chunk_len(sr)
+        if not new_blocks and chunk == sr.chunk_len_sent:
+            return None
+        update = pb.RequestUpdate(request_id=sr.id, blocks=new_blocks)
+        if chunk is not None:
+            update.chunk_len = chunk
+        sr.chunk_len_sent = chunk
+        return update
+
+    def _absorb(self, plan: StepPlan, response: pb.PrefillResponse | pb.DecodeResponse) -> None:
+        """Check the answer against the plan, then advance counters and send events."""
+        stepped = plan.running + plan.admitted
+        generations = {g.request_id: g for g in response.generations}
+        for sr in stepped:
+            completes = sr.computed_tokens + sr.scheduled_tokens == sr.context_len
+            if completes != (sr.id in generations):
+                raise ShardError(f"Server error: request {sr.id} {'got no' if completes else 'got a'} token this step")
+        if len(generations) != sum(sr.id in generations for sr in stepped):
+            raise ShardError("Server error: a generation for a request that was not in the step")
+        finished = {i for i, g in generations.items() if g.HasField("generated_text")}
+        expected = {sr.id for sr in stepped} - finished
+        held = set(response.batch.request_ids) if response.HasField("batch") else set()
+        if held != expected:
+            raise ShardError(f"Server error: the shards hold requests {sorted(held)}, expected {sorted(expected)}")
+        self._cached = response.batch if response.HasField("batch") else None
+        for sr in stepped:
+            sr.computed_tokens += sr.scheduled_tokens
+            sr.scheduled_tokens = 0
+            self.blocks.cache_prompt(sr)
+            gen = generations.get(sr.id)
+            if gen is not None:
+                self._emit(sr, gen)
+        for sr in [sr for sr in stepped if sr.id in finished]:
+            self.running.remove(sr)
+            self._forget(sr)
+
+    def _emit(self, sr: ScheduledRequest, gen: pb.Generation) -> None:
+        stream = self._streams.get(sr.id)
+        token = _tokens(gen.tokens)[0]
+        sr.generated_ids.append(token.id)
+        if stream is None:
+            return
+        if gen.HasField("prefill_tokens") and gen.prefill_tokens.ids and not sr.prefill_event_sent:
+            sr.prefill_event_sent = True
+            stream.push(PrefillEvent(_tokens(gen.prefill_tokens)))
+        top = _tokens(gen.top_tokens[0]) if gen.top_tokens else []
+        if not gen.HasField("generated_text"):
+            stream.push(TokenEvent(token=token, top_tokens=top))
+            return
+        done = gen.generated_text
+        stream.push(EndEvent(
+            token=token, top_tokens=top, generated_text=done.text,
+            finish_reason=_FINISH_REASONS.get(done.finish_reason, "length"),
+            generated_tokens=done.generated_tokens, seed=done.seed if done.HasField("seed") else None,
+            queued_at=sr.queued_at, started_at=sr.started_at if sr.started_at is not None else sr.queued_at,
+        ))
+
+    def _fail(self, requests: list[ScheduledRequest], message: str) -> None:
+        for sr in requests:
+            stream = self._streams.get(sr.id)
+            if stream is not None:
+                stream.push(ErrorEvent(message))
+            if sr in self.running:
+                self.running.remove(sr)
+            self._forget(sr)
+
+    # ---- metrics --------------------------------------------------------------------------------
+    async def _timed(self, method: str, call):  # type: ignore[no-untyped-def]
+        self.metrics.batch_inference_count.labels(method=method).inc()
+        try:
+            result = await call
+        except ShardError:
+            self.metrics.batch_inference_failure.labels(method=method).inc()
+            raise
+        self.metrics.batch_inference_success.labels(method=method).inc()
+        return result
+
+    def _observe(self, method: str, response: pb.PrefillResponse | pb.DecodeResponse) -> None:
+        m = self.metrics
+        m.batch_forward_duration.labels(method=method).observe(response.forward_ns / 1e9)
+        m.batch_decode_duration.labels(method=method).observe(response.decode_ns / 1e9)
+        m.batch_inference_duration.labels(method=method).observe(response.total_ns / 1e9)
+        if response.concat_ns:
+            m.batch_concat_duration.labels(method=method).observe(response.concat_ns / 1e9)
+
+    def _note_plan(self, plan: StepPlan) -> None:
+        m = self.metrics
+        if plan.preempted:
+            m.preemptions.inc(len(plan.preempted))
+            log.info("preempted %d request(s) for KV blocks: %s", len(plan.preempted), [s.id for s in plan.preempted])
+        if self.blocks.cache is not None:
+            for sr in plan.admitted:
+                self._hit_tokens += sr.cached_tokens
+                self._lookup_tokens += sr.prompt_len
+                m.prefix_cache_hit_tokens.inc(sr.cached_tokens)
+                m.prefix_cache_prompt_tokens.inc(sr.prompt_len)
+            if self._lookup_tokens:
+                m.prefix_cache_hit_ratio.set(self._hit_tokens / self._lookup_tokens)
+        self._update_gauges()
+
+    def _update_gauges(self) -> None:
+        m = self.metrics
+        m.queue_size.set(len(self.waiting))
+        m.batch_current_size.set(len(self.running))
+        m.batch_current_max_tokens.set(self._cached.max_tokens if self._cached is not None else 0)
+        m.kv_blocks_used.set(self.blocks.num_request_blocks(self.running))
+        m.prefix_cache_blocks.set(self.blocks.num_cached_blocks)
+
+    def check_integrity(self) -> None:
+        """Block accounting of every live request (tests call this between steps)."""
+        self.blocks.check_integrity(self.running + list(self.waiting))
+
+
+def _chunk_len(sr: ScheduledRequest) -> int | None:
+    """The chunk to send: None when the step computes everything the request has left."""
+    return None if sr.scheduled_tokens >= sr.remaining_tokens else sr.scheduled_tokens
+
+
+def _tokens(t: pb.Tokens) -> list[Token]:
+    return [
+        Token(
+            id=t.ids[i],
+            text=t.texts[i] if i < len(t.texts) else "",
+            logprob=None if i >= len(t.logprobs) or math.isnan(t.logprobs[i]) else t.logprobs[i],
+            special=t.is_special[i] if i < len(t.is_special) else False,
+        )
+        for i in range(len(t.ids))
+    ]

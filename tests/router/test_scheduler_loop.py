@@ -1,0 +1,223 @@
+"""Scheduler + ShardClient + a real `spindle-server serve` process on a tiny model.
+
+The KV cache is made tiny so that requests must wait for blocks, get preempted and resumed, and evict
+prefix-cache blocks; chunked prefill is forced by a small token budget. Greedy outputs must still equal
+transformers token for token, and every block must come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import pytest
+from spindle_router.config import SchedulerConfig
+from spindle_router.metrics import Metrics
+from spindle_router.scheduler.loop import Scheduler
+from spindle_router.scheduler.request import (
+    EndEvent,
+    ErrorEvent,
+    SamplingParams,
+    StoppingParams,
+    TokenEvent,
+    ValidRequest,
+)
+from spindle_router.shards import ShardClient
+
+from tests.helpers.tiny_model import TinyModelSpec, load_reference, make_tiny_model
+from tests.server.shard_harness import ShardGroup
+from tests.server.test_shard_greedy import reference_greedy
+
+pytestmark = pytest.mark.slow
+
+BLOCK = 16
+BYTES_PER_BLOCK = 2 * 2 * BLOCK * 2 * 16 * 4  # layers x (K, V) x block x kv heads x head dim x float32
+NUM_BLOCKS = 12  # 11 usable: 176 KV tokens for requests that want up to ~50 each
+
+
+class Shard:
+    def __init__(self, tmp) -> None:
+        self.path = make_tiny_model(tmp / "llama", TinyModelSpec(arch="llama", seed=21))
+        self.reference, _ = load_reference(self.path)
+        self.group = ShardGroup(self.path, kv_cache_bytes=NUM_BLOCKS * BYTES_PER_BLOCK)
+        self.uds = [f"{self.group.prefix}-0"]
+        self._refs: dict[tuple[int, ...], list[int]] = {}
+
+    def ref(self, prompt: tuple[int, ...], n: int) -> list[int]:
+        if (*prompt, -n) not in self._refs:
+            self._refs[(*prompt, -n)] = reference_greedy(self.reference, list(prompt), n)
+        return self._refs[(*prompt, -n)]
+
+
+@pytest.fixture(scope="module")
+def shard(tmp_path_factory):
+    s = Shard(tmp_path_factory.mktemp("sched"))
+    yield s
+    s.group.close()
+
+
+def greedy(prompt: list[int], max_new: int) -> ValidRequest:
+    return ValidRequest(
+        input_ids=tuple(prompt), sampling=SamplingParams(),
+        stopping=StoppingParams(max_new_tokens=max_new, ignore_eos_token=True),
+    )
+
+
+def prompt(n: int, seed: int, stem: list[int] | None = None) -> list[int]:
+    body = [(11 * i + 29 * seed) % 480 + 3 for i in range(n)]
+    return ([1] + (stem or []) + body)[:n] if stem is None else ([1] + stem + body)[:n]
+
+
+async def started(shard: Shard, config: SchedulerConfig) -> tuple[Scheduler, ShardClient, Metrics]:
+    client = await ShardClient.connect(shard.uds, timeout_s=60)
+    await client.clear_cache()
+    num_blocks = await client.warmup(max_input_tokens=48, max_prefill_tokens=config.max_batch_prefill_tokens,
+                                     max_total_tokens=64, max_batch_size=0)
+    assert num_blocks == NUM_BLOCKS
+    info = await client.info()
+    metrics = Metrics()
+    scheduler = Scheduler(client, config, num_blocks, info.block_size, metrics)
+    scheduler.start()
+    return scheduler, client, metrics
+
+
+async def collect(stream) -> tuple[list[int], object]:
+    tokens, last = [], None
+    async for event in stream:
+        if isinstance(event, (TokenEvent, EndEvent)):
+            tokens.append(event.token.id)
+        last = event
+    return tokens, last
+
+
+async def wait_idle(scheduler: Scheduler) -> None:
+    for _ in range(200):
+        if not scheduler.running and not scheduler.waiting and scheduler._inbox.empty():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("scheduler did not go idle")
+
+
+def test_concurrent_requests_under_kv_pressure_equal_the_reference(shard: Shard) -> None:
+    stem = [(5 * i) % 400 + 7 for i in range(40)]  # shared by several prompts: prefix-cache hits
+    cases = [
+        (prompt(37, 0, stem), 14), (prompt(45, 1, stem), 10), (prompt(5, 2), 16), (prompt(33, 3), 12),
+        (prompt(44, 4, stem), 12), (prompt(17, 5), 20), (prompt(2, 6), 9), (prompt(48, 7, stem), 15),
+    ]
+    expected = [shard.ref(tuple(p), n) for p, n in cases]
+
+    async def main():
+        config = SchedulerConfig(max_batch_prefill_tokens=32, max_batch_total_tokens=None, prefix_caching=True)
+        scheduler, client, metrics = await started(shard, config)
+        evict = scheduler.blocks.cache.evict
+
+        def counting_evict(num_blocks: int) -> int:
+            freed = evict(num_blocks)
+            evicted.append(freed)
+            return freed
+
+        scheduler.blocks.cache.evict = counting_evict
+        try:
+            streams = []
+            for p, n in cases:
+                streams.append(scheduler.submit(greedy(p, n)))
+                await asyncio.sleep(0)  # arrivals spread over the first steps
+            results = await asyncio.gather(*(collect(s) for s in streams))
+            # Second round: the stem is cached now (unless evicted), and the same answers come back.
+            again = await asyncio.gather(*(collect(scheduler.submit(greedy(p, n))) for p, n in cases[:4]))
+            await wait_idle(scheduler)
+            scheduler.check_integrity()
+            return results, again, metrics
+        finally:
+            await scheduler.stop(drain_timeout_s=5)
+            await client.close()
+
+    evicted: list[int] = []
+    results, again, metrics = asyncio.run(main())
+    assert sum(evicted) > 0, "the prefix cache was meant to be evicted for room"
+    for (tokens, end), want in zip(results, expected):
+        assert isinstance(end, EndEvent), end
+        assert tokens == want
+        assert end.generated_tokens == len(want) and end.finish_reason == "length"
+    for (tokens, end), want in zip(again, expected[:4]):
+        assert isinstance(end, EndEvent) and tokens == want
+    value = metrics.registry.get_sample_value
+    assert value("spindle_preemptions_total") > 0, "the KV cache was meant to be too small for everyone"
+    assert value("spindle_prefix_cache_hit_tokens_total") > 0
+    assert value("spindle_kv_blocks_used") == 0
+    assert value("tgi_batch_current_size") == 0 and value("tgi_queue_size") == 0
+    assert value("tgi_batch_concat_total", {"reason": "chunking"}) > 0
+    assert value("tgi_batch_inference_success_total", {"method": "decode"}) > 0
+    assert value("spindle_kv_blocks_total") == NUM_BLOCKS
+
+
+def test_cancel_frees_blocks_at_once_and_others_continue(shard: Shard) -> None:
+    long_prompt, other_prompt = prompt(30, 11), prompt(20, 12)
+
+    async def main():
+        scheduler, client, metrics = await started(shard, SchedulerConfig(max_batch_prefill_tokens=64,
+                                                                          prefix_caching=False))
+        try:
+            doomed = scheduler.submit(greedy(long_prompt, 40))
+            other = scheduler.submit(greedy(other_prompt, 12))
+            seen = 0
+            async for event in doomed:
+                seen += 1
+                if seen == 3:
+                    doomed.cancel()
+                    break
+            doomed.cancel()  # twice is harmless
+            result = await collect(other)
+            await wait_idle(scheduler)
+            scheduler.check_integrity()
+            return result, metrics, scheduler
+        finally:
+            await scheduler.stop(drain_timeout_s=5)
+            await client.close()
+
+    (tokens, end), metrics, scheduler = asyncio.run(main())
+    assert isinstance(end, EndEvent) and tokens == shard.ref(tuple(other_prompt), 12)
+    assert metrics.registry.get_sample_value("spindle_kv_blocks_used") == 0
+    assert metrics.registry.get_sample_value("tgi_batch_inference_success_total", {"method": "filter"}) >= 1
+    assert scheduler.blocks.allocator.num_free_blocks == NUM_BLOCKS - 1
+
+
+def test_shard_failure_errors_every_running_request_and_marks_unhealthy(shard: Shard) -> None:
+    async def main():
+        scheduler, client, _ = await started(shard, SchedulerConfig(max_batch_prefill_tokens=64))
+        streams = [scheduler.submit(greedy(prompt(10 + k, 20 + k), 30)) for k in range(3)]
+        first = await streams[0].__aiter__().__anext__()
+        assert isinstance(first, TokenEvent)
+        await client.close()  # every later call fails as if the shard had gone
+        ends = [(await collect(s))[1] for s in streams]
+        healthy_before = scheduler.is_healthy
+        health = await scheduler.health_check()
+        await scheduler.stop(drain_timeout_s=1)
+        scheduler.check_integrity()
+        return ends, healthy_before, health, scheduler
+
+    ends, healthy_before, health, scheduler = asyncio.run(main())
+    assert all(isinstance(e, ErrorEvent) and "shard" in e.message for e in ends), ends
+    assert not healthy_before and not health
+    assert scheduler.blocks.num_request_blocks(scheduler.running) == 0
+    shard.group.call("ClearCache", __import__("spindle_proto.generate_pb2").generate_pb2.ClearCacheRequest())
+
+
+def test_stop_drains_then_refuses_and_oversized_requests_are_refused(shard: Shard) -> None:
+    async def main():
+        scheduler, client, _ = await started(shard, SchedulerConfig(max_batch_prefill_tokens=64))
+        try:
+            too_big = await collect(scheduler.submit(greedy(prompt(40, 30), NUM_BLOCKS * BLOCK)))
+            running = scheduler.submit(greedy(prompt(12, 31), 6))
+            await scheduler.stop(drain_timeout_s=60)  # waits for it
+            done = await collect(running)
+            refused = await collect(scheduler.submit(greedy(prompt(12, 31), 6)))
+            return too_big, done, refused
+        finally:
+            await client.close()
+
+    too_big, done, refused = asyncio.run(main())
+    assert isinstance(too_big[1], ErrorEvent) and "KV blocks" in too_big[1].message
+    assert isinstance(done[1], EndEvent) and done[0] == shard.ref(tuple(prompt(12, 31)), 6)
+    assert isinstance(refused[1], ErrorEvent) and "shutting down" in refused[1].message
+    assert math.isfinite(done[1].started_at - done[1].queued_at)
