@@ -7,6 +7,8 @@ TORCH_PIN := torch==2.13.0
 HOST ?= 127.0.0.1
 PORT ?= 8080
 DEMO_MODEL := models/demo
+# CPU KV cache for `make run` (the shard's own default is min(25% of RAM, 4 GiB)); 256 MiB holds 65k tokens of the demo model.
+KV_CACHE_BYTES ?= 268435456
 PYTEST_ARGS ?=
 
 .PHONY: install run test test-fast lint proto bench bench-gpu demo-model clean
@@ -22,7 +24,7 @@ $(STAMP): proto/pyproject.toml kernels/pyproject.toml server/pyproject.toml rout
 install: $(STAMP)
 
 run: install
-	$(VENV)/bin/spindle-launcher --model-id $(DEMO_MODEL) --hostname $(HOST) --port $(PORT)
+	$(VENV)/bin/spindle-launcher --model-id $(DEMO_MODEL) --hostname $(HOST) --port $(PORT) --kv-cache-bytes $(KV_CACHE_BYTES)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

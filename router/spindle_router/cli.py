@@ -224,6 +224,7 @@ def router_argv(config: RouterConfig, drain_timeout_s: float) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     from spindle_router.logging import setup_logging
     from spindle_router.server import ConfigError, serve
+    from spindle_router.shards import ShardError
 
     parser = build_parser()
     ns = parser.parse_args(argv)
@@ -234,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(str(e))
     try:
         asyncio.run(serve(config, drain_timeout_s=ns.graceful_termination_timeout))
-    except ConfigError as e:
+    except (ConfigError, ShardError) as e:
         log.error("%s", e)
         return 1
     except KeyboardInterrupt:

@@ -54,6 +54,10 @@ POLL_S = 0.1
 WAIT_LOG_EVERY_S = 10.0
 TAIL_LINES = 20
 FAILURE_GRACE_S = 10.0  # a peer of a dead shard may hang in a collective: do not wait the full grace on it
+# After a shard dies the router keeps answering for a moment, /health with 503, so load balancers and
+# readiness probes see the failure as such (not only as a refused connection) and open streams get their
+# error event before the router goes away.
+SHARD_LOSS_LINGER_S = 3.0
 _LEVEL_RE = re.compile(r"\b(DEBUG|INFO|WARNING|WARN|ERROR|CRITICAL)\b")
 _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARNING, "WARN": logging.WARNING,
            "ERROR": logging.ERROR, "CRITICAL": logging.CRITICAL}
@@ -157,8 +161,9 @@ def _parent_death_signal() -> None:
 class Child:
     """One supervised process in its own process group, its output re-logged line by line."""
 
-    def __init__(self, name: str, argv: list[str], env: dict[str, str], rank: int | None, capture: bool) -> None:
-        self.name, self.rank = name, rank
+    def __init__(self, name: str, argv: list[str], env: dict[str, str], rank: int | None, capture: bool,
+                 json_output: bool = False) -> None:
+        self.name, self.rank, self.json_output = name, rank, json_output
         self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
         self.proc = subprocess.Popen(
             argv,
@@ -184,8 +189,10 @@ class Child:
             self.tail.append(line)
             m = _LEVEL_RE.search(line)
             level = _LEVELS[m.group(1)] if m else logging.INFO
-            msg = line if line.startswith(prefix) else f"{prefix} {line}"
-            shard_log.log(level, "%s", msg, extra={"rank": self.rank})
+            if self.json_output:  # the rank as a field of its own
+                shard_log.log(level, "%s", line, extra={"rank": self.rank})
+            else:
+                shard_log.log(level, "%s", line if line.startswith(prefix) else f"{prefix} {line}")
 
     @property
     def pid(self) -> int:
@@ -270,7 +277,8 @@ class Launcher:
             if os.path.exists(path):
                 log.info("removing stale socket %s", path)
                 os.unlink(path)
-            child = Child(f"shard {rank}", self._shard_argv(), self._shard_env(rank), rank, capture=True)
+            child = Child(f"shard {rank}", self._shard_argv(), self._shard_env(rank), rank, capture=True,
+                          json_output=self.config.router.telemetry.json_output)
             log.info("shard %d started (pid %d)", rank, child.pid)
             self.shards.append(child)
 
@@ -320,6 +328,7 @@ class Launcher:
                     log.error("shard %d died (%s); its last output:\n%s",
                               rank, child.describe_exit(), child.last_lines())
                     self.router.signal(signal.SIGUSR1)  # /health 503 now; open streams get an error
+                    self.stop_requested.wait(SHARD_LOSS_LINGER_S)
                     self.teardown(FAILURE_GRACE_S)
                     return 1
             if self.router.poll() is not None:
