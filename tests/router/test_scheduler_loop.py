@@ -11,6 +11,7 @@ import asyncio
 import math
 
 import pytest
+from spindle_proto import generate_pb2 as pb
 from spindle_router.config import SchedulerConfig
 from spindle_router.metrics import Metrics
 from spindle_router.scheduler.loop import Scheduler
@@ -64,8 +65,9 @@ def greedy(prompt: list[int], max_new: int) -> ValidRequest:
 
 
 def prompt(n: int, seed: int, stem: list[int] | None = None) -> list[int]:
+    """n token ids: BOS, then `stem` (shared with other prompts), then ids depending on `seed`."""
     body = [(11 * i + 29 * seed) % 480 + 3 for i in range(n)]
-    return ([1] + (stem or []) + body)[:n] if stem is None else ([1] + stem + body)[:n]
+    return ([1] + (stem or []) + body)[:n]
 
 
 async def started(shard: Shard, config: SchedulerConfig) -> tuple[Scheduler, ShardClient, Metrics]:
@@ -161,7 +163,7 @@ def test_cancel_frees_blocks_at_once_and_others_continue(shard: Shard) -> None:
             doomed = scheduler.submit(greedy(long_prompt, 40))
             other = scheduler.submit(greedy(other_prompt, 12))
             seen = 0
-            async for event in doomed:
+            async for _event in doomed:
                 seen += 1
                 if seen == 3:
                     doomed.cancel()
@@ -200,7 +202,7 @@ def test_shard_failure_errors_every_running_request_and_marks_unhealthy(shard: S
     assert all(isinstance(e, ErrorEvent) and "shard" in e.message for e in ends), ends
     assert not healthy_before and not health
     assert scheduler.blocks.num_request_blocks(scheduler.running) == 0
-    shard.group.call("ClearCache", __import__("spindle_proto.generate_pb2").generate_pb2.ClearCacheRequest())
+    shard.group.call("ClearCache", pb.ClearCacheRequest())  # the batch the closed client left behind
 
 
 def test_stop_drains_then_refuses_and_oversized_requests_are_refused(shard: Shard) -> None:

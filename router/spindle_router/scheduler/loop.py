@@ -165,7 +165,7 @@ class Scheduler:
         self._accepting = False
         try:
             await asyncio.wait_for(self._idle.wait(), timeout=drain_timeout_s)
-        except TimeoutError:
+        except asyncio.TimeoutError:
             log.warning("%d request(s) still open after %.1fs: failing them", len(self._streams), drain_timeout_s)
         if self._task is not None:
             self._task.cancel()

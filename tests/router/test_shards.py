@@ -1,0 +1,103 @@
+"""ShardClient over real `spindle-server serve` processes: one call to every rank, errors as ShardError."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from spindle_proto import generate_pb2 as pb
+
+from spindle_router.config import SchedulerConfig
+from spindle_router.metrics import Metrics
+from spindle_router.scheduler.loop import Scheduler
+from spindle_router.scheduler.request import EndEvent, SamplingParams, StoppingParams, TokenEvent, ValidRequest
+from spindle_router.shards import ShardClient, ShardError
+from tests.helpers.tiny_model import TinyModelSpec, load_reference, make_tiny_model
+from tests.server.shard_harness import ShardGroup
+from tests.server.test_shard_greedy import reference_greedy
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory):
+    path = make_tiny_model(tmp_path_factory.mktemp("shards") / "qwen2", TinyModelSpec(arch="qwen2", seed=5))
+    group = ShardGroup(path, world_size=2)
+    yield path, [f"{group.prefix}-{r}" for r in range(2)]
+    group.close()
+
+
+def test_connect_to_a_missing_socket_times_out_with_a_clear_error(tmp_path) -> None:
+    async def main():
+        with pytest.raises(ShardError, match="Could not connect to shard .*missing-0"):
+            await ShardClient.connect([str(tmp_path / "missing-0")], timeout_s=0.5)
+
+    asyncio.run(main())
+
+
+def test_info_warmup_and_bad_calls_on_every_rank(two_ranks) -> None:
+    _, uds = two_ranks
+
+    async def main():
+        client = await ShardClient.connect(uds, timeout_s=60)
+        try:
+            assert client.world_size == 2
+            info = await client.info()
+            assert (info.model_type, info.world_size, info.dtype, info.device_type) == ("qwen2", 2, "float32", "cpu")
+            assert info.block_size == 16 and info.support_chunking and info.eos_token_ids
+            num_blocks = await client.warmup(max_input_tokens=63, max_prefill_tokens=64, max_total_tokens=64)
+            assert num_blocks >= 4
+            await client.health()
+            with pytest.raises(ShardError, match=r"^Server error: .*(7|not found)"):
+                await client.decode([pb.CachedBatch(id=7)])
+            with pytest.raises(ShardError, match=r"^Server error: .*block"):
+                await client.prefill(pb.Batch(id=1, requests=[pb.Request(
+                    id=1, input_ids=[1, 2, 3], stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=2),
+                    parameters=pb.NextTokenChooserParameters(temperature=1, top_p=1, typical_p=1,
+                                                             repetition_penalty=1),
+                    blocks=[num_blocks + 5])]))
+            # A good prefill on both ranks, then FilterBatch to nothing: the batch is gone everywhere.
+            params = pb.NextTokenChooserParameters(temperature=1, top_p=1, typical_p=1, repetition_penalty=1)
+            response = await client.prefill(pb.Batch(id=2, requests=[pb.Request(
+                id=3, input_ids=[1, 5, 9], parameters=params, blocks=[1],
+                stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=5))]))
+            assert [g.request_id for g in response.generations] == [3] and response.batch.id == 2
+            assert await client.filter_batch(2, []) is None
+            with pytest.raises(ShardError, match="^Server error"):
+                await client.decode([response.batch])
+            await client.clear_cache()
+            await client.clear_cache(99)
+        finally:
+            await client.close()
+        with pytest.raises(ShardError, match="closed"):
+            await client.health()
+
+    asyncio.run(main())
+
+
+def test_scheduler_over_two_ranks_equals_the_reference(two_ranks) -> None:
+    path, uds = two_ranks
+    model, _ = load_reference(path)
+    prompts = [[1] + [(13 * i + k) % 400 + 3 for i in range(n)] for k, n in enumerate((5, 40, 21))]
+
+    async def main():
+        client = await ShardClient.connect(uds, timeout_s=60)
+        num_blocks = await client.warmup(max_input_tokens=63, max_prefill_tokens=24, max_total_tokens=64)
+        scheduler = Scheduler(client, SchedulerConfig(max_batch_prefill_tokens=24), num_blocks, 16, Metrics())
+        scheduler.start()
+        try:
+            streams = [scheduler.submit(ValidRequest(
+                input_ids=tuple(p), sampling=SamplingParams(),
+                stopping=StoppingParams(max_new_tokens=6, ignore_eos_token=True))) for p in prompts]
+            out = []
+            for s in streams:
+                events = [e async for e in s]
+                assert isinstance(events[-1], EndEvent)
+                out.append([e.token.id for e in events if isinstance(e, (TokenEvent, EndEvent))])
+            return out
+        finally:
+            await scheduler.stop(drain_timeout_s=5)
+            await client.close()
+
+    got = asyncio.run(main())
+    assert got == [reference_greedy(model, p, 6) for p in prompts]
