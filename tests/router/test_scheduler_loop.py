@@ -18,6 +18,7 @@ from spindle_router.scheduler.loop import Scheduler
 from spindle_router.scheduler.request import (
     EndEvent,
     ErrorEvent,
+    PrefillEvent,
     SamplingParams,
     StoppingParams,
     TokenEvent,
@@ -223,3 +224,45 @@ def test_stop_drains_then_refuses_and_oversized_requests_are_refused(shard: Shar
     assert isinstance(done[1], EndEvent) and done[0] == shard.ref(tuple(prompt(12, 31)), 6)
     assert isinstance(refused[1], ErrorEvent) and "shutting down" in refused[1].message
     assert math.isfinite(done[1].started_at - done[1].queued_at)
+
+
+def test_seeded_sampling_survives_preemption_and_details_are_mapped(shard: Shard) -> None:
+    """Sampled requests preempted and resumed stream exactly the tokens they stream alone (the shard
+    replays generated_ids into the sampler's step); prompt log-probs and top tokens reach the events."""
+    cases = [(prompt(30 + 3 * k, 40 + k), 18) for k in range(6)]
+
+    def sampled(p: list[int], n: int) -> ValidRequest:
+        return ValidRequest(
+            input_ids=tuple(p), sampling=SamplingParams(do_sample=True, temperature=0.8, top_k=20, seed=1234),
+            stopping=StoppingParams(max_new_tokens=n, ignore_eos_token=True), top_n_tokens=2,
+            prefill_logprobs=True,
+        )
+
+    async def main():
+        scheduler, client, metrics = await started(shard, SchedulerConfig(max_batch_prefill_tokens=32))
+        try:
+            alone = [await collect_events(scheduler.submit(sampled(p, n))) for p, n in cases]  # one at a time
+            assert metrics.registry.get_sample_value("spindle_preemptions_total") == 0
+            together = await asyncio.gather(*(collect_events(scheduler.submit(sampled(p, n))) for p, n in cases))
+            await wait_idle(scheduler)
+            scheduler.check_integrity()
+            return alone, together, metrics
+        finally:
+            await scheduler.stop(drain_timeout_s=5)
+            await client.close()
+
+    alone, together, metrics = asyncio.run(main())
+    assert metrics.registry.get_sample_value("spindle_preemptions_total") > 0
+    for (p, n), a, t in zip(cases, alone, together):
+        ids = [e.token.id for e in a if isinstance(e, (TokenEvent, EndEvent))]
+        assert len(ids) == n and ids == [e.token.id for e in t if isinstance(e, (TokenEvent, EndEvent))]
+        assert isinstance(a[-1], EndEvent) and a[-1].seed == 1234
+        prefill = [e for e in t if isinstance(e, PrefillEvent)]
+        assert len(prefill) == 1 and t[0] is prefill[0]  # once, first, even for a request that was resumed
+        assert [tok.id for tok in prefill[0].tokens] == p and prefill[0].tokens[0].logprob is None
+        assert all(tok.logprob is not None and tok.logprob <= 0 for tok in prefill[0].tokens[1:])
+        assert all(len(e.top_tokens) == 2 for e in t[1:])
+
+
+async def collect_events(stream) -> list:
+    return [e async for e in stream]

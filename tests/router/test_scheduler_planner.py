@@ -74,8 +74,8 @@ def test_batch_size_and_capacity_budgets_stop_admission_in_order() -> None:
     assert [s.id for s in plan.admitted] == [0, 1]
     running2: list[ScheduledRequest] = []
     waiting2 = deque([req(i, 4, max_new=4) for i in range(5)])
-    plan = plan_step(running2, waiting2, BlockManager(64, BS), StepLimits(100, max_total_tokens=20))
-    assert [s.id for s in plan.admitted] == [0, 1]  # 8 + 8 <= 20 < 24
+    plan = plan_step(running2, waiting2, BlockManager(64, BS), StepLimits(100, max_total_tokens=10))
+    assert [s.id for s in plan.admitted] == [0, 1]  # held 4 + prompt 4 <= 10 < held 8 + prompt 4
     # A request larger than the capacity budget still runs alone (or it never would).
     plan = plan_step([], deque([req(9, 30, max_new=4)]), BlockManager(64, BS), StepLimits(100, max_total_tokens=20))
     assert [s.id for s in plan.admitted] == [9]
@@ -164,8 +164,9 @@ def test_randomized_budgets_fifo_and_accounting(seed: int) -> None:
         assert plan.num_tokens <= limits.max_prefill_tokens
         if limits.max_batch_size:
             assert len(running) <= limits.max_batch_size
-        if limits.max_total_tokens and len(running) > 1:
-            assert sum(s.max_total_tokens for s in running) <= limits.max_total_tokens
+        if limits.max_total_tokens and plan.admitted and (plan.running or len(plan.admitted) > 1):
+            held = sum(len(s.blocks) for s in plan.running + plan.admitted[:-1]) * BS
+            assert held + plan.admitted[-1].prompt_len <= limits.max_total_tokens
         for s in plan.running + plan.admitted:
             assert 1 <= s.scheduled_tokens <= s.remaining_tokens
             assert len(s.blocks) * BS >= s.computed_tokens + s.scheduled_tokens  # covered

@@ -7,8 +7,11 @@ Policy (continuous batching with chunked prefill, one mixed forward per step):
   each step (a shard batch cannot idle a request), so those are reserved first; leftover budget goes to
   prompts still prefilling, oldest first, then to new admissions. A prompt larger than what is left is
   split: its chunk rides along with the decodes and continues next step.
-* Capacity budget. The running batch may grow to `max_total_tokens` KV positions (sum of prompt +
-  max_new_tokens over running requests); `max_batch_size` caps how many run at once.
+* Capacity budget. A request is admitted while the KV positions the running batch holds plus its
+  prompt stay within `max_total_tokens` (TGI's `max_batch_total_tokens - cached.max_tokens`). Holdings,
+  not worst cases: blocks are allocated on demand, so the batch may later grow past what was held at
+  admission; the blocks the shards hold bound that growth (preemption). `max_batch_size` caps how many
+  requests run at once.
 * Admission is strict FIFO: the first waiting request that does not fit stops admission, so nobody
   is overtaken (head-of-line blocking by design, as in TGI). With chunking a waiting request never
   needs to pause the decodes, so it is admitted every step it fits: TGI's `waiting_served_ratio` and
@@ -31,7 +34,7 @@ from spindle_router.scheduler.request import ScheduledRequest
 @dataclass(frozen=True)
 class StepLimits:
     max_prefill_tokens: int  # tokens one forward may carry (decodes + prefill chunks)
-    max_total_tokens: int | None = None  # sum of prompt + max_new_tokens over running requests
+    max_total_tokens: int | None = None  # KV positions held by the running batch at admission
     max_batch_size: int | None = None
 
     def __post_init__(self) -> None:
@@ -86,7 +89,7 @@ def plan_step(
     plan.running = list(running)
     # 3. Admit waiting requests in order while every budget allows.
     spare = limits.max_prefill_tokens - plan.num_tokens
-    while waiting and not plan.preempted and _has_room(waiting[0], running, spare, limits):
+    while waiting and not plan.preempted and _has_room(waiting[0], running, spare, limits, blocks.block_size):
         sr = waiting[0]
         if not _admit(sr, spare, blocks):
             break
@@ -97,15 +100,17 @@ def plan_step(
     return plan
 
 
-def _has_room(sr: ScheduledRequest, running: list[ScheduledRequest], spare_tokens: int, limits: StepLimits) -> bool:
+def _has_room(
+    sr: ScheduledRequest, running: list[ScheduledRequest], spare_tokens: int, limits: StepLimits, block_size: int
+) -> bool:
     """Token, batch-size and capacity budgets (an empty batch always takes one request, or nothing runs)."""
     if spare_tokens < 1:
         return False
     if limits.max_batch_size is not None and len(running) >= limits.max_batch_size:
         return False
     if limits.max_total_tokens is not None and running:
-        committed = sum(r.max_total_tokens for r in running)
-        if committed + sr.max_total_tokens > limits.max_total_tokens:
+        held = sum(len(r.blocks) for r in running) * block_size
+        if held + sr.prompt_len > limits.max_total_tokens:
             return False
     return True
 

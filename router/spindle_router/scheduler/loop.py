@@ -201,10 +201,14 @@ class Scheduler:
                 await self._sync_shard_batch()
                 if not plan.is_empty:
                     await self._step(plan)
-            except ShardError as exc:
-                log.error("shard call failed: %s", exc)
+            except Exception as exc:  # a shard error, or a bug here: never leave streams hanging
+                if isinstance(exc, ShardError):
+                    log.error("shard call failed: %s", exc)
+                else:
+                    log.exception("scheduler step failed")
                 self._healthy = False
-                self._fail(list(self.running), str(exc))
+                message = str(exc) if isinstance(exc, ShardError) else f"Scheduler error: {exc!r}"
+                self._fail(list(self.running), message)
                 self._cached = None
                 try:
                     await self.shards.clear_cache()
