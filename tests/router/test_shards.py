@@ -6,12 +6,18 @@ import asyncio
 
 import pytest
 from spindle_proto import generate_pb2 as pb
-
 from spindle_router.config import SchedulerConfig
 from spindle_router.metrics import Metrics
 from spindle_router.scheduler.loop import Scheduler
-from spindle_router.scheduler.request import EndEvent, SamplingParams, StoppingParams, TokenEvent, ValidRequest
+from spindle_router.scheduler.request import (
+    EndEvent,
+    SamplingParams,
+    StoppingParams,
+    TokenEvent,
+    ValidRequest,
+)
 from spindle_router.shards import ShardClient, ShardError
+
 from tests.helpers.tiny_model import TinyModelSpec, load_reference, make_tiny_model
 from tests.server.shard_harness import ShardGroup
 from tests.server.test_shard_greedy import reference_greedy
