@@ -1,0 +1,126 @@
+"""The real stack end to end: spindle-launcher -> shard processes + router, over HTTP.
+
+Greedy output is compared with the tiny model's own argmax in transformers (float32), so these tests
+fail on a wrong token, not only on a crash. The lifecycle tests check what the launcher promises:
+SIGTERM drains and exits 0; a dead shard turns /health into 503, ends open streams with an error event,
+and the launcher exits non-zero; either way no process of the stack is left.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.helpers.tiny_model import EOS_ID, load_reference
+
+PROMPT = "the quick brown fox jumps over"
+
+
+def reference_tokens(model_dir: Path, prompt: str, n: int) -> list[int]:
+    """Greedy continuation by transformers, one argmax at a time (EOS allowed, as the server allows it)."""
+    import torch
+
+    model, tokenizer = load_reference(model_dir)
+    ids = tokenizer(prompt)["input_ids"]
+    out: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            next_id = int(model(torch.tensor([ids + out])).logits[0, -1].argmax())
+            out.append(next_id)
+            if next_id == EOS_ID:
+                break
+    return out
+
+
+def generate_ids(base_url: str, prompt: str, n: int) -> list[int]:
+    r = requests.post(f"{base_url}/generate", timeout=60, json={
+        "inputs": prompt, "parameters": {"max_new_tokens": n, "details": True},
+    })
+    assert r.status_code == 200, r.text
+    return [t["id"] for t in r.json()["details"]["tokens"]]
+
+
+def sse_events(lines) -> list[dict]:
+    """The JSON payloads of the `data:` lines of an SSE byte-line iterator."""
+    return [json.loads(line[len(b"data:"):]) for line in lines if line.startswith(b"data:")]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir: Path) -> list[int]:
+    return reference_tokens(tiny_model_dir, PROMPT, 12)
+
+
+def test_generate_equals_transformers(launcher, expected):
+    assert generate_ids(launcher.base_url, PROMPT, 12) == expected
+
+
+def test_stream_and_openai_chat(launcher, expected):
+    r = requests.post(f"{launcher.base_url}/generate_stream", stream=True, timeout=60, json={
+        "inputs": PROMPT, "parameters": {"max_new_tokens": 12},
+    })
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.iter_lines())
+    assert [e["token"]["id"] for e in events] == expected
+    assert events[-1]["generated_text"] is not None and all(e["generated_text"] is None for e in events[:-1])
+
+    r = requests.post(f"{launcher.base_url}/v1/chat/completions", timeout=60, json={
+        "model": "tgi", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5,
+    })
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["usage"]["completion_tokens"] <= 5
+
+
+@pytest.mark.slow
+def test_two_shards_sigterm_drains_and_leaves_nothing(start_launcher, tiny_model_dir, expected):
+    with start_launcher(tiny_model_dir, num_shard=2) as stack:
+        assert generate_ids(stack.base_url, PROMPT, 12) == expected  # tensor parallel == single device
+        stream = requests.post(f"{stack.base_url}/generate_stream", stream=True, timeout=60, json={
+            "inputs": PROMPT, "parameters": {"max_new_tokens": 200},
+        })
+        lines = stream.iter_lines()  # one iterator: a second one would lose what the first buffered
+        assert next(lines).startswith(b"data:")  # the request is running when the signal lands
+        stack.proc.send_signal(signal.SIGTERM)
+        rest = sse_events(lines)
+        assert "error" not in rest[-1] and rest[-1]["details"] is None and rest[-1]["generated_text"] is not None
+        assert len(rest) == 199  # every token arrived: the in-flight request was drained, not cut
+        assert stack.proc.wait(timeout=60) == 0
+        assert stack.leftover_pids() == []
+
+
+@pytest.mark.slow
+def test_dead_shard_means_503_error_event_and_nonzero_exit(start_launcher, tiny_model_dir):
+    with start_launcher(tiny_model_dir, num_shard=1) as stack:
+        shard_pids = [p for p in stack.known_pids if b"spindle_server.cli" in Path(f"/proc/{p}/cmdline").read_bytes()]
+        assert len(shard_pids) == 1
+        stream = requests.post(f"{stack.base_url}/generate_stream", stream=True, timeout=60, json={
+            "inputs": PROMPT, "parameters": {"max_new_tokens": 1900},
+        })
+        lines = stream.iter_lines()
+        assert next(lines).startswith(b"data:")
+        events: list[dict] = []
+        reader = threading.Thread(target=lambda: events.extend(sse_events(lines)))
+        reader.start()
+        signal_sent = time.monotonic()
+        os.kill(shard_pids[0], signal.SIGKILL)
+        statuses = set()
+        while time.monotonic() - signal_sent < 10 and stack.proc.poll() is None:
+            statuses.add(stack.health_status(timeout_s=1.0))
+            if 503 in statuses:
+                break
+            time.sleep(0.05)
+        reader.join(timeout=30)
+        assert 503 in statuses, statuses
+        assert events and "error" in events[-1], events[-1:]
+        assert events[-1]["error_type"] == "generation"
+        assert stack.proc.wait(timeout=60) == 1
+        log = stack.log_text()
+        assert "shard 0 died (killed by SIGKILL)" in log
+        assert stack.leftover_pids() == []
