@@ -62,12 +62,13 @@ def _env(name: str, cast: Callable[[str], Any], default: Any) -> Any:
 
 
 def add_flag(group: Any, name: str, cast: Callable[[str], Any], default: Any, help: str,
-             shown: str | None = None, **kw: Any) -> None:
+             shown: str | None = None, from_env: bool = True, **kw: Any) -> None:
     """`--name` with the env fallback NAME; the help shows both (`shown` describes a None default)."""
     env = name.upper().replace("-", "_")
     shown = shown or ("none" if default is None else str(default))
-    group.add_argument(f"--{name}", type=cast, default=_env(name, cast, default),
-                       help=f"{help} [env {env}; default {shown}]", **kw)
+    where = f"env {env}; " if from_env else ""
+    group.add_argument(f"--{name}", type=cast, default=_env(name, cast, default) if from_env else default,
+                       help=f"{help} [{where}default {shown}]", **kw)
 
 
 def add_limit_flags(p: argparse.ArgumentParser) -> None:
@@ -130,7 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "shard-uds-path", str, RouterConfig.shard_uds_path, "shard socket prefix")
     add_flag(g, "num-shard", positive_int, RouterConfig.num_shard, "number of shards (tensor-parallel ranks)")
     h = p.add_argument_group("HTTP")
-    add_flag(h, "hostname", str, HttpConfig.hostname, "address to listen on")
+    # Not read from HOSTNAME: shells and container runtimes set it to the machine's name.
+    add_flag(h, "hostname", str, HttpConfig.hostname, "address to listen on", from_env=False)
     add_flag(h, "port", int, 3000, "port to listen on")
     add_flag(h, "api-key", str, None, "require `Authorization: Bearer KEY` on the inference routes")
     h.add_argument("--cors-allow-origin", action="append", default=None,

@@ -100,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "master-addr", str, "127.0.0.1", "torch.distributed rendezvous address")
     add_flag(g, "master-port", positive_int, 29500, "torch.distributed rendezvous port")
     h = p.add_argument_group("HTTP")
-    add_flag(h, "hostname", str, HttpConfig.hostname, "address the router listens on")
+    # Not read from HOSTNAME: shells and container runtimes set it to the machine's name.
+    add_flag(h, "hostname", str, HttpConfig.hostname, "address the router listens on", from_env=False)
     add_flag(h, "port", positive_int, 3000, "port the router listens on")
     add_flag(h, "api-key", str, None, "require `Authorization: Bearer KEY` on the inference routes")
     h.add_argument("--cors-allow-origin", action="append", default=None,
