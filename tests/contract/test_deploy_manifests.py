@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import yaml
 from kubernetes.client import ApiClient
-
 from spindle_router.launcher import build_parser
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
