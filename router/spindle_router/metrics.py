@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.utils import floatToGoString
 
 # TGI: 35 geometric buckets 0.00015 s x 1.5^k for every *_duration metric.
 DURATION_BUCKETS = tuple(0.00015 * 1.5**k for k in range(35))
@@ -105,4 +106,25 @@ class Metrics:
         self.preemptions = Counter("spindle_preemptions", "Requests preempted for KV space", registry=r)
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        """Prometheus text format with TGI's sample names.
+
+        prometheus_client would write counters as `<name>_total` plus a `<name>_created` gauge; TGI (and
+        its Grafana dashboard) use the bare name, which the text format allows for counters.
+        """
+        lines = []
+        for family in self.registry.collect():
+            lines.append(f"# HELP {family.name} {_escape(family.documentation)}")
+            lines.append(f"# TYPE {family.name} {family.type}")
+            for sample in family.samples:
+                if sample.name.endswith("_created"):
+                    continue
+                name = family.name if sample.name == f"{family.name}_total" else sample.name
+                labels = ",".join(f'{k}="{_escape(v, quote=True)}"' for k, v in sample.labels.items())
+                lines.append(f"{name}{{{labels}}} {floatToGoString(sample.value)}" if labels
+                             else f"{name} {floatToGoString(sample.value)}")
+        return ("\n".join(lines) + "\n").encode()
+
+
+def _escape(text: str, quote: bool = False) -> str:
+    text = text.replace("\\", "\\\\").replace("\n", "\\n")
+    return text.replace('"', '\\"') if quote else text

@@ -121,8 +121,11 @@ def test_metrics_count_requests(server):
     assert delta("tgi_request_generated_tokens_count") == 3
     assert delta("tgi_request_duration_count") == 3
     assert delta("tgi_request_input_length_count") == 3
-    ctype = requests.get(url + "/metrics", timeout=10).headers["Content-Type"]
-    assert ctype.startswith("text/plain")
+    resp = requests.get(url + "/metrics", timeout=10)
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    # TGI's sample names (its Grafana dashboard queries them), not prometheus_client's `_total`/`_created`.
+    assert "\ntgi_request_count " in resp.text and "\ntgi_request_success " in resp.text
+    assert "_total" not in resp.text and "_created" not in resp.text
 
 
 def test_cors(server):
