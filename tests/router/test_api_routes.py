@@ -125,7 +125,7 @@ def test_metrics_count_requests(server):
     assert resp.headers["Content-Type"].startswith("text/plain")
     # TGI's sample names (its Grafana dashboard queries them), not prometheus_client's `_total`/`_created`.
     assert "\ntgi_request_count " in resp.text and "\ntgi_request_success " in resp.text
-    assert "_total" not in resp.text and "_created" not in resp.text
+    assert "tgi_request_count_total" not in resp.text and "_created" not in resp.text
 
 
 def test_cors(server):
