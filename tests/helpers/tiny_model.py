@@ -153,16 +153,15 @@ def load_reference(path: Path):
 
 
 def reference_greedy(model, input_ids: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy `generate`, returning only the new token ids (EOS not special-cased)."""
+    """transformers' greedy choice, step by step, with no logits processor: the new token ids.
+
+    Not `generate(min_new_tokens=n)`, which masks EOS: a request with ignore_eos_token may pick EOS
+    like any other token and go on.
+    """
     import torch
 
+    ids = list(input_ids)
     with torch.no_grad():
-        out = model.generate(
-            torch.tensor([input_ids]),
-            attention_mask=torch.ones(1, len(input_ids), dtype=torch.long),
-            max_new_tokens=max_new_tokens,
-            min_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=EOS_ID,
-        )
-    return out[0, len(input_ids):].tolist()
+        for _ in range(max_new_tokens):
+            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
+    return ids[len(input_ids):]

@@ -18,9 +18,8 @@ from spindle_router.scheduler.request import (
 )
 from spindle_router.shards import ShardClient, ShardError
 
-from tests.helpers.tiny_model import TinyModelSpec, load_reference, make_tiny_model
+from tests.helpers.tiny_model import TinyModelSpec, load_reference, make_tiny_model, reference_greedy
 from tests.server.shard_harness import ShardGroup
-from tests.server.test_shard_greedy import reference_greedy
 
 pytestmark = pytest.mark.slow
 

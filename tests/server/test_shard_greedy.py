@@ -8,10 +8,9 @@ joining a running batch, prefix-cache reuse and resumption after preemption.
 from __future__ import annotations
 
 import pytest
-import torch
 from spindle_proto import generate_pb2 as pb
 
-from tests.helpers.tiny_model import TinyModelSpec, load_reference, make_tiny_model
+from tests.helpers.tiny_model import TinyModelSpec, load_reference, make_tiny_model, reference_greedy
 from tests.server.shard_harness import MiniRouter, Req, ShardGroup, warmup
 
 pytestmark = pytest.mark.slow
@@ -29,19 +28,6 @@ SPECS = {
     "qwen2": TinyModelSpec(arch="qwen2", seed=13),
 }
 NEW_TOKENS = 8
-
-
-def reference_greedy(model, prompt: list[int], n: int) -> list[int]:
-    """transformers' greedy choice, step by step, with no logits processor.
-
-    (`generate(min_new_tokens=n)` masks EOS, while a request with ignore_eos_token may pick EOS
-    like any other token and go on.)
-    """
-    ids = list(prompt)
-    with torch.no_grad():
-        for _ in range(n):
-            ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    return ids[len(prompt) :]
 
 
 def prompts(lengths: tuple[int, ...], offset: int = 0) -> list[list[int]]:
