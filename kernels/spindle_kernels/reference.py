@@ -71,22 +71,25 @@ def paged_attention(
     Grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads).
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
-    num_heads = q.shape[1]
-    num_kv_heads = k_cache.shape[2]
-    group = num_heads // num_kv_heads
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     lens = context_lens.tolist()
+    # Sequences with one new token (decodes) attend together in one batched call; a chunk of several
+    # tokens attends on its own, with a causal mask.
+    singles = [b for b in range(len(lens)) if cu[b + 1] - cu[b] == 1]
+    if singles:
+        rows = torch.tensor([cu[b] for b in singles], device=q.device)
+        index = torch.tensor(singles, device=q.device)
+        out[rows] = _decode_attention(
+            q[rows], k_cache, v_cache, block_tables.index_select(0, index), context_lens.index_select(0, index), scale
+        )
     for b in range(len(lens)):
         start, end = cu[b], cu[b + 1]
         q_len, ctx_len = end - start, lens[b]
-        if q_len == 0:
+        if q_len <= 1:
             continue
         k = _gather_context(k_cache, block_tables[b], ctx_len)
         v = _gather_context(v_cache, block_tables[b], ctx_len)
-        if group > 1:
-            k = k.repeat_interleave(group, dim=1)
-            v = v.repeat_interleave(group, dim=1)
         q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
         k_pos = torch.arange(ctx_len, device=q.device)
         mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, ctx_len], True = attend
@@ -96,9 +99,41 @@ def paged_attention(
             v.transpose(0, 1).float(),
             attn_mask=mask,
             scale=scale,
+            enable_gqa=True,
         )
         out[start:end] = attn.transpose(0, 1).to(q.dtype)
     return out
+
+
+def _decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """All sequences at once: gather every block table into [batch, max_len] and mask past each length."""
+    batch, num_heads, head_dim = q.shape
+    block_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = num_heads // num_kv_heads
+    num_blocks = (int(context_lens.max()) + block_size - 1) // block_size
+    tables = block_tables[:, :num_blocks].long()
+    # [batch, num_blocks, block_size, kv_heads, d] -> [batch, kv_heads, max_len, d]
+    k = k_cache[tables].flatten(1, 2).transpose(1, 2).float()
+    v = v_cache[tables].flatten(1, 2).transpose(1, 2).float()
+    positions = torch.arange(num_blocks * block_size, device=q.device)
+    mask = positions[None, :] < context_lens[:, None].to(q.device)  # [batch, max_len]
+    attn = F.scaled_dot_product_attention(
+        q.view(batch, num_kv_heads, group, head_dim).float(),  # the query heads sharing a KV head
+        k,
+        v,
+        attn_mask=mask[:, None, None, :],
+        scale=scale,
+    )
+    # A row with no context (padding) attends to nothing: zeros rather than NaN.
+    attn = attn.masked_fill((context_lens == 0).view(batch, 1, 1, 1).to(q.device), 0.0)
+    return attn.reshape(batch, num_heads, head_dim).to(q.dtype)
 
 
 def paged_decode_attention(
@@ -110,9 +145,9 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One query token per sequence, q [batch, num_heads, head_dim], attending to all context_lens[b] tokens."""
-    batch = q.shape[0]
-    cu_seqlens_q = torch.arange(batch + 1, dtype=torch.int32, device=q.device)
-    return paged_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    if q.shape[0] == 0:
+        return torch.empty_like(q)
+    return _decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
 
 
 def rms_norm(
