@@ -28,8 +28,8 @@ ENV VIRTUAL_ENV=/opt/spindle \
     HF_HOME=/data \
     HF_HUB_DISABLE_PROGRESS_BARS=1 \
     PORT=8080
-RUN python3 -m venv $VIRTUAL_ENV \
- && pip install --no-cache-dir --index-url $TORCH_INDEX_URL torch==$TORCH_VERSION
+RUN python3 -m venv "$VIRTUAL_ENV" \
+ && pip install --no-cache-dir --index-url "$TORCH_INDEX_URL" "torch==$TORCH_VERSION"
 
 WORKDIR /src
 # Dependency layers first: the packages change more often than torch.
@@ -37,17 +37,17 @@ COPY proto/ proto/
 COPY kernels/ kernels/
 COPY server/ server/
 COPY router/ router/
+# torch's CUDA wheels bring their matching triton (the kernels' GPU path); the CPU wheel does not need it.
 RUN pip install --no-cache-dir ./proto ./kernels ./server ./router \
- && if [ "$TORCH_INDEX_URL" = "https://pypi.org/simple" ]; then pip install --no-cache-dir triton; fi \
  && rm -rf /src
 COPY models/demo/ /models/demo/
 
 RUN useradd --create-home --uid 1000 spindle && mkdir -p /data && chown spindle /data
-USER spindle
+USER 1000
 WORKDIR /home/spindle
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=5s --start-period=600s \
-  CMD python3 -c "import os,urllib.request; urllib.request.urlopen(f'http://127.0.0.1:{os.environ.get(\"PORT\",\"8080\")}/health')"
+  CMD ["python3", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:' + os.environ.get('PORT', '8080') + '/health')"]
 # --hostname is explicit: the container's HOSTNAME is its id, and the launcher never reads it.
 ENTRYPOINT ["spindle-launcher", "--hostname", "0.0.0.0"]
 CMD ["--model-id", "/models/demo"]
