@@ -8,16 +8,22 @@ permit per sequence. Metrics of the `tgi_request_*` family are recorded here, on
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import logging
 import random
+import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
+from spindle_router import telemetry
 from spindle_router.config import LimitsConfig
 from spindle_router.metrics import Metrics
 from spindle_router.scheduler.backend import Backend
 from spindle_router.scheduler.request import EndEvent, ErrorEvent, PrefillEvent, Token, TokenEvent
 from spindle_router.validation import GenerateParameters, ValidationError, Validator, ValidGenerate
+
+log = logging.getLogger(__name__)
 
 
 class InferError(Exception):
@@ -134,11 +140,21 @@ class Infer:
     def _failed(self, e: BaseException) -> None:
         if isinstance(e, InferError) and e.metric:
             self.metrics.request_failure.labels(err=e.metric).inc()
+            log.warning("request failed (%s): %s", e.error_type, e.message)
         elif isinstance(e, (asyncio.CancelledError, GeneratorExit, ConnectionError)):
             self.metrics.request_failure.labels(err="dropped").inc()
+            log.info("request dropped: the client went away")
 
     def _succeeded(self, result: GenerationResult) -> None:
         m, t = self.metrics, result.timings
+        log.info(
+            "Success", extra={
+                "total_time_ms": round(t.total_s * 1e3, 3), "validation_time_ms": round(t.validation_s * 1e3, 3),
+                "queue_time_ms": round(t.queue_s * 1e3, 3), "inference_time_ms": round(t.inference_s * 1e3, 3),
+                "input_tokens": result.valid.input_length, "generated_tokens": result.end.generated_tokens,
+                "finish_reason": result.end.finish_reason, "seed": result.end.seed,
+            },
+        )
         m.request_success.inc()
         m.request_duration.observe(t.total_s)
         m.request_validation_duration.observe(t.validation_s)
@@ -150,7 +166,8 @@ class Infer:
 
     async def _validate(self, inputs: str, params: GenerateParameters, **kw: bool) -> ValidGenerate:
         try:
-            valid = await self.validator.validate(inputs, params, **kw)
+            with telemetry.span("validation"):
+                valid = await self.validator.validate(inputs, params, **kw)
         except ValidationError as e:
             raise InferError.validation(e) from e
         self.metrics.request_input_length.observe(valid.input_length)
@@ -200,8 +217,14 @@ class Infer:
         self._succeeded(best)
         return Generation(best=best, others=[r for r in results if r is not best])
 
+    def _submit(self, valid: ValidGenerate):  # type: ignore[no-untyped-def]
+        """Hand the request to the backend; its queue and inference spans when tracing."""
+        trace = telemetry.RequestTrace.start()
+        request = valid.request if trace is None else dataclasses.replace(valid.request, trace=trace)
+        return self.backend.submit(request), trace
+
     async def _run(self, valid: ValidGenerate, start: float) -> GenerationResult:
-        stream = self.backend.submit(valid.request)
+        stream, trace = self._submit(valid)
         finished = False
         prefill: list[Token] = []
         tokens: list[Token] = []
@@ -229,6 +252,8 @@ class Infer:
         finally:
             if not finished:  # cancelled (client gone, sibling best_of failed): free the request's blocks
                 stream.cancel()
+            if trace is not None:
+                trace.finish(error=None if sys.exc_info()[0] is None else repr(sys.exc_info()[1]))
 
     async def generate_stream(
         self,
@@ -268,7 +293,7 @@ class Infer:
             raise
 
     async def _stream(self, valid: ValidGenerate, start: float) -> AsyncIterator[StreamItem]:
-        stream = self.backend.submit(valid.request)
+        stream, trace = self._submit(valid)
         finished = False
         index = 0
         keep_top = valid.request.top_n_tokens > 0
@@ -291,6 +316,8 @@ class Infer:
                     )
                     timings = _timings(start, event, time.monotonic())
                     self._succeeded(GenerationResult(valid, event, timings))
+                    if trace is not None:
+                        trace.finish()  # the answer is complete, whatever the client does next
                     yield item
                     return
                 elif isinstance(event, ErrorEvent):
@@ -301,6 +328,8 @@ class Infer:
         finally:
             if not finished:
                 stream.cancel()
+            if trace is not None:
+                trace.finish(error=None if sys.exc_info()[0] is None else repr(sys.exc_info()[1]))
 
 
 async def _gather_all(coros: list) -> list[GenerationResult]:

@@ -254,8 +254,11 @@ class Launcher:
             argv += ["--dtype", c.shard.dtype]
         if c.shard.kv_cache_bytes is not None:
             argv += ["--kv-cache-bytes", str(c.shard.kv_cache_bytes)]
-        if c.router.telemetry.otlp_endpoint:
-            argv += ["--otlp-endpoint", c.router.telemetry.otlp_endpoint]
+        t = c.router.telemetry
+        if t.otlp_endpoint:
+            # The router exports as e.g. "spindle.router"; its shards as "spindle.shard".
+            argv += ["--otlp-endpoint", t.otlp_endpoint,
+                     "--otlp-service-name", t.otlp_service_name.removesuffix(".router")]
         return argv
 
     def _shard_env(self, rank: int) -> dict[str, str]:

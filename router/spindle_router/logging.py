@@ -2,7 +2,8 @@
 
 One line per record either way, written to stderr, so a log shipper can read the JSON form and a person
 can read the text form. Fields beyond the message (a shard's `rank`, for instance) are passed with
-`extra=` and appear as keys in JSON and as `key=value` in text.
+`extra=` and appear as keys in JSON and as `key=value` in text. A line logged while an HTTP request is
+handled carries that request's `request_id` (and `trace_id` when tracing), from `REQUEST_ID`.
 """
 
 from __future__ import annotations
@@ -11,12 +12,32 @@ import json
 import logging
 import sys
 import time
+from contextvars import ContextVar
 from typing import Any
 
 from spindle_router.config import env_default
 
 # Attributes every LogRecord has; anything else on a record came from `extra=` and is worth printing.
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime", "taskName"}
+
+
+# Set by the HTTP layer for the handling of one request; contextvars follow it into the tasks it awaits.
+REQUEST_ID: ContextVar[str | None] = ContextVar("spindle_request_id", default=None)
+
+
+class RequestContextFilter(logging.Filter):
+    """Puts the current request's id and trace id on every record logged while handling it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        request_id = REQUEST_ID.get()
+        if request_id is not None and not hasattr(record, "request_id"):
+            record.request_id = request_id
+            from spindle_router.telemetry import current_trace_id
+
+            trace_id = current_trace_id()
+            if trace_id is not None:
+                record.trace_id = trace_id
+        return True
 
 
 def _extras(record: logging.LogRecord) -> dict[str, Any]:
@@ -58,6 +79,7 @@ def setup_logging(json_output: bool = False, level: str | None = None) -> None:
     level_name = (level or env_default("log_level", "info") or "info").upper()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if json_output else TextFormatter())
+    handler.addFilter(RequestContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level_name if isinstance(logging.getLevelName(level_name), int) else "INFO")

@@ -42,9 +42,7 @@ class ShardInfo:
     eos_token_ids: tuple[int, ...]
 
 
-def call_metadata() -> tuple[tuple[str, str], ...]:
-    """Metadata sent with every call: the one place W3C trace context will be injected."""
-    return ()
+Metadata = Sequence[tuple[str, str]]  # sent with a call: W3C trace context, when the caller traces
 
 
 class ShardClient:
@@ -84,15 +82,17 @@ class ShardClient:
     def world_size(self) -> int:
         return len(self._stubs)
 
-    async def _call(self, method: str, request: Any, timeout_s: float | None = None) -> Any:
+    async def _call(self, method: str, request: Any, timeout_s: float | None = None, metadata: Metadata = ()) -> Any:
         """`method` on every rank concurrently; rank 0's response, or ShardError if any rank failed."""
-        return (await self._call_all(method, request, timeout_s))[0]
+        return (await self._call_all(method, request, timeout_s, metadata))[0]
 
-    async def _call_all(self, method: str, request: Any, timeout_s: float | None = None) -> list[Any]:
+    async def _call_all(
+        self, method: str, request: Any, timeout_s: float | None = None, metadata: Metadata = ()
+    ) -> list[Any]:
         if self._closed:
             raise ShardError("Could not connect to shard: the client is closed")
-        metadata = call_metadata()
-        calls = [getattr(stub, method)(request, timeout=timeout_s, metadata=metadata) for stub in self._stubs]
+        md = tuple(metadata) or None
+        calls = [getattr(stub, method)(request, timeout=timeout_s, metadata=md) for stub in self._stubs]
         results = await asyncio.gather(*calls, return_exceptions=True)
         for path, result in zip(self.uds_paths, results):
             if isinstance(result, BaseException):
@@ -131,21 +131,25 @@ class ShardClient:
 
     async def prefill(
         self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None,
-        updates: Sequence[pb.RequestUpdate] = (),
+        updates: Sequence[pb.RequestUpdate] = (), metadata: Metadata = (),
     ) -> pb.PrefillResponse:
         request = pb.PrefillRequest(batch=batch, updates=list(updates))
         if cached_batch is not None:
             request.cached_batch.CopyFrom(cached_batch)
-        return await self._call("Prefill", request)
+        return await self._call("Prefill", request, metadata=metadata)
 
     async def decode(
-        self, batches: Sequence[pb.CachedBatch], updates: Sequence[pb.RequestUpdate] = ()
+        self, batches: Sequence[pb.CachedBatch], updates: Sequence[pb.RequestUpdate] = (), metadata: Metadata = ()
     ) -> pb.DecodeResponse:
-        return await self._call("Decode", pb.DecodeRequest(batches=list(batches), updates=list(updates)))
+        request = pb.DecodeRequest(batches=list(batches), updates=list(updates))
+        return await self._call("Decode", request, metadata=metadata)
 
-    async def filter_batch(self, batch_id: int, request_ids: Sequence[int]) -> pb.CachedBatch | None:
+    async def filter_batch(
+        self, batch_id: int, request_ids: Sequence[int], metadata: Metadata = ()
+    ) -> pb.CachedBatch | None:
         """Keep only `request_ids` of the batch; None when none is kept (the shards forgot it)."""
-        r = await self._call("FilterBatch", pb.FilterBatchRequest(batch_id=batch_id, request_ids=list(request_ids)))
+        request = pb.FilterBatchRequest(batch_id=batch_id, request_ids=list(request_ids))
+        r = await self._call("FilterBatch", request, metadata=metadata)
         return r.batch if r.HasField("batch") else None
 
     async def clear_cache(self, batch_id: int | None = None) -> None:

@@ -33,6 +33,7 @@ class ServeArgs:
     cuda_memory_fraction: float
     block_size: int
     otlp_endpoint: str | None
+    otlp_service_name: str = "spindle"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -71,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
     serve.add_argument("--otlp-endpoint", default=None, metavar="URL",
                        help="export one OpenTelemetry span per RPC to this OTLP/gRPC endpoint")
+    serve.add_argument("--otlp-service-name", default="spindle", metavar="NAME",
+                       help="service.name prefix of the exported spans; the shard adds '.shard' (default spindle)")
     return parser
 
 
@@ -127,10 +130,11 @@ async def serve(args: ServeArgs) -> None:
     from spindle_server.service import ShardService
 
     engine, dist = await asyncio.to_thread(build_engine, args)
+    tracer_provider = None
     if args.otlp_endpoint:
         from spindle_server.tracing import setup_tracing
 
-        setup_tracing(args.otlp_endpoint, "spindle", dist.rank)
+        tracer_provider = setup_tracing(args.otlp_endpoint, args.otlp_service_name, dist.rank)
     socket_path = f"{args.uds_path}-{dist.rank}"
     if os.path.exists(socket_path):  # left by a previous run that died
         os.unlink(socket_path)
@@ -153,6 +157,8 @@ async def serve(args: ServeArgs) -> None:
     await stop.wait()
     log.info("stopping")
     await server.stop(grace=2.0)
+    if tracer_provider is not None:
+        tracer_provider.shutdown()  # flushes the spans still batched
     if os.path.exists(socket_path):
         os.unlink(socket_path)
     if dist.world_size > 1:
@@ -174,6 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         cuda_memory_fraction=ns.cuda_memory_fraction,
         block_size=ns.block_size,
         otlp_endpoint=ns.otlp_endpoint,
+        otlp_service_name=ns.otlp_service_name,
     )
     try:
         asyncio.run(serve(args))

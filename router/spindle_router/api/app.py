@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import logging
+import uuid
 
 from aiohttp import web
 
+from spindle_router import telemetry
 from spindle_router.api import openai, routes
 from spindle_router.api.context import STATE, AppState, HttpError, error_response, json_response, read_json
 from spindle_router.api.openapi import Route, openapi_document
 from spindle_router.chat_template import ChatTemplate, TemplateError
 from spindle_router.config import LimitsConfig, RouterConfig
 from spindle_router.infer import Infer, InferError
+from spindle_router.logging import REQUEST_ID
 from spindle_router.metrics import Metrics
 from spindle_router.scheduler.backend import Backend
 from spindle_router.tokenizer import RouterTokenizer
@@ -151,6 +154,29 @@ def _cors_middleware(origins: tuple[str, ...]):
 
 
 @web.middleware
+async def _request_context(request: web.Request, handler):
+    """A request id on every log line of a generation request (the client's `x-request-id`, else a new
+    one, echoed in the response), and its trace span: child of the client's `traceparent`."""
+    if request.method != "POST":  # probes and scrapes: no log lines, no spans
+        return await handler(request)
+    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    token = REQUEST_ID.set(request_id)
+    try:
+        with telemetry.server_span(
+            f"{request.method} {request.path}", request.headers, **{"http.method": request.method,
+                                                                     "http.route": request.path}
+        ) as span:
+            resp = await handler(request)
+            if span is not None:
+                span.set_attribute("http.status_code", resp.status)
+            if not resp.prepared:
+                resp.headers["x-request-id"] = request_id
+            return resp
+    finally:
+        REQUEST_ID.reset(token)
+
+
+@web.middleware
 async def _errors(request: web.Request, handler):
     path = request.path
     try:
@@ -194,6 +220,7 @@ def build_app(
         client_max_size=limits.payload_limit,
         middlewares=[
             _cors_middleware(config.http.cors_allow_origin),
+            _request_context,
             _errors,
             _auth_middleware(config.http.api_key, protected),
         ],

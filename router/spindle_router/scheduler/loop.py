@@ -248,7 +248,8 @@ class Scheduler:
         if len(keep) == len(self._cached.request_ids):
             return
         start = time.perf_counter()
-        self._cached = await self._timed("filter", self.shards.filter_batch(self._cached.id, keep))
+        md = _carrier(self.running)
+        self._cached = await self._timed("filter", self.shards.filter_batch(self._cached.id, keep, metadata=md))
         self.metrics.batch_filter_duration.labels(method="filter").observe(time.perf_counter() - start)
 
     async def _step(self, plan: StepPlan) -> None:
@@ -263,11 +264,13 @@ class Scheduler:
                 self.metrics.batch_concat.labels(reason="chunking").inc()
             self.metrics.batch_next_size.observe(len(plan.admitted))
             method = "prefill"
-            response = await self._timed(method, self.shards.prefill(batch, self._cached, updates))
+            md = _carrier(plan.admitted, ask_all=True) or _carrier(plan.running)
+            response = await self._timed(method, self.shards.prefill(batch, self._cached, updates, metadata=md))
         else:
             assert self._cached is not None, "running requests without a shard batch"
             method = "decode"
-            response = await self._timed(method, self.shards.decode([self._cached], updates))
+            md = _carrier(plan.running)
+            response = await self._timed(method, self.shards.decode([self._cached], updates, metadata=md))
         self._observe(method, response)
         self._absorb(plan, response)
 
@@ -412,6 +415,15 @@ class Scheduler:
     def check_integrity(self) -> None:
         """Block accounting of every live request (tests call this between steps)."""
         self.blocks.check_integrity(self.running + list(self.waiting))
+
+
+def _carrier(requests: list[ScheduledRequest], ask_all: bool = False) -> tuple[tuple[str, str], ...]:
+    """Trace context for a batch RPC: the first traced request's. `ask_all` for newly admitted requests:
+    asking is how each learns it left the queue."""
+    carriers = (sr.request.trace.carrier() for sr in requests if sr.request.trace is not None)
+    if ask_all:
+        carriers = iter(list(carriers))
+    return next((c for c in carriers if c), ())
 
 
 def _chunk_len(sr: ScheduledRequest) -> int | None:

@@ -12,6 +12,15 @@ scheduler, which answers with a `RequestStream` of events:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class TraceHook(Protocol):
+    """A request's tracing, opaque to the scheduler (telemetry.RequestTrace implements it)."""
+
+    def carrier(self) -> tuple[tuple[str, str], ...]:
+        """W3C context for the shard RPCs that carry the request; the first call ends its queue span."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -53,6 +62,7 @@ class ValidRequest:
     stopping: StoppingParams
     top_n_tokens: int = 0
     prefill_logprobs: bool = False  # decoder_input_details: also bypasses the prefix cache
+    trace: TraceHook | None = field(default=None, compare=False)  # set when tracing is on
 
     @property
     def input_length(self) -> int:

@@ -106,6 +106,8 @@ class ModelRunner:
             r.all_ids.append(token)
             text = r.detokenizer.step(token)
             reason = r.stopping(token, text)
+            if reason is not None:  # no later token can complete a held-back character: send it now
+                text += r.detokenizer.flush()
             gen = Generation(
                 request_id=r.id,
                 tokens=TokenList([token], [out.logprobs[i]], [text], [r.detokenizer.is_special(token)]),

@@ -61,6 +61,16 @@ class IncrementalDetokenizer:
             return text
         return ""
 
+    def flush(self) -> str:
+        """The text still held back, once the sequence has ended: a character no later token can complete
+        comes out as U+FFFD, so the pieces of a finished sequence add up to its full decode."""
+        decode = self._tokenizer.decode
+        prefix_text = decode(self._ids[self._prefix_offset : self._read_offset], skip_special_tokens=False)
+        new_text = decode(self._ids[self._prefix_offset :], skip_special_tokens=False)
+        self._ids = self._ids[self._read_offset :]
+        self._prefix_offset, self._read_offset = 0, len(self._ids)
+        return new_text[len(prefix_text) :]
+
     def is_special(self, token_id: int) -> bool:
         return token_id in self._special
 
