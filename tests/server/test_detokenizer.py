@@ -74,3 +74,21 @@ def test_empty_prompt_and_prompt_longer_than_the_prefix_window(tokenizer) -> Non
 def test_decode_generated_skips_special_tokens(tokenizer) -> None:
     ids = [BOS_ID, *tokenizer.encode("über 🚀", add_special_tokens=False).ids, EOS_ID, EOS_ID]
     assert decode_generated(tokenizer, ids) == "über 🚀"
+
+
+def test_flush_gives_the_held_back_bytes_of_a_sequence_cut_mid_character(tokenizer) -> None:
+    ids = tokenizer.encode("ok 🚀", add_special_tokens=False).ids
+    cut = ids[:-1]  # the rocket's last byte never comes (max_new_tokens hit mid-character)
+    detok = IncrementalDetokenizer(tokenizer, [BOS_ID])
+    pieces = [detok.step(t) for t in cut]
+    assert pieces[-1] == ""
+    tail = detok.flush()
+    assert tail.endswith("\ufffd")
+    assert "".join(pieces) + tail == decode_generated(tokenizer, cut)
+    assert detok.flush() == ""  # nothing is sent twice
+
+
+def test_flush_after_a_whole_character_is_empty(tokenizer) -> None:
+    detok = IncrementalDetokenizer(tokenizer, [BOS_ID])
+    pieces = [detok.step(t) for t in tokenizer.encode("hello 🚀", add_special_tokens=False).ids]
+    assert "".join(pieces) == "hello 🚀" and detok.flush() == ""
