@@ -31,7 +31,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers.tiny_model import TinyModelSpec, make_tiny_model
+from tests.helpers.tiny_model import EOS_ID, TinyModelSpec, load_reference, make_tiny_model, reference_greedy
 
 REPO = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 180.0
@@ -197,3 +197,57 @@ def launcher(tiny_model_dir: Path) -> Iterator[LauncherStack]:
     """One shard + router over the tiny model, shared by a test module."""
     with launch(tiny_model_dir, num_shard=1) as stack:
         yield stack
+
+
+class GreedyReference:
+    """transformers' answers for the tiny model: what a greedy request must produce, token for token.
+
+    The server stops at EOS (the HTTP API cannot ignore it), so a continuation ends after the first EOS;
+    texts are decoded like the server's final `generated_text` (special tokens skipped)."""
+
+    def __init__(self, model_dir: Path) -> None:
+        import transformers
+
+        self.model, self.tokenizer = load_reference(model_dir)
+        self.chat_tokenizer = transformers.AutoTokenizer.from_pretrained(model_dir)  # reads the chat template
+        self._memo: dict[tuple[tuple[int, ...], int], list[int]] = {}
+
+    def encode(self, prompt: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def continuation(self, input_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        key = (tuple(input_ids), max_new_tokens)
+        if key not in self._memo:
+            out = reference_greedy(self.model, list(input_ids), max_new_tokens)
+            self._memo[key] = out[: out.index(EOS_ID) + 1] if EOS_ID in out else out
+        return list(self._memo[key])
+
+    def text(self, ids: Sequence[int]) -> str:
+        return self.tokenizer.backend_tokenizer.decode(list(ids), skip_special_tokens=True)
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
+        return self.chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+@pytest.fixture(scope="session")
+def greedy(tiny_model_dir: Path) -> GreedyReference:
+    """The transformers reference for the tiny model (loaded once per session)."""
+    return GreedyReference(tiny_model_dir)
+
+
+def read_metrics(base_url: str) -> dict[str, float]:
+    """GET /metrics as {sample name with its labels: value}, e.g. {'tgi_request_failure{err="dropped"}': 3.0}."""
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            sample, _, value = line.rpartition(" ")
+            samples[sample] = float(value)
+    return samples
+
+
+@pytest.fixture(scope="session")
+def metrics_of():
+    """`metrics_of(base_url)`: the router's /metrics samples as a dict (see read_metrics)."""
+    return read_metrics
