@@ -42,6 +42,9 @@ proto: install
 bench: install
 	$(PY) bench/run_all.py
 
+bench-gpu: install
+	$(PY) bench/bench_gpu.py
+
 demo-model: install
 	$(PY) models/train_demo.py --out $(DEMO_MODEL)
 
