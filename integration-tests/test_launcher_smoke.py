@@ -52,6 +52,19 @@ def sse_events(lines) -> list[dict]:
     return [json.loads(line[len(b"data:"):]) for line in lines if line.startswith(b"data:")]
 
 
+def processes_of(stack) -> list[int]:
+    """Live processes whose command line names the stack's own socket prefix (its shards and router)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if stack.uds_prefix.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+            except OSError:
+                pass
+    return found
+
+
 @pytest.fixture(scope="module")
 def expected(tiny_model_dir: Path) -> list[int]:
     return reference_tokens(tiny_model_dir, PROMPT, 12)
@@ -100,6 +113,7 @@ def test_dead_shard_means_503_error_event_and_nonzero_exit(start_launcher, tiny_
     with start_launcher(tiny_model_dir, num_shard=1) as stack:
         shard_pids = [p for p in stack.known_pids if b"spindle_server.cli" in Path(f"/proc/{p}/cmdline").read_bytes()]
         assert len(shard_pids) == 1
+        assert set(shard_pids) < set(processes_of(stack))  # finds the shard and the router by their socket
         stream = requests.post(f"{stack.base_url}/generate_stream", stream=True, timeout=60, json={
             "inputs": PROMPT, "parameters": {"max_new_tokens": 1900},
         })
@@ -110,17 +124,21 @@ def test_dead_shard_means_503_error_event_and_nonzero_exit(start_launcher, tiny_
         reader.start()
         signal_sent = time.monotonic()
         os.kill(shard_pids[0], signal.SIGKILL)
-        statuses = set()
-        while time.monotonic() - signal_sent < 10 and stack.proc.poll() is None:
-            statuses.add(stack.health_status(timeout_s=1.0))
-            if 503 in statuses:
+        statuses, seen_503_after = [], None
+        while time.monotonic() - signal_sent < 5.0 and stack.proc.poll() is None:
+            statuses.append(stack.health_status(timeout_s=1.0))
+            if statuses[-1] == 503:
+                seen_503_after = time.monotonic() - signal_sent
                 break
             time.sleep(0.05)
+        assert seen_503_after is not None and seen_503_after < 5.0, statuses  # 503, not a refused connection
         reader.join(timeout=30)
-        assert 503 in statuses, statuses
+        assert not reader.is_alive()  # the stream ended (no hang on a dead shard)
         assert events and "error" in events[-1], events[-1:]
         assert events[-1]["error_type"] == "generation"
+        assert all("error" not in e and e["generated_text"] is None for e in events[:-1])  # tokens, then the error
         assert stack.proc.wait(timeout=60) == 1
         log = stack.log_text()
         assert "shard 0 died (killed by SIGKILL)" in log
         assert stack.leftover_pids() == []
+        assert processes_of(stack) == []  # nor any process of the stack it may have started later
