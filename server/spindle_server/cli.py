@@ -17,6 +17,12 @@ from pathlib import Path
 
 import torch
 
+from spindle_server.engine.cuda_graphs import (
+    DEFAULT_CUDA_GRAPH_SIZES,
+    DecodeGraphSettings,
+    parse_cuda_graph_sizes,
+)
+
 log = logging.getLogger("spindle_server")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -34,6 +40,7 @@ class ServeArgs:
     block_size: int
     otlp_endpoint: str | None
     otlp_service_name: str = "spindle"
+    cuda_graphs: tuple[int, ...] = ()  # decode batch sizes captured as CUDA graphs; (): off (always on CPU)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -70,11 +77,22 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CUDA: share of the GPU this process may use in total; the KV cache gets "
                             "what is left after the model and a warmup forward (default 0.9)")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    serve.add_argument("--cuda-graphs", type=_cuda_graph_sizes, default=DEFAULT_CUDA_GRAPH_SIZES, metavar="SIZES",
+                       help="CUDA: decode batch sizes captured as CUDA graphs at warmup, comma-separated; a "
+                            "decode batch runs the smallest size that holds it, padded; 0 disables; never "
+                            "on CPU (default " + ",".join(map(str, DEFAULT_CUDA_GRAPH_SIZES)) + ")")
     serve.add_argument("--otlp-endpoint", default=None, metavar="URL",
                        help="export one OpenTelemetry span per RPC to this OTLP/gRPC endpoint")
     serve.add_argument("--otlp-service-name", default="spindle", metavar="NAME",
                        help="service.name prefix of the exported spans; the shard adds '.shard' (default spindle)")
     return parser
+
+
+def _cuda_graph_sizes(text: str) -> tuple[int, ...]:
+    try:
+        return parse_cuda_graph_sizes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _setup_logging(rank: int) -> None:
@@ -118,7 +136,8 @@ def build_engine(args: ServeArgs):
     if not tokenizer_path.is_file():
         raise FileNotFoundError(f"{args.model_dir} has no tokenizer.json")
     tokenizer = tokenizers.Tokenizer.from_file(str(tokenizer_path))
-    engine = ShardEngine(model, config, tokenizer, dist, device, dtype, ops.name, settings)
+    graphs = DecodeGraphSettings(sizes=args.cuda_graphs)
+    engine = ShardEngine(model, config, tokenizer, dist, device, dtype, ops.name, settings, graphs)
     return engine, dist
 
 
@@ -181,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         block_size=ns.block_size,
         otlp_endpoint=ns.otlp_endpoint,
         otlp_service_name=ns.otlp_service_name,
+        cuda_graphs=ns.cuda_graphs,
     )
     try:
         asyncio.run(serve(args))

@@ -14,6 +14,7 @@ import tokenizers
 import torch
 
 from spindle_server.engine.batch import ShardBatch
+from spindle_server.engine.cuda_graphs import DecodeGraphs
 from spindle_server.engine.generation import FinishedText, Generation, TokenList
 from spindle_server.engine.inputs import StepInputs, build_step_inputs
 from spindle_server.engine.request import RequestState
@@ -37,11 +38,17 @@ class ModelRunner:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        # Set by the shard's Warmup once the KV cache exists; decode steps they can serve replay a graph.
+        self.decode_graphs: DecodeGraphs | None = None
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, kv_cache: KVCache) -> torch.Tensor | None:
         """Logits [N, vocab] float32 of `inputs.logit_rows`, or None when no row needs them."""
-        hidden = self.model(inputs.input_ids, inputs.positions, kv_cache.layers, inputs.meta)
+        graphs = self.decode_graphs
+        if graphs is not None and graphs.can_run(inputs, kv_cache):
+            hidden = graphs.run(inputs)
+        else:
+            hidden = self.model(inputs.input_ids, inputs.positions, kv_cache.layers, inputs.meta)
         if inputs.logit_rows.numel() == 0:
             return None
         return self.model.compute_logits(hidden.index_select(0, inputs.logit_rows)).float()

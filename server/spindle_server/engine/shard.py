@@ -18,6 +18,7 @@ import torch
 
 from spindle_server.distributed import Distributed
 from spindle_server.engine.batch import BatchContext, RequestUpdate, ShardBatch
+from spindle_server.engine.cuda_graphs import DecodeGraphs, DecodeGraphSettings
 from spindle_server.engine.errors import BatchNotFoundError, InvalidArgumentError, NotReadyError
 from spindle_server.engine.generation import Generation
 from spindle_server.engine.request import RequestState
@@ -99,6 +100,7 @@ class ShardEngine:
         dtype: torch.dtype,
         attention_impl: str,
         settings: CacheSettings,
+        graphs: DecodeGraphSettings | None = None,  # None: no CUDA graphs
     ) -> None:
         self.config = config
         self.tokenizer = tokenizer
@@ -107,6 +109,10 @@ class ShardEngine:
         self.dtype = dtype
         self.attention_impl = attention_impl
         self.settings = settings
+        graphs = graphs or DecodeGraphSettings()
+        self.graph_settings = graphs
+        if graphs.sizes and device.type != "cuda" and not graphs.eager_replay:
+            log.info("CUDA graphs are off on %s: every step runs eagerly", device.type)
         self.runner = ModelRunner(model, tokenizer, device)
         self.kv_shape = KVCacheShape(
             num_layers=config.num_layers,
@@ -158,6 +164,7 @@ class ShardEngine:
         bs = self.settings.block_size
         self.batches.clear()
         self.kv_cache = None
+        self.runner.decode_graphs = None  # they point into the old cache
         seq_cap = min(spec.max_input_tokens or spec.max_prefill_tokens, self.config.max_position_embeddings)
         lengths = _split(spec.max_prefill_tokens, max(1, seq_cap), spec.max_batch_size)
         temp = KVCache(self.kv_shape, sum(math.ceil(n / bs) for n in lengths), self.device)
@@ -173,6 +180,9 @@ class ShardEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
+        # CUDA graphs are captured below, after the cache exists (they hold its addresses): their memory
+        # pool (decode activations of the largest size, small next to a prefill's) is not subtracted
+        # here and comes out of the (1 - cuda_memory_fraction) headroom; its size is logged at capture.
         budget = cache_budget_bytes(self.device, self.settings.kv_cache_bytes, self.settings.cuda_memory_fraction)
         num_blocks = agree_num_blocks(budget // self.kv_shape.bytes_per_block, self.dist, self.device)
         needed = math.ceil(max(spec.max_total_tokens, 1) / bs)
@@ -186,7 +196,29 @@ class ShardEngine:
             "KV cache: %d blocks x %d tokens, %.1f MiB on this rank",
             num_blocks, bs, self.kv_cache.num_bytes / 2**20,
         )
+        self.runner.decode_graphs = self._decode_graphs(spec, self.kv_cache)
         return WarmupResult(num_blocks=num_blocks, block_size=bs)
+
+    def _decode_graphs(self, spec: WarmupSpec, kv_cache: KVCache) -> DecodeGraphs | None:
+        """Capture (CUDA) or set up for eager replay the decode graphs, or None when they are off."""
+        g = self.graph_settings
+        capture = self.device.type == "cuda" and not g.eager_replay
+        if not g.sizes or not (capture or g.eager_replay):
+            return None
+        if capture and self.attention_impl == "torch":
+            log.warning("CUDA graphs are off: the torch reference kernels read values on the host (install "
+                        "triton); every step runs eagerly")
+            return None
+        # Block tables are as wide as the longest request the router may send; a wider one runs eagerly.
+        max_tokens = spec.max_total_tokens or self.config.max_position_embeddings
+        max_blocks = min(math.ceil(max_tokens / kv_cache.block_size), kv_cache.num_blocks)
+        try:
+            return DecodeGraphs(self.runner.model, kv_cache, g.sizes, max_blocks, self.device, capture=capture)
+        except torch.OutOfMemoryError as exc:
+            raise RuntimeError(
+                f"not enough memory to capture CUDA graphs for decode batch sizes {g.sizes}: lower "
+                "--cuda-memory-fraction, or capture fewer sizes (--cuda-graphs)"
+            ) from exc
 
     def _dummy_requests(self, lengths: Sequence[int]) -> list[RequestState]:
         bs = self.settings.block_size

@@ -1,0 +1,233 @@
+"""The padded static-buffer decode path (CUDA graphs' inputs) on CPU, replayed eagerly.
+
+Two in-process engines over the same tiny model run the same Prefill / Decode calls: one plain, one with
+`DecodeGraphSettings(eager_replay=True)`, which sends every decode step it can serve through
+`DecodeGraphs` (copied into static buffers, padded to a captured size, forward over the padded rows).
+Greedy tokens, their log-probs and the KV caches must match; the graphs' replay counters show which
+steps took the padded path and at which size.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import tokenizers
+import torch
+from spindle_kernels import ops_for
+from spindle_proto import generate_pb2 as pb
+from spindle_server.distributed import Distributed
+from spindle_server.engine.batch import ShardBatch
+from spindle_server.engine.cuda_graphs import DecodeGraphs, DecodeGraphSettings, parse_cuda_graph_sizes
+from spindle_server.engine.inputs import build_step_inputs
+from spindle_server.engine.shard import CacheSettings, ShardEngine, WarmupSpec
+from spindle_server.models.registry import load_model, read_model_config
+
+from tests.helpers.tiny_model import TinyModelSpec, make_tiny_model
+
+BS = 16
+SIZES = (1, 2, 4, 8)
+MAX_TOTAL_TOKENS = 256  # -> block tables 16 wide in the graphs
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model(tmp_path_factory.mktemp("graphs") / "m", TinyModelSpec(num_layers=2, seed=21))
+
+
+def make_engine(path, graphs: DecodeGraphSettings | None, max_total_tokens: int = MAX_TOTAL_TOKENS) -> ShardEngine:
+    device = torch.device("cpu")
+    dist = Distributed(rank=0, world_size=1, group=None)
+    ops = ops_for(device)
+    model = load_model(path, torch.float32, device, dist, ops)
+    tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    settings = CacheSettings(block_size=BS, kv_cache_bytes=4 << 20)
+    engine = ShardEngine(model, read_model_config(path), tokenizer, dist, device, torch.float32, ops.name,
+                         settings, graphs)
+    engine.warmup(WarmupSpec(max_input_tokens=max_total_tokens - 1, max_prefill_tokens=256,
+                             max_total_tokens=max_total_tokens))
+    return engine
+
+
+class Driver:
+    """Plays the router for one engine: blocks for a request's whole life up front (from block 1 on, so
+    block 0 — the padding rows' block — is never a request's), then Prefill / Decode."""
+
+    def __init__(self, engine: ShardEngine) -> None:
+        self.engine = engine
+        self.next_block = 1
+        self.batch_id: int | None = None
+        self.out: dict[int, list[tuple[int, float]]] = {}
+
+    def request(self, rid: int, prompt_len: int, max_new_tokens: int, extra_blocks: int = 0) -> pb.Request:
+        n = math.ceil((prompt_len + max_new_tokens) / BS) + extra_blocks
+        blocks = list(range(self.next_block, self.next_block + n))
+        self.next_block += n
+        ids = [1] + [(37 * rid + 11 * i) % 400 + 3 for i in range(prompt_len - 1)]
+        return pb.Request(
+            id=rid, input_ids=ids, blocks=blocks,
+            parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0,
+                                                     repetition_penalty=1.0),
+            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new_tokens, ignore_eos_token=True),
+        )
+
+    def prefill(self, batch_id: int, *requests: pb.Request) -> None:
+        batch = ShardBatch.from_proto(pb.Batch(id=batch_id, requests=list(requests)), self.engine.batch_context())
+        self._record(self.engine.prefill(batch, self.batch_id, []))
+
+    def decode(self) -> None:
+        assert self.batch_id is not None
+        self._record(self.engine.decode([self.batch_id], []))
+
+    def _record(self, outcome) -> None:
+        for g in outcome.generations:
+            self.out.setdefault(g.request_id, []).extend(zip(g.tokens.ids, g.tokens.logprobs))
+        self.batch_id = outcome.batch.id if outcome.batch is not None else None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.engine.batches[self.batch_id]) if self.batch_id is not None else 0
+
+
+def replays(engine: ShardEngine) -> dict[int, int]:
+    graphs = engine.runner.decode_graphs
+    assert graphs is not None
+    return dict(graphs.replays)
+
+
+def assert_same_results(plain: Driver, padded: Driver) -> None:
+    assert plain.out.keys() == padded.out.keys()
+    for rid in plain.out:
+        want, got = plain.out[rid], padded.out[rid]
+        assert [t for t, _ in got] == [t for t, _ in want], f"request {rid}"
+        assert [lp for _, lp in got] == pytest.approx([lp for _, lp in want], abs=1e-5), f"request {rid}"
+
+
+def test_padded_decode_equals_eager(model_dir):
+    plain = Driver(make_engine(model_dir, None))
+    padded = Driver(make_engine(model_dir, DecodeGraphSettings(SIZES, eager_replay=True)))
+    assert plain.engine.runner.decode_graphs is None
+    graphs = padded.engine.runner.decode_graphs
+    assert graphs is not None and not graphs.is_captured
+    assert graphs.max_blocks_per_seq == MAX_TOTAL_TOKENS // BS
+    sizes_seen: list[dict[int, int]] = []
+
+    def both(action) -> None:
+        for d in (plain, padded):
+            action(d)
+        assert plain.batch_size == padded.batch_size
+        sizes_seen.append(replays(padded.engine))
+
+    # Very different context lengths (1 to 9 blocks); 3 requests -> size 4.
+    both(lambda d: d.prefill(1, d.request(10, 3, 12), d.request(11, 40, 12), d.request(12, 130, 12)))
+    assert sizes_seen[-1] == {}  # a prefill runs eagerly
+    for _ in range(3):
+        both(lambda d: d.decode())
+    assert sizes_seen[-1] == {4: 3}
+    # Two prompts join the running batch: a mixed prefill + decode step, eager.
+    both(lambda d: d.prefill(2, d.request(13, 17, 8), d.request(14, 2, 10)))
+    assert sizes_seen[-1] == {4: 3}
+    # 5 requests -> size 8.
+    for _ in range(2):
+        both(lambda d: d.decode())
+    assert sizes_seen[-1] == {4: 3, 8: 2} and padded.batch_size == 5
+    # Four more join (mixed step): 9 requests, larger than the largest size, run eagerly.
+    both(lambda d: d.prefill(3, *(d.request(20 + i, 5 + 7 * i, 3) for i in range(4))))
+    for _ in range(2):
+        assert padded.batch_size == 9
+        both(lambda d: d.decode())
+    assert sizes_seen[-1] == {4: 3, 8: 2}
+    # The four finished (3 tokens): 5 left -> size 8; then 10, 11, 12 and 13 finish: 1 left -> size 1.
+    while plain.batch_id is not None:
+        both(lambda d: d.decode())
+    assert sizes_seen[-1] == {4: 3, 8: 4, 1: 2}
+
+    assert_same_results(plain, padded)
+    lengths = {rid: len(v) for rid, v in plain.out.items()}
+    assert lengths == {10: 12, 11: 12, 12: 12, 13: 8, 14: 10, 20: 3, 21: 3, 22: 3, 23: 3}
+    # Padding rows wrote nowhere: both caches hold the same K/V, and block 0 (no request's) is still zero.
+    for (k0, v0), (k1, v1) in zip(plain.engine.kv_cache.layers, padded.engine.kv_cache.layers):
+        torch.testing.assert_close(k1, k0, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(v1, v0, atol=1e-5, rtol=1e-5)
+        assert not k1[0].any() and not v1[0].any()
+        assert k1[1].any()  # the comparison is not between two empty caches
+
+
+def test_single_request_uses_size_one_and_odd_sizes(model_dir):
+    plain = Driver(make_engine(model_dir, None))
+    padded = Driver(make_engine(model_dir, DecodeGraphSettings((1, 3), eager_replay=True)))
+    for d in (plain, padded):
+        d.prefill(1, d.request(1, 9, 4))
+        while d.batch_id is not None:
+            d.decode()
+    assert replays(padded.engine) == {1: 3}
+    for d in (plain, padded):
+        d.prefill(2, d.request(2, 20, 4), d.request(3, 33, 4))
+        while d.batch_id is not None:
+            d.decode()
+    assert replays(padded.engine) == {1: 3, 3: 3}  # 2 requests -> size 3
+    assert_same_results(plain, padded)
+
+
+def test_requests_wider_than_the_graph_tables_run_eagerly(model_dir):
+    # max_total_tokens 48 -> tables 3 blocks wide; a request holding 4 blocks cannot be copied in.
+    engine = make_engine(model_dir, DecodeGraphSettings(SIZES, eager_replay=True), max_total_tokens=48)
+    graphs = engine.runner.decode_graphs
+    assert graphs is not None and graphs.max_blocks_per_seq == 3
+    d = Driver(engine)
+    d.prefill(1, d.request(1, 5, 3), d.request(2, 5, 3, extra_blocks=3))
+    inputs = build_step_inputs(engine.batches[1].requests, BS, torch.device("cpu"))
+    assert inputs.meta.is_decode and inputs.meta.block_tables.shape[1] == 4
+    assert not graphs.can_run(inputs, engine.kv_cache)
+    d.decode()
+    assert replays(engine) == {}
+    engine.batches[1].remove([2])
+    assert graphs.can_run(build_step_inputs(engine.batches[1].requests, BS, torch.device("cpu")), engine.kv_cache)
+    d.decode()
+    assert replays(engine) == {1: 1}
+
+
+def test_graphs_follow_the_cache_of_the_last_warmup(model_dir):
+    engine = make_engine(model_dir, DecodeGraphSettings(SIZES, eager_replay=True))
+    first = engine.runner.decode_graphs
+    engine.warmup(WarmupSpec(max_input_tokens=63, max_prefill_tokens=64, max_total_tokens=64))
+    second = engine.runner.decode_graphs
+    assert first is not None and second is not None and second is not first
+    assert second.kv_cache is engine.kv_cache and second.max_blocks_per_seq == 4
+    d = Driver(engine)
+    d.prefill(1, d.request(1, 5, 2))
+    inputs = build_step_inputs(engine.batches[1].requests, BS, torch.device("cpu"))
+    assert second.can_run(inputs, engine.kv_cache) and not first.can_run(inputs, engine.kv_cache)
+
+
+def test_graphs_are_off_on_cpu_without_eager_replay(model_dir, caplog):
+    with caplog.at_level("INFO", logger="spindle_server.engine"):
+        engine = make_engine(model_dir, DecodeGraphSettings(SIZES))
+    assert engine.runner.decode_graphs is None
+    assert sum("CUDA graphs are off on cpu" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_size_for():
+    graphs = DecodeGraphs.__new__(DecodeGraphs)
+    graphs.sizes = (1, 2, 4, 8)
+    assert [graphs.size_for(n) for n in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, None]
+
+
+@pytest.mark.parametrize(
+    "text, sizes",
+    [("1,2,4,8", (1, 2, 4, 8)), ("8, 2,2 ,1", (1, 2, 8)), ("0", ()), ("", ()), ("256", (256,))],
+)
+def test_parse_cuda_graph_sizes(text, sizes):
+    assert parse_cuda_graph_sizes(text) == sizes
+
+
+@pytest.mark.parametrize("text", ["a", "1,-2", "0,4", "1.5"])
+def test_parse_cuda_graph_sizes_rejects(text):
+    with pytest.raises(ValueError, match="CUDA graph sizes"):
+        parse_cuda_graph_sizes(text)
+
+
+def test_settings_reject_unsorted_or_nonpositive_sizes():
+    for sizes in ((2, 1), (1, 1), (0, 1)):
+        with pytest.raises(ValueError, match="strictly increasing"):
+            DecodeGraphSettings(sizes)
