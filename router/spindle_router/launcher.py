@@ -69,6 +69,7 @@ class ShardOptions:
     kv_cache_bytes: int | None
     master_addr: str
     master_port: int
+    cuda_graphs: str | None = None  # "1,2,4" / "0" for the shards' --cuda-graphs; None: the shards' default
 
 
 @dataclass(frozen=True)
@@ -96,6 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
              choices=["float32", "bfloat16", "float16"])
     add_flag(g, "kv-cache-bytes", positive_int, None,
              "CPU only: bytes of KV cache per shard", shown="min(25%% of RAM, 4 GiB)")
+    add_flag(g, "cuda-graphs", cuda_graph_sizes, None,
+             "CUDA only: decode batch sizes the shards capture as CUDA graphs, comma-separated; 0 disables",
+             shown="1,2,4,8,16,32,64,128,256")
     add_flag(g, "shard-uds-path", str, "/tmp/spindle-server", "shard socket prefix: rank r listens on PREFIX-r")
     add_flag(g, "master-addr", str, "127.0.0.1", "torch.distributed rendezvous address")
     add_flag(g, "master-port", positive_int, 29500, "torch.distributed rendezvous port")
@@ -112,6 +116,19 @@ def build_parser() -> argparse.ArgumentParser:
     add_scheduler_flags(p)
     add_telemetry_flags(p)
     return p
+
+
+def cuda_graph_sizes(value: str) -> str:
+    """"8, 1,2" -> "1,2,8"; "0" -> "0" (off). Checked here so a typo fails before any shard starts."""
+    try:
+        sizes = sorted({int(p) for p in value.split(",") if p.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {value!r}") from None
+    if sizes in ([], [0]):
+        return "0"
+    if sizes[0] < 1:
+        raise argparse.ArgumentTypeError(f"sizes must be positive (or a single 0 to disable), got {value!r}")
+    return ",".join(map(str, sizes))
 
 
 def resolve_model_dir(model_id: str) -> Path:
@@ -145,7 +162,7 @@ def config_from_args(ns: argparse.Namespace) -> LauncherConfig:
     check_static_limits(router.limits, router.scheduler)
     return LauncherConfig(
         router=router,
-        shard=ShardOptions(ns.dtype, ns.kv_cache_bytes, ns.master_addr, ns.master_port),
+        shard=ShardOptions(ns.dtype, ns.kv_cache_bytes, ns.master_addr, ns.master_port, ns.cuda_graphs),
         graceful_termination_timeout_s=ns.graceful_termination_timeout,
     )
 
@@ -254,6 +271,8 @@ class Launcher:
             argv += ["--dtype", c.shard.dtype]
         if c.shard.kv_cache_bytes is not None:
             argv += ["--kv-cache-bytes", str(c.shard.kv_cache_bytes)]
+        if c.shard.cuda_graphs is not None:
+            argv += ["--cuda-graphs", c.shard.cuda_graphs]
         t = c.router.telemetry
         if t.otlp_endpoint:
             # The router exports as e.g. "spindle.router"; its shards as "spindle.shard".

@@ -78,3 +78,25 @@ def test_log_formats():
     assert obj["target"] == "spindle_launcher.shard" and obj["timestamp"].endswith("Z")
     text = TextFormatter().format(_record("hello"))
     assert "WARN" in text and text.endswith("spindle_launcher.shard: hello")
+
+
+def test_cuda_graphs_flag_reaches_the_shards(tmp_path: Path, monkeypatch):
+    (tmp_path / "config.json").write_text("{}")
+    base = ["--model-id", str(tmp_path), "--max-input-tokens", "10", "--max-total-tokens", "20"]
+
+    def shard_argv(*extra: str) -> list[str]:
+        ns = launcher.build_parser().parse_args([*base, *extra])
+        return launcher.Launcher(launcher.config_from_args(ns))._shard_argv()
+
+    argv = shard_argv("--cuda-graphs", "8, 1,2,2")
+    assert argv[argv.index("--cuda-graphs") + 1] == "1,2,8"
+    argv = shard_argv("--cuda-graphs", "0")
+    assert argv[argv.index("--cuda-graphs") + 1] == "0"
+    assert "--cuda-graphs" not in shard_argv()  # the shards' own default (every size on CUDA)
+    monkeypatch.setenv("CUDA_GRAPHS", "4,16")
+    argv = shard_argv()
+    assert argv[argv.index("--cuda-graphs") + 1] == "4,16"
+    monkeypatch.delenv("CUDA_GRAPHS")
+    for bad in ("1,x", "-1", "0,4"):
+        with pytest.raises(SystemExit):
+            launcher.build_parser().parse_args([*base, "--cuda-graphs", bad])

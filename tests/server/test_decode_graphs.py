@@ -231,3 +231,15 @@ def test_settings_reject_unsorted_or_nonpositive_sizes():
     for sizes in ((2, 1), (1, 1), (0, 1)):
         with pytest.raises(ValueError, match="strictly increasing"):
             DecodeGraphSettings(sizes)
+
+
+def test_serve_flag():
+    from spindle_server.cli import build_parser
+
+    def parse(*extra: str):
+        return build_parser().parse_args(["serve", "m", "--uds-path", "s", *extra]).cuda_graphs
+
+    assert parse() == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    assert parse("--cuda-graphs", "4,1") == (1, 4) and parse("--cuda-graphs", "0") == ()
+    with pytest.raises(SystemExit):
+        parse("--cuda-graphs", "1,two")

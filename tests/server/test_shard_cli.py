@@ -19,7 +19,8 @@ pytestmark = pytest.mark.slow
 def test_help_lists_the_flags():
     out = subprocess.run(_server_command() + ["serve", "--help"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0
-    for flag in ("MODEL_DIR", "--uds-path", "--dtype", "--kv-cache-bytes", "--cuda-memory-fraction", "--block-size"):
+    for flag in ("MODEL_DIR", "--uds-path", "--dtype", "--kv-cache-bytes", "--cuda-memory-fraction", "--block-size",
+                 "--cuda-graphs"):
         assert flag in out.stdout
 
 
@@ -45,6 +46,7 @@ def test_stale_socket_replaced_and_sigterm_stops_cleanly(tmp_path):
         assert proc.wait(timeout=30) == 0
         assert not os.path.exists(f"{prefix}-0")
         assert "[rank 0]" in group.log_text()
+        assert group.log_text().count("CUDA graphs are off on cpu") == 1  # the default asks for them
     finally:
         group.close()
         os.rmdir(stale_dir)
