@@ -216,9 +216,18 @@ class GreedyReference:
         return self.tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
 
     def continuation(self, input_ids: Sequence[int], max_new_tokens: int) -> list[int]:
+        import torch
+
         key = (tuple(input_ids), max_new_tokens)
         if key not in self._memo:
-            out = reference_greedy(self.model, list(input_ids), max_new_tokens)
+            # One thread: a tiny model gains nothing from more, and on a busy 2-core machine (the stack's
+            # processes run alongside) intra-op threads spin-wait on each other and get 100x slower.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                out = reference_greedy(self.model, list(input_ids), max_new_tokens)
+            finally:
+                torch.set_num_threads(threads)
             self._memo[key] = out[: out.index(EOS_ID) + 1] if EOS_ID in out else out
         return list(self._memo[key])
 
