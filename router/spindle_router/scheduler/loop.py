@@ -194,6 +194,7 @@ class Scheduler:
             while not self._inbox.empty():
                 self._handle(self._inbox.get_nowait())
             if not self.running and not self.waiting:
+                self._update_gauges()  # cancellations may have emptied the batch: no step will say so
                 continue
             plan = plan_step(self.running, self.waiting, self.blocks, self.limits)
             self._note_plan(plan)
