@@ -62,6 +62,10 @@ def test_preemption_and_prefix_eviction_keep_greedy_exact(start_launcher, tiny_m
     demand = sum(math.ceil((len(ids) + n) / BLOCK_SIZE) for ids, (_, n) in zip(prompt_ids, work))
     # Any one request fits the cache alone; all of them together need several times what it holds.
     assert worst <= NUM_BLOCKS - 1 and demand > 4 * NUM_BLOCKS, (worst, demand)
+    # The full prompt blocks the prefix cache takes in, shared prefixes counted once: more than the cache
+    # can ever hold, so it has to evict to take them all.
+    cacheable = {tuple(ids[: BLOCK_SIZE * (b + 1)]) for ids in prompt_ids for b in range(len(ids) // BLOCK_SIZE)}
+    assert len(cacheable) > NUM_BLOCKS, len(cacheable)
     expected = [greedy.continuation(ids, n) for ids, (_, n) in zip(prompt_ids, work)]
 
     args = ["--kv-cache-bytes", str(NUM_BLOCKS * kv_bytes_per_block(tiny_model_dir)),
