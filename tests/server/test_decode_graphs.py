@@ -9,20 +9,15 @@ steps took the padded path and at which size.
 
 from __future__ import annotations
 
-import math
+from pathlib import Path
 
 import pytest
-import tokenizers
 import torch
-from spindle_kernels import ops_for
-from spindle_proto import generate_pb2 as pb
-from spindle_server.distributed import Distributed
-from spindle_server.engine.batch import ShardBatch
 from spindle_server.engine.cuda_graphs import DecodeGraphs, DecodeGraphSettings, parse_cuda_graph_sizes
 from spindle_server.engine.inputs import build_step_inputs
-from spindle_server.engine.shard import CacheSettings, ShardEngine, WarmupSpec
-from spindle_server.models.registry import load_model, read_model_config
+from spindle_server.engine.shard import WarmupSpec
 
+from tests.helpers.engine_driver import Driver, make_engine, replays
 from tests.helpers.tiny_model import TinyModelSpec, make_tiny_model
 
 BS = 16
@@ -33,66 +28,6 @@ MAX_TOTAL_TOKENS = 256  # -> block tables 16 wide in the graphs
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("graphs") / "m", TinyModelSpec(num_layers=2, seed=21))
-
-
-def make_engine(path, graphs: DecodeGraphSettings | None, max_total_tokens: int = MAX_TOTAL_TOKENS) -> ShardEngine:
-    device = torch.device("cpu")
-    dist = Distributed(rank=0, world_size=1, group=None)
-    ops = ops_for(device)
-    model = load_model(path, torch.float32, device, dist, ops)
-    tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-    settings = CacheSettings(block_size=BS, kv_cache_bytes=4 << 20)
-    engine = ShardEngine(model, read_model_config(path), tokenizer, dist, device, torch.float32, ops.name,
-                         settings, graphs)
-    engine.warmup(WarmupSpec(max_input_tokens=max_total_tokens - 1, max_prefill_tokens=256,
-                             max_total_tokens=max_total_tokens))
-    return engine
-
-
-class Driver:
-    """Plays the router for one engine: blocks for a request's whole life up front (from block 1 on, so
-    block 0 — the padding rows' block — is never a request's), then Prefill / Decode."""
-
-    def __init__(self, engine: ShardEngine) -> None:
-        self.engine = engine
-        self.next_block = 1
-        self.batch_id: int | None = None
-        self.out: dict[int, list[tuple[int, float]]] = {}
-
-    def request(self, rid: int, prompt_len: int, max_new_tokens: int, extra_blocks: int = 0) -> pb.Request:
-        n = math.ceil((prompt_len + max_new_tokens) / BS) + extra_blocks
-        blocks = list(range(self.next_block, self.next_block + n))
-        self.next_block += n
-        ids = [1] + [(37 * rid + 11 * i) % 400 + 3 for i in range(prompt_len - 1)]
-        return pb.Request(
-            id=rid, input_ids=ids, blocks=blocks,
-            parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0,
-                                                     repetition_penalty=1.0),
-            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new_tokens, ignore_eos_token=True),
-        )
-
-    def prefill(self, batch_id: int, *requests: pb.Request) -> None:
-        batch = ShardBatch.from_proto(pb.Batch(id=batch_id, requests=list(requests)), self.engine.batch_context())
-        self._record(self.engine.prefill(batch, self.batch_id, []))
-
-    def decode(self) -> None:
-        assert self.batch_id is not None
-        self._record(self.engine.decode([self.batch_id], []))
-
-    def _record(self, outcome) -> None:
-        for g in outcome.generations:
-            self.out.setdefault(g.request_id, []).extend(zip(g.tokens.ids, g.tokens.logprobs))
-        self.batch_id = outcome.batch.id if outcome.batch is not None else None
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.engine.batches[self.batch_id]) if self.batch_id is not None else 0
-
-
-def replays(engine: ShardEngine) -> dict[int, int]:
-    graphs = engine.runner.decode_graphs
-    assert graphs is not None
-    return dict(graphs.replays)
 
 
 def assert_same_results(plain: Driver, padded: Driver) -> None:
@@ -243,3 +178,48 @@ def test_serve_flag():
     assert parse("--cuda-graphs", "4,1") == (1, 4) and parse("--cuda-graphs", "0") == ()
     with pytest.raises(SystemExit):
         parse("--cuda-graphs", "1,two")
+
+
+def _triton_padded_path(model_dir: str) -> dict[int, int]:
+    """The padded path with the Triton kernels (what the graphs replay on CUDA) vs the plain reference path.
+
+    Runs in a child with TRITON_INTERPRET=1. Sizes (1, 3, 8) and 1024-token tables: 2 requests pad to 3
+    and the decode kernel splits the context (the padding row's later splits are empty); 5 pad to 8.
+    """
+    path = Path(model_dir)
+    plain = Driver(make_engine(path, None, max_total_tokens=1024))
+    triton = Driver(make_engine(path, DecodeGraphSettings((1, 3, 8), eager_replay=True), max_total_tokens=1024,
+                                attention_impl="triton", use_triton=True, max_prefill_tokens=128))
+    for d in (plain, triton):
+        d.prefill(1, d.request(10, 3, 6), d.request(11, 100, 6))
+        d.decode()
+        d.prefill(2, d.request(12, 40, 3), d.request(13, 17, 5), d.request(14, 2, 3))
+        while d.batch_id is not None:
+            d.decode()
+    assert_same_results(plain, triton)
+    for (k0, v0), (k1, v1) in zip(plain.engine.kv_cache.layers, triton.engine.kv_cache.layers):
+        torch.testing.assert_close(k1, k0, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(v1, v0, atol=1e-4, rtol=1e-4)
+        assert not k1[0].any() and not v1[0].any()
+    return replays(triton.engine)
+
+
+@pytest.mark.slow
+def test_padded_path_with_triton_kernels_in_the_interpreter(model_dir):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, sys\n"
+        "from tests.server.test_decode_graphs import _triton_padded_path\n"
+        "print('REPLAYS', json.dumps(_triton_padded_path(sys.argv[1])))\n"
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", code, str(model_dir)], capture_output=True, text=True, env=env,
+                          timeout=600, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("REPLAYS "))
+    # 2 requests -> 3 (then 3 more join); 5 -> 8 twice (12 and 14 finish); 3 -> 3 (10 and 11 finish); 1 -> 1.
+    assert {int(k): v for k, v in json.loads(line.removeprefix("REPLAYS ")).items()} == {3: 2, 8: 2, 1: 1}

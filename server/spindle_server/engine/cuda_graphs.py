@@ -192,7 +192,9 @@ class DecodeGraphs:
                 self._forward(size)
             torch.cuda.synchronize(self.device)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: a Health call on another thread (not serialised with Warmup) may use the
+            # device meanwhile; it works on its own stream, not the capturing one.
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = self._forward(size)
             self._graphs[size] = graph
             self._outputs[size] = out

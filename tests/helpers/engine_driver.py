@@ -1,0 +1,102 @@
+"""An in-process shard engine (no gRPC) and a small driver that plays the router for it.
+
+The driver gives each request the blocks of its whole life up front, from block 1 on (block 0 is the
+block padding rows of a CUDA-graph batch read, so it is never a request's), then sends Prefill /
+Decode calls and records every generated token with its log-prob.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import tokenizers
+import torch
+from spindle_kernels import ops_for, triton_ops
+from spindle_proto import generate_pb2 as pb
+from spindle_server.distributed import Distributed
+from spindle_server.engine.batch import ShardBatch
+from spindle_server.engine.cuda_graphs import DecodeGraphSettings
+from spindle_server.engine.shard import CacheSettings, ShardEngine, StepOutcome, WarmupSpec
+from spindle_server.models.registry import load_model, read_model_config
+
+
+def make_engine(
+    path: Path,
+    graphs: DecodeGraphSettings | None,
+    *,
+    max_total_tokens: int = 256,
+    block_size: int = 16,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    kv_cache_bytes: int = 4 << 20,
+    attention_impl: str | None = None,
+    use_triton: bool = False,
+    max_prefill_tokens: int | None = None,  # None: twice max_total_tokens
+) -> ShardEngine:
+    """A warmed-up single-rank engine; on CUDA its KV cache gets about `kv_cache_bytes` too.
+
+    `attention_impl` overrides the name the engine is told; `use_triton` takes the Triton kernels whatever the
+    device (on CPU only under TRITON_INTERPRET=1).
+    """
+    dev = torch.device(device)
+    dist = Distributed(rank=0, world_size=1, group=None)
+    ops = triton_ops() if use_triton else ops_for(dev, block_size=block_size)
+    model = load_model(path, dtype, dev, dist, ops)
+    tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
+    fraction = 0.9
+    if dev.type == "cuda":  # the budget is what is free beyond (1 - fraction) of the device
+        free, total = torch.cuda.mem_get_info(dev)
+        fraction = min(1.0, 1.0 - (free - kv_cache_bytes) / total)
+    settings = CacheSettings(block_size=block_size, kv_cache_bytes=kv_cache_bytes, cuda_memory_fraction=fraction)
+    engine = ShardEngine(model, read_model_config(path), tokenizer, dist, dev, dtype, attention_impl or ops.name,
+                         settings, graphs)
+    engine.warmup(WarmupSpec(max_input_tokens=max_total_tokens - 1, max_prefill_tokens=max_prefill_tokens or 2 * max_total_tokens,
+                             max_total_tokens=max_total_tokens))
+    return engine
+
+
+class Driver:
+    def __init__(self, engine: ShardEngine) -> None:
+        self.engine = engine
+        self.block_size = engine.settings.block_size
+        self.next_block = 1
+        self.batch_id: int | None = None
+        self.out: dict[int, list[tuple[int, float]]] = {}  # request id -> (token, logprob) per step
+
+    def request(self, rid: int, prompt_len: int, max_new_tokens: int, extra_blocks: int = 0) -> pb.Request:
+        n = math.ceil((prompt_len + max_new_tokens) / self.block_size) + extra_blocks
+        blocks = list(range(self.next_block, self.next_block + n))
+        self.next_block += n
+        ids = [1] + [(37 * rid + 11 * i) % 400 + 3 for i in range(prompt_len - 1)]
+        return pb.Request(
+            id=rid, input_ids=ids, blocks=blocks,
+            parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0,
+                                                     repetition_penalty=1.0),
+            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new_tokens, ignore_eos_token=True),
+        )
+
+    def prefill(self, batch_id: int, *requests: pb.Request) -> None:
+        """Prefill `requests`, merged after the running batch (a mixed prefill + decode step) if any."""
+        batch = ShardBatch.from_proto(pb.Batch(id=batch_id, requests=list(requests)), self.engine.batch_context())
+        self._record(self.engine.prefill(batch, self.batch_id, []))
+
+    def decode(self) -> None:
+        assert self.batch_id is not None
+        self._record(self.engine.decode([self.batch_id], []))
+
+    def _record(self, outcome: StepOutcome) -> None:
+        for g in outcome.generations:
+            self.out.setdefault(g.request_id, []).extend(zip(g.tokens.ids, g.tokens.logprobs))
+        self.batch_id = outcome.batch.id if outcome.batch is not None else None
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.engine.batches[self.batch_id]) if self.batch_id is not None else 0
+
+
+def replays(engine: ShardEngine) -> dict[int, int]:
+    """Decode steps each graph size served so far."""
+    graphs = engine.runner.decode_graphs
+    assert graphs is not None
+    return dict(graphs.replays)
