@@ -223,3 +223,21 @@ def test_padded_path_with_triton_kernels_in_the_interpreter(model_dir):
     line = next(x for x in proc.stdout.splitlines() if x.startswith("REPLAYS "))
     # 2 requests -> 3 (then 3 more join); 5 -> 8 twice (12 and 14 finish); 3 -> 3 (10 and 11 finish); 1 -> 1.
     assert {int(k): v for k, v in json.loads(line.removeprefix("REPLAYS ")).items()} == {3: 2, 8: 2, 1: 1}
+
+
+def test_a_failed_capture_leaves_the_shard_not_ready(model_dir, monkeypatch):
+    from spindle_server.engine import shard
+    from spindle_server.engine.errors import NotReadyError
+
+    engine = make_engine(model_dir, DecodeGraphSettings(SIZES, eager_replay=True))
+    assert engine.kv_cache is not None
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("capture failed")
+
+    monkeypatch.setattr(shard, "DecodeGraphs", failing)
+    with pytest.raises(RuntimeError, match="capture failed"):
+        engine.warmup(WarmupSpec(max_input_tokens=63, max_prefill_tokens=64, max_total_tokens=64))
+    assert engine.kv_cache is None and engine.runner.decode_graphs is None
+    with pytest.raises(NotReadyError):
+        engine.batch_context()

@@ -196,7 +196,11 @@ class ShardEngine:
             "KV cache: %d blocks x %d tokens, %.1f MiB on this rank",
             num_blocks, bs, self.kv_cache.num_bytes / 2**20,
         )
-        self.runner.decode_graphs = self._decode_graphs(spec, self.kv_cache)
+        try:
+            self.runner.decode_graphs = self._decode_graphs(spec, self.kv_cache)
+        except BaseException:
+            self.kv_cache = None  # a failed Warmup leaves the shard not ready
+            raise
         return WarmupResult(num_blocks=num_blocks, block_size=bs)
 
     def _decode_graphs(self, spec: WarmupSpec, kv_cache: KVCache) -> DecodeGraphs | None:
