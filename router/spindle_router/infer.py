@@ -253,7 +253,7 @@ class Infer:
             if not finished:  # cancelled (client gone, sibling best_of failed): free the request's blocks
                 stream.cancel()
             if trace is not None:
-                trace.finish(error=None if sys.exc_info()[0] is None else repr(sys.exc_info()[1]))
+                trace.finish(error=sys.exc_info()[1])
 
     async def generate_stream(
         self,
@@ -329,7 +329,7 @@ class Infer:
             if not finished:
                 stream.cancel()
             if trace is not None:
-                trace.finish(error=None if sys.exc_info()[0] is None else repr(sys.exc_info()[1]))
+                trace.finish(error=sys.exc_info()[1])
 
 
 async def _gather_all(coros: list) -> list[GenerationResult]:

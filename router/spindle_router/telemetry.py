@@ -117,12 +117,12 @@ class RequestTrace:
             self._carrier = carrier(trace.set_span_in_context(self._inference))
         return self._carrier
 
-    def finish(self, error: str | None = None) -> None:
+    def finish(self, error: BaseException | None = None) -> None:
         """End whatever is open; `error` marks the open span failed."""
         for s in (self._queue, self._inference):
             if s is not None and s.is_recording():
                 if error is not None:
-                    s.set_status(trace.Status(trace.StatusCode.ERROR, error))
+                    s.set_status(trace.Status(trace.StatusCode.ERROR, repr(error)))
                 s.end()
 
     def _end_queue(self) -> None:

@@ -149,3 +149,17 @@ def test_invocations_dispatch_by_shape(server):
     assert comp.json()["object"] == "text_completion"
     bad = requests.post(url, json={"foo": 1}, timeout=10)
     assert bad.status_code == 422 and bad.json()["error_type"] == "validation"
+
+
+def test_request_id_is_echoed_on_json_sse_and_error_answers(server):
+    body = {"inputs": "hello", "parameters": {"max_new_tokens": 2}}
+    given = requests.post(server.base_url + "/generate", json=body, headers={"x-request-id": "abc-1"}, timeout=10)
+    assert given.status_code == 200 and given.headers["x-request-id"] == "abc-1"
+    with requests.post(server.base_url + "/generate_stream", json=body, stream=True, timeout=10) as sse:
+        assert sse.headers["Content-Type"].startswith("text/event-stream")
+        fresh = sse.headers["x-request-id"]
+        assert b"generated_text" in sse.content
+    assert len(fresh) == 32 and fresh != "abc-1"
+    bad = requests.post(server.base_url + "/generate", json={"inputs": ""}, headers={"x-request-id": "e"}, timeout=10)
+    assert bad.status_code == 422 and bad.headers["x-request-id"] == "e"
+    assert "x-request-id" not in requests.get(server.base_url + "/health", timeout=10).headers

@@ -153,6 +153,15 @@ def _cors_middleware(origins: tuple[str, ...]):
     return cors
 
 
+_REQUEST_ID = web.RequestKey("spindle_request_id", str)
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """on_response_prepare: every answer to a request with an id (JSON or SSE) carries it."""
+    if _REQUEST_ID in request:
+        response.headers["x-request-id"] = request[_REQUEST_ID]
+
+
 @web.middleware
 async def _request_context(request: web.Request, handler):
     """A request id on every log line of a generation request (the client's `x-request-id`, else a new
@@ -160,6 +169,7 @@ async def _request_context(request: web.Request, handler):
     if request.method != "POST":  # probes and scrapes: no log lines, no spans
         return await handler(request)
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
+    request[_REQUEST_ID] = request_id
     token = REQUEST_ID.set(request_id)
     try:
         with telemetry.server_span(
@@ -169,8 +179,6 @@ async def _request_context(request: web.Request, handler):
             resp = await handler(request)
             if span is not None:
                 span.set_attribute("http.status_code", resp.status)
-            if not resp.prepared:
-                resp.headers["x-request-id"] = request_id
             return resp
     finally:
         REQUEST_ID.reset(token)
@@ -225,6 +233,7 @@ def build_app(
             _auth_middleware(config.http.api_key, protected),
         ],
     )
+    app.on_response_prepare.append(_echo_request_id)
     app[STATE] = AppState(
         config=config,
         limits=limits,

@@ -17,7 +17,6 @@ from aiohttp import web
 
 from spindle_router.api.context import dumps
 from spindle_router.infer import InferError
-from spindle_router.logging import REQUEST_ID
 
 T = TypeVar("T")
 
@@ -40,9 +39,6 @@ async def open_sse(request: web.Request, headers: dict[str, str]) -> web.StreamR
             **headers,
         },
     )
-    request_id = REQUEST_ID.get()
-    if request_id is not None:
-        resp.headers["x-request-id"] = request_id
     await resp.prepare(request)
     return resp
 

@@ -421,10 +421,13 @@ class Scheduler:
 def _carrier(requests: list[ScheduledRequest], ask_all: bool = False) -> tuple[tuple[str, str], ...]:
     """Trace context for a batch RPC: the first traced request's. `ask_all` for newly admitted requests:
     asking is how each learns it left the queue."""
-    carriers = (sr.request.trace.carrier() for sr in requests if sr.request.trace is not None)
-    if ask_all:
-        carriers = iter(list(carriers))
-    return next((c for c in carriers if c), ())
+    found: tuple[tuple[str, str], ...] = ()
+    for sr in requests:
+        if sr.request.trace is not None:
+            found = found or sr.request.trace.carrier()
+            if found and not ask_all:
+                break
+    return found
 
 
 def _chunk_len(sr: ScheduledRequest) -> int | None:
