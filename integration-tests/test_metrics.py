@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import urllib.error
-import urllib.request
-
+import requests
 from prometheus_client.parser import text_string_to_metric_families
 
 PROMPT = "the quick brown fox jumps over the lazy dog " * 4  # > one 16-token block: the repeat hits the cache
@@ -23,9 +20,9 @@ GAUGES = ["tgi_queue_size", "tgi_batch_current_size", "tgi_batch_current_max_tok
 
 def scrape(base_url: str) -> tuple[dict[str, str], dict[tuple[str, tuple], float]]:
     """Family types by name, and every sample by (name, sorted labels)."""
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=10) as r:
-        assert r.headers["Content-Type"].startswith("text/plain")
-        text = r.read().decode()
+    r = requests.get(f"{base_url}/metrics", timeout=10)
+    assert r.status_code == 200 and r.headers["Content-Type"].startswith("text/plain")
+    text = r.text
     # TGI's dashboard queries counters by their bare names; the parser reads them as `<name>_total`.
     assert "\ntgi_request_count " in text and "tgi_request_count_total" not in text
     types, samples = {}, {}
@@ -37,29 +34,20 @@ def scrape(base_url: str) -> tuple[dict[str, str], dict[tuple[str, tuple], float
     return types, samples
 
 
-def post(base_url: str, path: str, body: dict) -> tuple[int, bytes]:
-    req = urllib.request.Request(f"{base_url}{path}", data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, e.read()
-
-
 def test_metrics_count_what_was_sent(launcher):
     _, before = scrape(launcher.base_url)
     generated = 0
     for n in (3, 5, 7):
-        status, body = post(launcher.base_url, "/generate",
-                            {"inputs": PROMPT, "parameters": {"max_new_tokens": n, "details": True}})
-        assert status == 200, body
-        generated += json.loads(body)["details"]["generated_tokens"]
-    status, body = post(launcher.base_url, "/generate_stream", {"inputs": "a b c", "parameters": {"max_new_tokens": 4}})
-    assert status == 200
-    generated += len([line for line in body.decode().splitlines() if line.startswith("data:")])
-    status, body = post(launcher.base_url, "/generate", {"inputs": "x", "parameters": {"temperature": 0}})
-    assert status == 422 and json.loads(body)["error_type"] == "validation"
+        r = requests.post(f"{launcher.base_url}/generate", timeout=60,
+                          json={"inputs": PROMPT, "parameters": {"max_new_tokens": n, "details": True}})
+        assert r.status_code == 200, r.text
+        generated += r.json()["details"]["generated_tokens"]
+    r = requests.post(f"{launcher.base_url}/generate_stream", timeout=60,
+                      json={"inputs": "a b c", "parameters": {"max_new_tokens": 4}})
+    assert r.status_code == 200
+    generated += len([line for line in r.text.splitlines() if line.startswith("data:")])
+    r = requests.post(f"{launcher.base_url}/generate", timeout=60, json={"inputs": "x", "parameters": {"temperature": 0}})
+    assert r.status_code == 422 and r.json()["error_type"] == "validation"
 
     types, after = scrape(launcher.base_url)
 

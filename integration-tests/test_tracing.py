@@ -3,21 +3,14 @@ exported over OTLP/gRPC to a real receiver this test runs."""
 
 from __future__ import annotations
 
-import json
 import secrets
-import urllib.request
+
+import requests
 
 from tests.helpers.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 ROUTER_SPANS = {"POST /generate", "validation", "queue", "inference"}
 SHARD_RPCS = {"Prefill", "Decode"}
-
-
-def _post(url: str, body: dict, headers: dict[str, str]) -> tuple[int, dict, dict]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json", **headers})
-    with urllib.request.urlopen(req, timeout=60) as r:
-        return r.status, dict(r.headers), json.loads(r.read())
 
 
 def _rank(span: ReceivedSpan) -> int | None:
@@ -41,13 +34,13 @@ def test_traceparent_yields_one_tree_over_router_and_every_shard(start_launcher,
         env = {"OTEL_BSP_SCHEDULE_DELAY": "200"}
         with start_launcher(tiny_model_dir, num_shard=2, env=env,
                             args=["--otlp-endpoint", receiver.endpoint, "--otlp-service-name", "it.router"]) as stack:
-            status, headers, body = _post(
-                f"{stack.base_url}/generate",
-                {"inputs": "hello world", "parameters": {"max_new_tokens": 4, "details": True}},
-                {"traceparent": f"00-{trace_id}-{client_span_id}-01", "x-request-id": "it-trace-1"},
+            r = requests.post(
+                f"{stack.base_url}/generate", timeout=60,
+                json={"inputs": "hello world", "parameters": {"max_new_tokens": 4, "details": True}},
+                headers={"traceparent": f"00-{trace_id}-{client_span_id}-01", "x-request-id": "it-trace-1"},
             )
-            assert status == 200 and body["details"]["generated_tokens"] == 4
-            assert headers.get("x-request-id") == "it-trace-1"
+            assert r.status_code == 200 and r.json()["details"]["generated_tokens"] == 4
+            assert r.headers.get("x-request-id") == "it-trace-1"
             spans = receiver.wait_for(_complete(trace_id, 2, rpcs_per_rank=4), timeout_s=30)
             log = stack.log_text()
         # The router traced the POST only (not the launcher's /health probes), all inside the client's trace.
