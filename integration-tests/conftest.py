@@ -150,6 +150,7 @@ def launcher_argv(model_dir: Path, port: int, uds_prefix: str, num_shard: int, a
         "--master-port", str(free_port()),
         "--kv-cache-bytes", str(16 * 2**20),
         "--graceful-termination-timeout", "10",
+        "--dtype", "float32",  # answers are compared with transformers in float32; `args` may override
         *args,
     ]
 

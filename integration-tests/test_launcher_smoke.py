@@ -74,6 +74,23 @@ def test_generate_equals_transformers(launcher, expected):
     assert generate_ids(launcher.base_url, PROMPT, 12) == expected
 
 
+def test_info_reports_the_dtype_and_device(launcher):
+    info = requests.get(f"{launcher.base_url}/info", timeout=10).json()
+    assert (info["model_dtype"], info["model_device_type"]) == ("float32", "cpu")
+
+
+@pytest.mark.slow
+def test_default_dtype_is_auto(start_launcher, tiny_model_dir):
+    from spindle_server.dtype import cpu_flags, resolve_dtype
+
+    import torch
+
+    want, _ = resolve_dtype("auto", torch.device("cpu"), tiny_model_dir, cpu_flags())
+    with start_launcher(tiny_model_dir, args=["--dtype", "auto"]) as stack:  # what no --dtype gives
+        assert requests.get(f"{stack.base_url}/info", timeout=10).json()["model_dtype"] == want
+        assert 1 <= len(generate_ids(stack.base_url, PROMPT, 6)) <= 6
+
+
 def test_stream_and_openai_chat(launcher, expected):
     r = requests.post(f"{launcher.base_url}/generate_stream", stream=True, timeout=60, json={
         "inputs": PROMPT, "parameters": {"max_new_tokens": 12},

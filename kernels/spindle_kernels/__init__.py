@@ -4,7 +4,8 @@ The shard picks one `KernelOps` at start-up with `ops_for(device)` and passes it
 code never asks which platform it runs on.
 
 Implementations, best first: flash-attn attention (CUDA, when `flash_attn` imports) over the Triton
-ops; the Triton ops (CUDA, when `triton` imports); the torch reference (anywhere). Importing this
+ops; the Triton ops (CUDA, when `triton` imports); on CPU the reference with `cpu.py`'s attention;
+the torch reference (anywhere). Importing this
 package imports neither triton nor flash_attn: they load on first use. The Triton functions are
 also exported here by name (`spindle_kernels.paged_decode_attention`, ...), loaded on access.
 """
@@ -19,12 +20,12 @@ from typing import Any
 
 import torch
 
-from spindle_kernels import reference
+from spindle_kernels import cpu, reference
 
 
 @dataclasses.dataclass(frozen=True)
 class KernelOps:
-    name: str  # reported by the shard's Info as attention_impl: "flash_attn" | "triton" | "torch"
+    name: str  # reported by the shard's Info as attention_impl: "flash_attn" | "triton" | "cpu" | "torch"
     reshape_and_cache: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
     paged_decode_attention: Callable[..., torch.Tensor]
@@ -41,6 +42,13 @@ REFERENCE_OPS = KernelOps(
     rms_norm=reference.rms_norm,
     rotary_embedding=reference.rotary_embedding,
     silu_and_mul=reference.silu_and_mul,
+)
+
+CPU_OPS = dataclasses.replace(
+    REFERENCE_OPS,
+    name="cpu",
+    paged_attention=cpu.paged_attention,
+    paged_decode_attention=cpu.paged_decode_attention,
 )
 
 
@@ -68,13 +76,13 @@ def flash_attn_ops(base: KernelOps) -> KernelOps:
 def ops_for(device: torch.device | str, *, block_size: int | None = None) -> KernelOps:
     """The fastest available implementation for `device`.
 
-    CPU (or any non-CUDA device): the torch reference. CUDA: flash-attn attention over the Triton ops
+    CPU (or any non-CUDA device): the CPU ops. CUDA: flash-attn attention over the Triton ops
     when `flash_attn` imports and `block_size` (if given) is a multiple of 256, which flash-attn's
     paged cache requires; else the Triton ops; else (no triton) the reference.
     """
     device = torch.device(device)
     if device.type != "cuda":
-        return REFERENCE_OPS
+        return CPU_OPS
     try:
         base = triton_ops()
     except ImportError:
@@ -105,6 +113,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
+    "CPU_OPS",
     "KernelOps",
     "REFERENCE_OPS",
     "flash_attn_ops",

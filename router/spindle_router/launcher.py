@@ -65,7 +65,7 @@ _LEVELS = {"DEBUG": logging.DEBUG, "INFO": logging.INFO, "WARNING": logging.WARN
 
 @dataclass(frozen=True)
 class ShardOptions:
-    dtype: str | None  # None: the shard's default (float32)
+    dtype: str | None  # None: the shard's default (auto)
     kv_cache_bytes: int | None
     master_addr: str
     master_port: int
@@ -93,8 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_flag(g, "model-id", str, None, "local model directory (Hugging Face layout) or a Hub id in the local cache",
              shown="required")
     add_flag(g, "num-shard", positive_int, 1, "tensor-parallel ranks: one shard process each")
-    add_flag(g, "dtype", str, None, "weights, activations and KV cache dtype", shown="float32",
-             choices=["float32", "bfloat16", "float16"])
+    add_flag(g, "dtype", str, None, "weights, activations and KV cache dtype; auto: the checkpoint's half "
+             "precision on CUDA, bfloat16 on CPUs with avx512_bf16 or amx_bf16, float32 on other CPUs",
+             shown="auto", choices=["auto", "float32", "bfloat16", "float16"])
     add_flag(g, "kv-cache-bytes", positive_int, None,
              "CPU only: bytes of KV cache per shard", shown="min(25%% of RAM, 4 GiB)")
     add_flag(g, "cuda-graphs", cuda_graph_sizes, None,

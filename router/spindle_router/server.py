@@ -235,6 +235,8 @@ async def serve(config: RouterConfig, drain_timeout_s: float = 90.0) -> None:
             metrics=metrics,
             model_id=config.model_id,
             compute_type="gpu+optimized" if info.device_type == "cuda" else "cpu",
+            model_dtype=info.dtype,
+            model_device_type=info.device_type,
         )
         await _run_http(app, config, scheduler, shards, backend, drain_timeout_s)
     finally:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from spindle_server.dtype import DTYPES, resolve_dtype
 from spindle_server.engine.cuda_graphs import (
     DEFAULT_CUDA_GRAPH_SIZES,
     DecodeGraphSettings,
@@ -25,8 +26,8 @@ from spindle_server.engine.cuda_graphs import (
 
 log = logging.getLogger("spindle_server")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MAX_MESSAGE_BYTES = 2**31 - 1
+DTYPE_CHOICES = ["auto", *DTYPES]
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,8 @@ class ServeArgs:
     cuda_graphs: tuple[int, ...] = ()  # decode batch sizes captured as CUDA graphs; (): off (always on CPU)
 
     def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.dtype not in DTYPE_CHOICES:
+            raise ValueError(f"dtype must be one of {DTYPE_CHOICES}, got {self.dtype!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, got {self.device!r}")
 
@@ -67,8 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "*.safetensors and tokenizer.json")
     serve.add_argument("--uds-path", required=True, metavar="PREFIX",
                        help="unix socket prefix; this rank listens on PREFIX-RANK")
-    serve.add_argument("--dtype", default="float32", choices=sorted(DTYPES),
-                       help="weights, activations and KV cache dtype (default float32)")
+    serve.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                       help="weights, activations and KV cache dtype. auto (default): on CUDA the checkpoint's "
+                            "half-precision dtype; on CPU bfloat16 where the CPU has avx512_bf16 or amx_bf16, "
+                            "else float32")
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="auto: cuda:(RANK %% device count) when CUDA is available, else cpu")
     serve.add_argument("--kv-cache-bytes", type=int, default=None, metavar="N",
@@ -130,7 +133,9 @@ def build_engine(args: ServeArgs):
     dist = init_distributed(device)
     config = read_model_config(args.model_dir)
     ops = ops_for(device)
-    dtype = DTYPES[args.dtype]
+    dtype_name, why = resolve_dtype(args.dtype, device, args.model_dir)
+    log.info("dtype %s (%s)", dtype_name, why)
+    dtype = DTYPES[dtype_name]
     model = load_model(args.model_dir, dtype, device, dist, ops)
     tokenizer_path = args.model_dir / "tokenizer.json"
     if not tokenizer_path.is_file():

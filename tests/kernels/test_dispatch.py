@@ -11,14 +11,18 @@ import types
 import pytest
 import spindle_kernels
 import torch
-from spindle_kernels import REFERENCE_OPS, KernelOps, ops_for, reference
+from spindle_kernels import CPU_OPS, REFERENCE_OPS, KernelOps, ops_for, reference
 
 OP_NAMES = [f for f in KernelOps.__dataclass_fields__ if f != "name"]
 
 
-def test_cpu_gets_the_torch_reference():
-    assert ops_for(torch.device("cpu")) is REFERENCE_OPS
-    assert ops_for("cpu").name == "torch"
+def test_cpu_gets_the_cpu_ops():
+    assert ops_for(torch.device("cpu")) is CPU_OPS
+    assert ops_for("cpu").name == "cpu"
+    # Everything but attention is the reference's.
+    for op in OP_NAMES:
+        if "attention" not in op:
+            assert getattr(CPU_OPS, op) is getattr(REFERENCE_OPS, op)
 
 
 _ISOLATION_SCRIPT = """
@@ -46,7 +50,7 @@ def test_import_is_lazy_and_works_without_triton():
     assert result == {
         "triton_after_import": False,
         "flash_after_import": False,
-        "cpu": "torch",
+        "cpu": "cpu",
         "cuda_without_triton": "torch",
         "lazy_export": "ImportError",
     }

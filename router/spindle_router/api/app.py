@@ -218,9 +218,12 @@ def build_app(
     metrics: Metrics,
     model_id: str,
     compute_type: str = "gpu+optimized",
+    model_dtype: str | None = None,
+    model_device_type: str | None = None,
 ) -> web.Application:
     """The HTTP API over `backend`. `limits` must have max_input_tokens/max_total_tokens resolved
-    (after warmup). `compute_type` is the x-compute-type header (TGI: env COMPUTE_TYPE)."""
+    (after warmup). `compute_type` is the x-compute-type header (TGI: env COMPUTE_TYPE); `model_dtype`
+    and `model_device_type` are what the shards report, for /info."""
     infer = Infer(backend, Validator(limits, tokenizer), metrics, limits)
     table = route_table()
     protected = {(r.method, r.path) for r in table if r.protected}
@@ -243,6 +246,8 @@ def build_app(
         metrics=metrics,
         model_id=model_id,
         compute_type=compute_type,
+        model_dtype=model_dtype,
+        model_device_type=model_device_type,
     )
     for r in table:
         app.router.add_route(r.method, r.path, r.handler)

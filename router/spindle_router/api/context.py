@@ -38,6 +38,8 @@ class AppState:
     metrics: Metrics
     model_id: str
     compute_type: str
+    model_dtype: str | None = None  # as the shards report it (the resolved --dtype)
+    model_device_type: str | None = None
 
     @property
     def system_fingerprint(self) -> str:

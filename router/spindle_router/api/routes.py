@@ -83,6 +83,8 @@ async def info(request: web.Request) -> web.Response:
         {
             "model_id": st.model_id,
             "model_sha": None,
+            "model_dtype": st.model_dtype,
+            "model_device_type": st.model_device_type,
             "model_pipeline_tag": None,
             "max_concurrent_requests": lim.max_concurrent_requests,
             "max_best_of": lim.max_best_of,

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from spindle_server.distributed import Distributed
+from spindle_server.layers.linear import can_pack, pack_weight, packed_linear
 from spindle_server.weights import Weights
 
 
@@ -82,13 +83,24 @@ class ParallelLMHead(torch.nn.Module):
         # Same vocabulary split as the embedding, so a tied head can share its weight.
         self.table = tied_to or VocabParallelEmbedding(vocab_size, hidden_size, dist, dtype, device)
         self.is_tied = tied_to is not None
+        self.packed: torch.Tensor | None = None
 
     def load(self, weights: Weights, name: str) -> None:
         """name: e.g. "lm_head.weight"; a tied head loads nothing (the embedding did)."""
         if not self.is_tied:
             self.table.load(weights, name)
 
+    def pack(self) -> None:
+        """The head's matmul from a oneDNN-packed copy; a tied table stays for the embedding, an own one goes."""
+        if self.packed is None and can_pack(self.table.weight):
+            self.packed = pack_weight(self.table.weight)
+            if not self.is_tied:
+                self.table.weight.data = self.table.weight.data.new_empty(0)
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(hidden, self.table.weight)  # [N, vocab_per_rank]
+        if self.packed is not None:
+            logits = packed_linear(hidden, self.packed)  # [N, vocab_per_rank]
+        else:
+            logits = F.linear(hidden, self.table.weight)
         logits = self.dist.all_gather_last_dim(logits)
         return logits[:, : self.vocab_size].float()

@@ -7,6 +7,10 @@
 
 A merged column layer stacks several column-parallel matrices (q|k|v, gate|up) so one matmul serves them;
 each part is split across ranks on its own, so rank r holds [q_r | k_r | v_r].
+
+On CPU, `pack_linear_weights` reorders every weight once into oneDNN's blocked layout (what inductor's
+`freezing` does): measured on 2 Zen 4 cores over the SmolLM2-135M shapes, float32 matmuls run 2.1x
+faster at 32 rows (170 vs 81 GFLOP/s) and 2.3x at one row; bfloat16 1.4x at 32 rows.
 """
 
 from __future__ import annotations
@@ -18,6 +22,53 @@ import torch.nn.functional as F
 
 from spindle_server.distributed import Distributed
 from spindle_server.weights import Weights, shard_range
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """oneDNN packing serves float32 and bfloat16 weights on CPU, when torch is built with it."""
+    return (
+        weight.device.type == "cpu"
+        and weight.dtype in (torch.float32, torch.bfloat16)
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+def pack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """weight [out, in] in oneDNN's layout for `packed_linear` (a copy; any row count may use it)."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach(), 32)  # 32: the rows it is tuned for
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+
+class _PackableLinear(torch.nn.Module):
+    """A layer whose `weight` [out, in] can be swapped for its packed copy (`pack`), freeing the plain one."""
+
+    weight: torch.nn.Parameter
+    bias: torch.nn.Parameter | None
+    packed: torch.Tensor | None = None
+
+    def pack(self) -> None:
+        if self.packed is None and can_pack(self.weight):
+            self.packed = pack_weight(self.weight)
+            self.weight.data = self.weight.data.new_empty(0)  # the packed copy is the weight from now on
+
+    def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.packed is not None:
+            return packed_linear(x, self.packed, bias)
+        return F.linear(x, self.weight, bias)
+
+
+def pack_linear_weights(model: torch.nn.Module) -> int:
+    """Pack every packable weight of `model` (after loading); returns how many were packed."""
+    count = 0
+    for module in model.modules():
+        pack = getattr(module, "pack", None)
+        if callable(pack):
+            pack()
+            count += getattr(module, "packed", None) is not None
+    return count
 
 
 def _check_divisible(what: str, size: int, world_size: int) -> int:
@@ -35,7 +86,7 @@ def _copy_checked(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
         param.copy_(value)
 
 
-class MergedColumnParallelLinear(torch.nn.Module):
+class MergedColumnParallelLinear(_PackableLinear):
     """Several column-parallel linears sharing one input, computed as one matmul.
 
     Output on rank r: [part_0 slice r | part_1 slice r | ...], widths `output_sizes_per_rank`.
@@ -87,7 +138,7 @@ class MergedColumnParallelLinear(torch.nn.Module):
             offset += size_per_rank
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return self._linear(x, self.bias)
 
 
 class ColumnParallelLinear(MergedColumnParallelLinear):
@@ -129,7 +180,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         super().__init__(hidden_size, sizes, dist, bias=bias, dtype=dtype, device=device)
 
 
-class RowParallelLinear(torch.nn.Module):
+class RowParallelLinear(_PackableLinear):
     """Input features split across ranks; partial products are summed with an all-reduce.
 
     The bias is replicated and added once, after the reduction.
@@ -170,7 +221,7 @@ class RowParallelLinear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in_features / N] (this rank's slice) -> [T, out_features], identical on every rank."""
-        y = self.dist.all_reduce(F.linear(x, self.weight))
+        y = self.dist.all_reduce(self._linear(x, None))
         if self.bias is not None:
             y = y + self.bias
         return y

@@ -161,11 +161,15 @@ def load_model(
     device: torch.device,
     dist: Distributed,
     ops: KernelOps,
+    pack: bool = True,
 ) -> CausalLM:
     """This rank's slice of the model in `model_dir`, weights loaded, in eval mode. Logs progress.
 
+    `pack`: on CPU, reorder the linear weights for oneDNN (layers/linear.py); no effect elsewhere.
+
     Raises ValueError (before reading any weight) when the heads do not split over dist.world_size.
     """
+    from spindle_server.layers.linear import pack_linear_weights
     from spindle_server.models.llama import LlamaForCausalLM  # the only architecture class so far
     from spindle_server.weights import Weights
 
@@ -193,5 +197,7 @@ def load_model(
     model.load(weights)
     weights.close()
     model.eval()
-    log.info("rank %d/%d: model loaded in %.1fs", dist.rank, dist.world_size, time.monotonic() - started)
+    packed = pack_linear_weights(model) if pack else 0
+    log.info("rank %d/%d: model loaded in %.1fs%s", dist.rank, dist.world_size, time.monotonic() - started,
+             f" ({packed} weights packed for oneDNN)" if packed else "")
     return model

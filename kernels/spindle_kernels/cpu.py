@@ -1,0 +1,90 @@
+"""CPU attention: the reference's algorithm, shaped for what CPUs are fast at.
+
+The reference decode path gathers every sequence's blocks with advanced indexing, transposes them to
+[batch, kv_heads, len, d] and runs a masked `scaled_dot_product_attention` for one query row: on 2 Zen 4
+cores that is 5.4 ms per layer in float32 and 10 ms in bfloat16 at batch 32 x 272 tokens, a third of
+the step. Here the blocks are gathered with one `index_select` (contiguous block copies) and left as
+[batch, len, kv_heads * d]; the scores come from one `bmm` against block-diagonal queries (query head
+(h, j) carries q[h, j] in KV head h's columns, zeros elsewhere), so no transpose is ever copied. The
+zeros cost kv_heads x the score FLOPs, which are tiny next to the gather: 1.8 ms (float32) and 1.0 ms
+(bfloat16) for the same case. Same signatures and results as `reference` (float32 softmax).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from spindle_kernels import reference
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """One query token per sequence, q [batch, num_heads, head_dim]; see `reference.paged_decode_attention`."""
+    batch, num_heads, head_dim = q.shape
+    if batch == 0:
+        return torch.empty_like(q)
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    num_blocks = (int(context_lens.max()) + block_size - 1) // block_size
+    length = num_blocks * block_size
+    index = block_tables[:, :num_blocks].reshape(-1).long()
+    k = k_cache.index_select(0, index).view(batch, length, num_kv_heads * head_dim)
+    v = v_cache.index_select(0, index).view(batch, length, num_kv_heads * head_dim)
+
+    heads = torch.arange(num_kv_heads, device=q.device)
+    q_diag = q.new_zeros(batch, num_kv_heads, group, num_kv_heads, head_dim)
+    q_diag[:, heads, :, heads, :] = q.view(batch, num_kv_heads, group, head_dim).transpose(0, 1)
+    scores = torch.bmm(q_diag.view(batch, num_heads, num_kv_heads * head_dim), k.transpose(1, 2)).float()
+    scores.mul_(scale)
+    past_end = torch.arange(length, device=q.device)[None, :] >= context_lens[:, None].to(q.device)
+    scores.masked_fill_(past_end[:, None, :], float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    # A row with no context (padding) attends to nothing: zeros rather than NaN.
+    probs = probs.nan_to_num_(0.0).to(q.dtype)
+    out = torch.bmm(probs, v).view(batch, num_kv_heads, group, num_kv_heads, head_dim)
+    return out[:, heads, :, heads, :].transpose(0, 1).reshape(batch, num_heads, head_dim)
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Varlen chunks over paged context; see `reference.paged_attention`. Decode rows take the path above."""
+    out = torch.empty_like(q)
+    cu = cu_seqlens_q.tolist()
+    lens = context_lens.tolist()
+    singles = [b for b in range(len(lens)) if cu[b + 1] - cu[b] == 1]
+    if singles:
+        rows = torch.tensor([cu[b] for b in singles], device=q.device)
+        index = torch.tensor(singles, device=q.device)
+        out[rows] = paged_decode_attention(
+            q[rows], k_cache, v_cache, block_tables.index_select(0, index), context_lens.index_select(0, index), scale
+        )
+    for b in range(len(lens)):
+        start, end = cu[b], cu[b + 1]
+        q_len, ctx_len = end - start, lens[b]
+        if q_len <= 1:
+            continue
+        k = reference._gather_context(k_cache, block_tables[b], ctx_len).transpose(0, 1)
+        v = reference._gather_context(v_cache, block_tables[b], ctx_len).transpose(0, 1)
+        qb = q[start:end].transpose(0, 1)  # [heads, q_len, d]
+        if q_len == ctx_len:  # nothing cached before the chunk: plain causal, no mask tensor
+            attn = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:  # the chunk's rows sit at the end of the context (bottom-right aligned causal mask)
+            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+            mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+            attn = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start:end] = attn.transpose(0, 1)
+    return out

@@ -1,0 +1,50 @@
+"""The CPU attention (`spindle_kernels.cpu`) against the torch reference it re-shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from spindle_kernels import cpu, reference
+
+from tests.kernels.paged_inputs import make_paged_case
+
+# (num_heads, num_kv_heads, head_dim): MHA, GQA 2 and 4, MQA, a non-power-of-two head_dim
+HEADS = [(2, 2, 16), (4, 2, 16), (4, 1, 32), (8, 2, 16), (2, 1, 24)]
+TOLERANCE = {torch.float32: {"atol": 2e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 3e-2, "rtol": 2e-2}}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_decode_matches_reference(dtype, heads, block_size):
+    num_heads, num_kv_heads, head_dim = heads
+    c = make_paged_case([1] * 5, [1, 9, 33, 16, 70], num_heads=num_heads, num_kv_heads=num_kv_heads,
+                        head_dim=head_dim, block_size=block_size, dtype=dtype, seed=block_size)
+    args = (c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale)
+    got = cpu.paged_decode_attention(*args)
+    assert got.dtype == dtype and got.shape == c.q.shape
+    torch.testing.assert_close(got, reference.paged_decode_attention(*args), **TOLERANCE[dtype])
+
+
+def test_decode_padding_row_is_zero():
+    c = make_paged_case([1, 1], [3, 7], num_heads=4, num_kv_heads=2, head_dim=16, block_size=4)
+    context_lens = torch.tensor([0, 7], dtype=torch.int32)  # row 0 pads a batch to a captured size
+    got = cpu.paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, context_lens, c.scale)
+    assert torch.equal(got[0], torch.zeros_like(got[0]))
+    assert torch.isfinite(got).all()
+
+
+# A fresh prompt, a chunk after a prefix beside a decode and an empty slot, chunks longer than a block.
+BATCHES = [([5], [5]), ([7, 1, 0, 3], [7, 20, 6, 11]), ([19, 2, 21], [23, 2, 40])]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", HEADS)
+@pytest.mark.parametrize("batch", BATCHES, ids=["one-prompt", "mixed", "long-chunks"])
+def test_varlen_matches_reference(dtype, heads, batch):
+    q_lens, context_lens = batch
+    num_heads, num_kv_heads, head_dim = heads
+    c = make_paged_case(q_lens, context_lens, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                        block_size=4, dtype=dtype, seed=len(q_lens))
+    args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
+    torch.testing.assert_close(cpu.paged_attention(*args), reference.paged_attention(*args), **TOLERANCE[dtype])
