@@ -81,9 +81,8 @@ def test_info_reports_the_dtype_and_device(launcher):
 
 @pytest.mark.slow
 def test_default_dtype_is_auto(start_launcher, tiny_model_dir):
-    from spindle_server.dtype import cpu_flags, resolve_dtype
-
     import torch
+    from spindle_server.dtype import cpu_flags, resolve_dtype
 
     want, _ = resolve_dtype("auto", torch.device("cpu"), tiny_model_dir, cpu_flags())
     with start_launcher(tiny_model_dir, args=["--dtype", "auto"]) as stack:  # what no --dtype gives
