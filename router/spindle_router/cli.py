@@ -50,6 +50,13 @@ def positive_float(value: str) -> float:
     return x
 
 
+def non_negative_float(value: str) -> float:
+    x = float(value)
+    if not x >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {x}")
+    return x
+
+
 def _env(name: str, cast: Callable[[str], Any], default: Any) -> Any:
     """The env fallback for flag `name`, parsed with the flag's own type (a bad value fails at start-up)."""
     raw = env_default(name)
@@ -94,6 +101,10 @@ def add_scheduler_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("batching")
     add_flag(g, "max-batch-prefill-tokens", positive_int, d.max_batch_prefill_tokens,
              "prompt tokens one forward may prefill (longer prompts are chunked)")
+    add_flag(g, "max-decode-slowdown", non_negative_float, d.max_decode_slowdown,
+             "while requests decode, a step that also prefills may take at most this many times a decode-only "
+             "step (its token budget comes from the step cost the shards measure at warmup), so a long prompt "
+             "never stalls running streams; 0: every step may carry max-batch-prefill-tokens")
     add_flag(g, "max-batch-total-tokens", positive_int, None,
              "KV tokens the running batch may hold", shown="all the shards hold")
     add_flag(g, "max-batch-size", positive_int, None, "most requests in the running batch", shown="no limit")
@@ -170,6 +181,7 @@ def config_from_args(ns: argparse.Namespace) -> RouterConfig:
         ),
         scheduler=SchedulerConfig(
             max_batch_prefill_tokens=ns.max_batch_prefill_tokens,
+            max_decode_slowdown=ns.max_decode_slowdown,
             max_batch_total_tokens=ns.max_batch_total_tokens,
             max_batch_size=ns.max_batch_size,
             waiting_served_ratio=ns.waiting_served_ratio,
@@ -205,6 +217,7 @@ def router_argv(config: RouterConfig, drain_timeout_s: float) -> list[str]:
         "payload-limit": lim.payload_limit,
         "validation-workers": lim.validation_workers,
         "max-batch-prefill-tokens": s.max_batch_prefill_tokens,
+        "max-decode-slowdown": s.max_decode_slowdown,
         "max-batch-total-tokens": s.max_batch_total_tokens,
         "max-batch-size": s.max_batch_size,
         "waiting-served-ratio": s.waiting_served_ratio,

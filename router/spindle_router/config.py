@@ -43,6 +43,7 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_prefill_tokens: int = 4096  # tokens one forward may prefill
+    max_decode_slowdown: float = 1.5  # a step prefilling beside decodes: at most this x a decode-only step
     max_batch_total_tokens: int | None = None  # KV tokens of the running batch; None: all the shards hold
     max_batch_size: int | None = None
     waiting_served_ratio: float = 0.3
@@ -54,6 +55,8 @@ class SchedulerConfig:
             raise ValueError("max_batch_prefill_tokens must be > 0")
         if self.max_batch_size is not None and self.max_batch_size <= 0:
             raise ValueError("max_batch_size must be > 0")
+        if self.max_decode_slowdown and self.max_decode_slowdown < 1:
+            raise ValueError("max_decode_slowdown must be 0 (off) or >= 1")
 
 
 @dataclass(frozen=True)

@@ -161,7 +161,7 @@ class SupervisedBackend:
         return not self.shard_lost and await self._inner.health_check()
 
 
-async def _connect_and_warm_up(config: RouterConfig) -> tuple[Any, Any, int]:
+async def _connect_and_warm_up(config: RouterConfig) -> tuple[Any, Any, Any]:
     from spindle_router.shards import ShardClient
 
     paths = [config.shard_path(r) for r in range(config.num_shard)]
@@ -176,7 +176,7 @@ async def _connect_and_warm_up(config: RouterConfig) -> tuple[Any, Any, int]:
         if info.world_size != config.num_shard:
             raise ConfigError(f"the shards report world size {info.world_size}, --num-shard is {config.num_shard}")
         s, lim = config.scheduler, config.limits
-        num_blocks = await shards.warmup(
+        warm = await shards.warmup(
             max_input_tokens=lim.max_input_tokens or 0,
             max_prefill_tokens=s.max_batch_prefill_tokens,
             max_total_tokens=lim.max_total_tokens or 0,
@@ -185,13 +185,14 @@ async def _connect_and_warm_up(config: RouterConfig) -> tuple[Any, Any, int]:
     except BaseException:
         await shards.close()
         raise
-    return shards, info, num_blocks
+    return shards, info, warm
 
 
 async def serve(config: RouterConfig, drain_timeout_s: float = 90.0) -> None:
     """Run the router until SIGTERM/SIGINT; in-flight requests get `drain_timeout_s` to finish."""
     from spindle_router.api import build_app
     from spindle_router.chat_template import ChatTemplate
+    from spindle_router.scheduler.batcher import StepCost
     from spindle_router.scheduler.loop import Scheduler
     from spindle_router.telemetry import setup_tracing
     from spindle_router.tokenizer import RouterTokenizer
@@ -205,7 +206,8 @@ async def serve(config: RouterConfig, drain_timeout_s: float = 90.0) -> None:
     tracer_provider = setup_tracing(config.telemetry)
     shards = None
     try:
-        shards, info, num_blocks = await _connect_and_warm_up(config)
+        shards, info, warm = await _connect_and_warm_up(config)
+        num_blocks = warm.num_blocks
         facts = ShardFacts(
             num_blocks=num_blocks,
             block_size=info.block_size,
@@ -224,7 +226,8 @@ async def serve(config: RouterConfig, drain_timeout_s: float = 90.0) -> None:
         metrics = Metrics(max_input_tokens=lim.max_input_tokens, max_total_tokens=lim.max_total_tokens)
         metrics.batch_max_total_tokens.set(resolved.max_supported_total_tokens)
         metrics.kv_blocks_total.set(num_blocks)
-        scheduler = Scheduler(shards, resolved.scheduler, num_blocks, info.block_size, metrics)
+        step_cost = StepCost(warm.forward_base_ns, warm.forward_token_ns) if warm.forward_token_ns else None
+        scheduler = Scheduler(shards, resolved.scheduler, num_blocks, info.block_size, metrics, step_cost)
         backend = SupervisedBackend(scheduler)
         app = build_app(
             config=config,

@@ -42,6 +42,13 @@ class ShardInfo:
     eos_token_ids: tuple[int, ...]
 
 
+@dataclass(frozen=True)
+class WarmupResult:
+    num_blocks: int  # KV blocks every rank holds (the smallest rank's count)
+    forward_base_ns: int  # a one-token forward, on the slowest rank
+    forward_token_ns: int  # each further prefill token, on the slowest rank
+
+
 Metadata = Sequence[tuple[str, str]]  # sent with a call: W3C trace context, when the caller traces
 
 
@@ -119,15 +126,20 @@ class ShardClient:
 
     async def warmup(
         self, max_input_tokens: int, max_prefill_tokens: int, max_total_tokens: int, max_batch_size: int = 0
-    ) -> int:
-        """Size every rank's KV cache; the number of blocks all of them hold (the smallest)."""
+    ) -> WarmupResult:
+        """Size every rank's KV cache and measure the step cost."""
         request = pb.WarmupRequest(
             max_input_tokens=max_input_tokens,
             max_prefill_tokens=max_prefill_tokens,
             max_total_tokens=max_total_tokens,
             max_batch_size=max_batch_size,
         )
-        return min(r.num_blocks for r in await self._call_all("Warmup", request))
+        answers = await self._call_all("Warmup", request)
+        return WarmupResult(
+            num_blocks=min(r.num_blocks for r in answers),
+            forward_base_ns=max(r.forward_base_ns for r in answers),
+            forward_token_ns=max(r.forward_token_ns for r in answers),
+        )
 
     async def prefill(
         self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None,

@@ -72,6 +72,8 @@ class ShardService(generate_pb2_grpc.TextGenerationServiceServicer):
             num_blocks=result.num_blocks,
             block_size=result.block_size,
             max_supported_total_tokens=result.max_supported_total_tokens,
+            forward_base_ns=result.forward_base_ns,
+            forward_token_ns=result.forward_token_ns,
         )
 
     async def Prefill(self, request: generate_pb2.PrefillRequest, context: grpc.aio.ServicerContext):

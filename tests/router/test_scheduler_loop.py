@@ -14,6 +14,7 @@ import pytest
 from spindle_proto import generate_pb2 as pb
 from spindle_router.config import SchedulerConfig
 from spindle_router.metrics import Metrics
+from spindle_router.scheduler.batcher import StepCost
 from spindle_router.scheduler.loop import Scheduler
 from spindle_router.scheduler.request import (
     EndEvent,
@@ -73,12 +74,14 @@ def prompt(n: int, seed: int, stem: list[int] | None = None) -> list[int]:
 async def started(shard: Shard, config: SchedulerConfig) -> tuple[Scheduler, ShardClient, Metrics]:
     client = await ShardClient.connect(shard.uds, timeout_s=60)
     await client.clear_cache()
-    num_blocks = await client.warmup(max_input_tokens=48, max_prefill_tokens=config.max_batch_prefill_tokens,
-                                     max_total_tokens=64, max_batch_size=0)
-    assert num_blocks == NUM_BLOCKS
+    warm = await client.warmup(max_input_tokens=48, max_prefill_tokens=config.max_batch_prefill_tokens,
+                               max_total_tokens=64, max_batch_size=0)
+    assert warm.num_blocks == NUM_BLOCKS
+    assert warm.forward_base_ns > 0 and warm.forward_token_ns >= 0
     info = await client.info()
     metrics = Metrics()
-    scheduler = Scheduler(client, config, num_blocks, info.block_size, metrics)
+    step_cost = StepCost(warm.forward_base_ns, warm.forward_token_ns)
+    scheduler = Scheduler(client, config, warm.num_blocks, info.block_size, metrics, step_cost)
     scheduler.start()
     return scheduler, client, metrics
 

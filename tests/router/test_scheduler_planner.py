@@ -6,7 +6,7 @@ import random
 from collections import deque
 
 import pytest
-from spindle_router.scheduler.batcher import StepLimits, StepPlan, plan_step
+from spindle_router.scheduler.batcher import StepCost, StepLimits, StepPlan, plan_step
 from spindle_router.scheduler.block_manager import BlockManager
 from spindle_router.scheduler.request import SamplingParams, ScheduledRequest, StoppingParams, ValidRequest
 
@@ -192,3 +192,80 @@ def test_randomized_budgets_fifo_and_accounting(seed: int) -> None:
         assert s.generated_ids == [s.id % 7 + k for k in range(s.request.stopping.max_new_tokens)]
     assert blocks.num_request_blocks(running) == 0
     assert blocks.allocator.num_free_blocks + blocks.num_cached_blocks == blocks.allocator.num_usable_blocks
+
+
+def test_step_cost_budget_follows_the_slowdown() -> None:
+    cost = StepCost(base_ns=30_000_000, token_ns=1_000_000)  # 30 ms + 1 ms per further token
+    # Four decodes take 33 ms alone; 1.5x is 49.5 ms: 20 tokens in all.
+    assert cost.max_tokens(decodes=4, slowdown=1.5) == 20
+    assert cost.max_tokens(decodes=4, slowdown=1.0) == 4  # no slowdown: room for the decodes only
+    assert StepCost(30, 0).max_tokens(4, 1.5) >= 2**30  # no per-token cost measured: no limit
+
+
+def test_stall_free_budget_chunks_a_long_prompt_beside_decodes() -> None:
+    blocks = BlockManager(256, BS, prefix_caching=False)
+    cost = StepCost(base_ns=30_000_000, token_ns=1_000_000)
+    limits = StepLimits(max_prefill_tokens=512, step_cost=cost, max_decode_slowdown=1.5)
+    running: list[ScheduledRequest] = []
+    waiting = deque([req(i, 3, max_new=50) for i in range(4)])
+    plan = plan_step(running, waiting, blocks, limits)
+    assert plan.num_tokens == 12  # nothing decodes yet: the prompts take what they need
+    finish_step(plan, running, blocks)
+    waiting.append(req(9, 400))
+    for _ in range(3):  # four decodes: each step carries at most 20 tokens, so 16 of the long prompt
+        plan = plan_step(running, waiting, blocks, limits)
+        assert plan.num_tokens == 20
+        assert [sr.scheduled_tokens for sr in plan.running + plan.admitted if sr.id == 9] == [16]
+        finish_step(plan, running, blocks)
+    for sr in running:  # the decodes finish: the prompt gets the whole budget again
+        if sr.id != 9:
+            sr.generated_ids.extend([1] * (sr.request.stopping.max_new_tokens - sr.num_generated - 1))
+            sr.computed_tokens = sr.context_len
+    finish_step(StepPlan(), running, blocks)
+    running[:] = [sr for sr in running if sr.id == 9]
+    plan = plan_step(running, waiting, blocks, limits)
+    assert plan.num_tokens == 400 - 48
+
+
+def test_without_a_step_cost_every_step_may_fill_the_budget() -> None:
+    blocks = BlockManager(256, BS, prefix_caching=False)
+    limits = StepLimits(max_prefill_tokens=100, max_decode_slowdown=1.5)  # no cost measured
+    running: list[ScheduledRequest] = []
+    waiting = deque([req(0, 3, max_new=50)])
+    finish_step(plan_step(running, waiting, blocks, limits), running, blocks)
+    waiting.append(req(1, 400))
+    assert plan_step(running, waiting, blocks, limits).num_tokens == 100
+
+
+def test_a_prefix_being_prefilled_is_waited_for_not_computed_twice() -> None:
+    blocks = BlockManager(64, BS, prefix_caching=True)
+    limits = StepLimits(max_prefill_tokens=12)
+    shared = list(range(500, 540))  # 10 full blocks
+    running: list[ScheduledRequest] = []
+    waiting = deque([req(0, shared + [1, 2]), req(1, shared + [3, 4, 5]), req(2, [7] * 6)])
+    computed_by: dict[int, int] = {}
+    while waiting or running:
+        plan = plan_step(running, waiting, blocks, limits)
+        for sr in plan.running + plan.admitted:
+            computed_by[sr.id] = computed_by.get(sr.id, 0) + sr.scheduled_tokens
+        if 0 in {sr.id for sr in running} and not running[0].prompt_cached:
+            assert [sr.id for sr in plan.admitted] in ([0], [])  # 1 (and 2 behind it, FIFO) wait for 0's prefix
+        finish_step(plan, running, blocks)
+        blocks.check_integrity(running + list(waiting))
+    # 0 computed its 42 prompt tokens + 3 decodes; 1 only its 3-token suffix + 3 decodes (40 came cached).
+    assert computed_by[0] == 42 + 3
+    assert computed_by[1] == 3 + 3
+    assert computed_by[2] == 6 + 3
+
+
+def test_a_request_asking_prompt_logprobs_does_not_wait_for_a_prefix() -> None:
+    blocks = BlockManager(64, BS, prefix_caching=True)
+    first, second = req(0, list(range(40))), req(1, list(range(40)))
+    second.request = ValidRequest(input_ids=second.request.input_ids, sampling=SamplingParams(),
+                                  stopping=StoppingParams(max_new_tokens=4), prefill_logprobs=True)
+    running: list[ScheduledRequest] = []
+    plan = plan_step(running, deque([first, second]), blocks, StepLimits(max_prefill_tokens=30))
+    assert [(sr.id, sr.scheduled_tokens) for sr in plan.admitted] == [(0, 30)]
+    finish_step(plan, running, blocks)  # 0 still has 10 prompt tokens to go
+    plan = plan_step(running, deque([second]), blocks, StepLimits(max_prefill_tokens=30))
+    assert [sr.id for sr in plan.admitted] == [1]  # computes everything itself anyway: no reason to wait

@@ -50,7 +50,7 @@ def test_info_warmup_and_bad_calls_on_every_rank(two_ranks) -> None:
             info = await client.info()
             assert (info.model_type, info.world_size, info.dtype, info.device_type) == ("qwen2", 2, "float32", "cpu")
             assert info.block_size == 16 and info.support_chunking and info.eos_token_ids
-            num_blocks = await client.warmup(max_input_tokens=63, max_prefill_tokens=64, max_total_tokens=64)
+            num_blocks = (await client.warmup(max_input_tokens=63, max_prefill_tokens=64, max_total_tokens=64)).num_blocks
             assert num_blocks >= 4
             await client.health()
             with pytest.raises(ShardError, match=r"^Server error: .*(7|not found)"):
@@ -87,7 +87,7 @@ def test_scheduler_over_two_ranks_equals_the_reference(two_ranks) -> None:
 
     async def main():
         client = await ShardClient.connect(uds, timeout_s=60)
-        num_blocks = await client.warmup(max_input_tokens=63, max_prefill_tokens=24, max_total_tokens=64)
+        num_blocks = (await client.warmup(max_input_tokens=63, max_prefill_tokens=24, max_total_tokens=64)).num_blocks
         scheduler = Scheduler(client, SchedulerConfig(max_batch_prefill_tokens=24), num_blocks, 16, Metrics())
         scheduler.start()
         try:

@@ -7,13 +7,21 @@ Policy (continuous batching with chunked prefill, one mixed forward per step):
   each step (a shard batch cannot idle a request), so those are reserved first; leftover budget goes to
   prompts still prefilling, oldest first, then to new admissions. A prompt larger than what is left is
   split: its chunk rides along with the decodes and continues next step.
+* Stall-free budget (Sarathi-Serve). While requests are decoding, a step that also carries prefill chunks
+  may take at most `max_decode_slowdown` times a decode-only step, by the step cost the shards measured
+  at warmup (`StepCost`: a fixed cost plus a cost per token). A long prompt then arrives in chunks small
+  enough that the streams already running keep their pace; with nothing decoding, prompts get the whole
+  `max_prefill_tokens`.
 * Capacity budget. A request is admitted while the KV positions the running batch holds plus its
   prompt stay within `max_total_tokens` (TGI's `max_batch_total_tokens - cached.max_tokens`). Holdings,
   not worst cases: blocks are allocated on demand, so the batch may later grow past what was held at
   admission; the blocks the shards hold bound that growth (preemption). `max_batch_size` caps how many
   requests run at once.
-* Admission is strict FIFO: the first waiting request that does not fit stops admission, so nobody
-  is overtaken (head-of-line blocking by design, as in TGI). With chunking a waiting request never
+* In-flight prefix sharing. A waiting request whose prompt starts with full blocks that a running request
+  is still prefilling (not yet in the prefix cache) waits until they are cached, instead of computing
+  them a second time beside the first: 8 requests sharing a 1500-token prefix prefill it once, not 8x.
+* Admission is strict FIFO: the first waiting request that does not fit (or waits for a prefix) stops
+  admission, so nobody is overtaken (head-of-line blocking by design, as in TGI). With chunking a waiting request never
   needs to pause the decodes, so it is admitted every step it fits: TGI's `waiting_served_ratio` and
   `max_waiting_tokens` (which ration prefill-only forwards) have nothing to decide here and are unused.
 * KV blocks are allocated on demand, as requests cross block boundaries. When a running request cannot
@@ -32,16 +40,44 @@ from spindle_router.scheduler.request import ScheduledRequest
 
 
 @dataclass(frozen=True)
+class StepCost:
+    """A forward of n tokens takes about base_ns + (n - 1) * token_ns (measured by the shards at warmup)."""
+
+    base_ns: int
+    token_ns: int
+
+    def max_tokens(self, decodes: int, slowdown: float) -> int:
+        """Most tokens a step holding `decodes` decode rows may carry and take <= slowdown x a decode-only step."""
+        if self.token_ns <= 0:
+            return 2**31
+        decode_only = self.base_ns + max(0, decodes - 1) * self.token_ns
+        return 1 + int((slowdown * decode_only - self.base_ns) // self.token_ns)
+
+
+@dataclass(frozen=True)
 class StepLimits:
     max_prefill_tokens: int  # tokens one forward may carry (decodes + prefill chunks)
     max_total_tokens: int | None = None  # KV positions held by the running batch at admission
     max_batch_size: int | None = None
+    step_cost: StepCost | None = None  # None: no stall-free budget (every step may fill max_prefill_tokens)
+    max_decode_slowdown: float = 0.0  # 0: no stall-free budget
 
     def __post_init__(self) -> None:
         if self.max_prefill_tokens < 1:
             raise ValueError("max_prefill_tokens must be >= 1")
         if self.max_batch_size is not None and self.max_batch_size < 1:
             raise ValueError("max_batch_size must be >= 1")
+        if self.max_decode_slowdown and self.max_decode_slowdown < 1:
+            raise ValueError("max_decode_slowdown must be 0 (off) or >= 1")
+
+    def step_tokens(self, running: list[ScheduledRequest]) -> int:
+        """Tokens the next forward may carry, given the requests already running."""
+        decodes = sum(sr.remaining_tokens == 1 for sr in running)
+        if not decodes or self.step_cost is None or not self.max_decode_slowdown:
+            return self.max_prefill_tokens
+        # At least one prefill token beside the decodes, so a prompt always advances.
+        stall_free = max(len(running) + 1, self.step_cost.max_tokens(decodes, self.max_decode_slowdown))
+        return min(self.max_prefill_tokens, stall_free)
 
 
 @dataclass
@@ -67,8 +103,9 @@ def plan_step(
 ) -> StepPlan:
     """Plan one step, updating `running` (admission order) and `waiting` (FIFO) in place."""
     plan = StepPlan()
+    budget = limits.step_tokens(running)
     # 1. Tokens for the running batch: one each, then prefill chunks oldest first.
-    spare = limits.max_prefill_tokens - len(running)
+    spare = budget - len(running)
     for sr in running:
         extra = max(0, min(sr.remaining_tokens - 1, spare))
         sr.scheduled_tokens = 1 + extra
@@ -88,9 +125,11 @@ def plan_step(
             plan.new_blocks[sr.id] = new
     plan.running = list(running)
     # 3. Admit waiting requests in order while every budget allows.
-    spare = limits.max_prefill_tokens - plan.num_tokens
+    spare = budget - plan.num_tokens
     while waiting and not plan.preempted and _has_room(waiting[0], running, spare, limits, blocks.block_size):
         sr = waiting[0]
+        if blocks.waits_for_prefix(sr, running):
+            break
         if not _admit(sr, spare, blocks):
             break
         waiting.popleft()

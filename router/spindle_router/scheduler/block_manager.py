@@ -60,6 +60,26 @@ class BlockManager:
         sr.blocks = blocks
         sr.cached_tokens = sr.computed_tokens = len(blocks) * self.block_size
 
+    def waits_for_prefix(self, sr: ScheduledRequest, running: Iterable[ScheduledRequest]) -> bool:
+        """True when a running request is still prefilling full blocks of `sr`'s prompt that the cache does
+        not hold yet: admitted now, `sr` would compute them a second time; a step or a few later it finds
+        them cached (they enter the cache when that prompt completes)."""
+        if self.cache is None or sr.request.prefill_logprobs:
+            return False
+        ids, bs = sr.request.input_ids, self.block_size
+        usable = (sr.context_len - 1) // bs  # attach_prefix leaves at least one token to compute
+        shared = 0
+        for r in running:
+            if r.prompt_cached:
+                continue
+            other = r.request.input_ids
+            limit = min(usable, r.prompt_len // bs)
+            n = 0
+            while n < limit and ids[n * bs : (n + 1) * bs] == other[n * bs : (n + 1) * bs]:
+                n += 1
+            shared = max(shared, n)
+        return shared > 0 and shared > len(self.cache.match(ids).blocks)
+
     def grow(self, sr: ScheduledRequest, num_tokens: int) -> list[int] | None:
         """Append blocks so `sr` covers `num_tokens` positions, evicting cached prefixes if need be.
 

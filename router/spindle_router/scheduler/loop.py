@@ -29,7 +29,7 @@ from spindle_proto import generate_pb2 as pb
 
 from spindle_router.config import SchedulerConfig
 from spindle_router.metrics import Metrics
-from spindle_router.scheduler.batcher import StepLimits, StepPlan, plan_step
+from spindle_router.scheduler.batcher import StepCost, StepLimits, StepPlan, plan_step
 from spindle_router.scheduler.block_manager import BlockManager
 from spindle_router.scheduler.request import (
     EndEvent,
@@ -95,7 +95,8 @@ class Scheduler:
     """Continuous batching over the shards (implements backend.Backend)."""
 
     def __init__(
-        self, shards: ShardClient, config: SchedulerConfig, num_blocks: int, block_size: int, metrics: Metrics
+        self, shards: ShardClient, config: SchedulerConfig, num_blocks: int, block_size: int, metrics: Metrics,
+        step_cost: StepCost | None = None,  # as the shards measured it at warmup; None: no stall-free budget
     ) -> None:
         self.shards = shards
         self.config = config
@@ -105,6 +106,8 @@ class Scheduler:
             max_prefill_tokens=config.max_batch_prefill_tokens,
             max_total_tokens=config.max_batch_total_tokens,
             max_batch_size=config.max_batch_size,
+            step_cost=step_cost,
+            max_decode_slowdown=config.max_decode_slowdown,
         )
         self.waiting: deque[ScheduledRequest] = deque()
         self.running: list[ScheduledRequest] = []  # admission order; == the shard batch after each step

@@ -30,6 +30,7 @@ from spindle_server.sampling.params import SamplingParams
 from spindle_server.sampling.stopping import StoppingCriteria
 
 log = logging.getLogger("spindle_server.engine")
+PROBE_TOKENS = 128  # prefill length Warmup times for the per-token cost of a step
 
 
 @dataclass(frozen=True)
@@ -73,6 +74,8 @@ class WarmupSpec:
 class WarmupResult:
     num_blocks: int
     block_size: int
+    forward_base_ns: int = 0  # a one-token forward
+    forward_token_ns: int = 0  # each further token of a prefill forward
 
     @property
     def max_supported_total_tokens(self) -> int:
@@ -171,6 +174,7 @@ class ShardEngine:
         batch = ShardBatch(0, self._dummy_requests(lengths), bs)
         try:
             self.runner.step(batch, temp)
+            base_ns, token_ns = self._measure_step_cost(temp, min(PROBE_TOKENS, spec.max_prefill_tokens, seq_cap))
         except torch.OutOfMemoryError as exc:
             raise RuntimeError(
                 f"not enough memory to handle {spec.max_prefill_tokens} prefill tokens: decrease "
@@ -201,7 +205,29 @@ class ShardEngine:
         except BaseException:
             self.kv_cache = None  # a failed Warmup leaves the shard not ready
             raise
-        return WarmupResult(num_blocks=num_blocks, block_size=bs)
+        return WarmupResult(num_blocks=num_blocks, block_size=bs, forward_base_ns=base_ns, forward_token_ns=token_ns)
+
+    def _measure_step_cost(self, kv_cache: KVCache, probe: int) -> tuple[int, int]:
+        """(ns of a one-token forward, ns per further token) from the best of a few timed forwards."""
+
+        def best_ns(n: int) -> int:
+            times = []
+            for _ in range(3):
+                batch = ShardBatch(0, self._dummy_requests([n]), self.settings.block_size)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                start = time.perf_counter_ns()
+                self.runner.step(batch, kv_cache)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                times.append(time.perf_counter_ns() - start)
+            return min(times)
+
+        base = best_ns(1)
+        token = max(0, best_ns(probe) - base) // max(1, probe - 1) if probe > 1 else 0
+        log.info("step cost: %.1f ms for one token, +%.3f ms per prefill token (probe of %d)",
+                 base / 1e6, token / 1e6, probe)
+        return base, token
 
     def _decode_graphs(self, spec: WarmupSpec, kv_cache: KVCache) -> DecodeGraphs | None:
         """Capture (CUDA) or set up for eager replay the decode graphs, or None when they are off."""
