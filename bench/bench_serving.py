@@ -40,9 +40,9 @@ def free_port() -> int:
 class Server:
     """A server subprocess in its own process group, stopped (group-wide) on exit."""
 
-    def __init__(self, argv: list[str], log: Path) -> None:
+    def __init__(self, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
         self.log = log.open("w")
-        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -102,23 +102,24 @@ async def workload_b(url: str, samples: int = 3) -> tuple[list[float], list[floa
     return cold, warm
 
 
-async def workload_c(url: str) -> dict[str, float]:
+async def workload_c(url: str, api: str = "tgi") -> dict[str, float]:
     """16 decoding streams, then a 2000-token prompt: the streams' ITL before/during, its TTFT vs alone."""
     import aiohttp
 
     long_prompt = bench_model.prompt(2000, seed=70_000)
     async with aiohttp.ClientSession() as session:
-        alone = await stream_one(session, url, long_prompt, 2001, max_new_tokens=4)
+        alone = await stream_one(session, url, long_prompt, 2001, max_new_tokens=4, api=api)
         live = [RequestResult(prompt_tokens=n, sent_at=time.perf_counter()) for _, n in prompts(16, 64, seed=80_000)]
         streams = [
-            asyncio.create_task(stream_one(session, url, p, n, max_new_tokens=160, result=r))
+            asyncio.create_task(stream_one(session, url, p, n, max_new_tokens=160, api=api, result=r))
             for (p, n), r in zip(prompts(16, 64, seed=80_000), live)
         ]
         # The long prompt arrives once every stream is decoding steadily.
         while not all(len(r.token_times) >= 16 or r.error for r in live):
             await asyncio.sleep(0.05)
         arrival = time.perf_counter()
-        long_run = await stream_one(session, url, bench_model.prompt(2000, seed=70_001), 2001, max_new_tokens=4)
+        long_run = await stream_one(session, url, bench_model.prompt(2000, seed=70_001), 2001, max_new_tokens=4,
+                                    api=api)
         first_token = long_run.token_times[0] if long_run.token_times else arrival
         done = await asyncio.gather(*streams)
     steady, during = [], []
@@ -142,9 +143,10 @@ def spindle_argv(model_dir: Path, port: int, uds: str, args) -> list[str]:
         "--hostname", "127.0.0.1",
         "--port", str(port),
         "--shard-uds-path", uds,
-        "--max-batch-prefill-tokens", str(args.max_batch_prefill_tokens),
         "--max-concurrent-requests", "256",
     ]
+    if args.max_batch_prefill_tokens is not None:
+        argv += ["--max-batch-prefill-tokens", str(args.max_batch_prefill_tokens)]
     return argv + args.spindle_arg
 
 
@@ -153,10 +155,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--requests", type=int, default=None, help="requests per concurrency level (default: max(c, 2))")
     parser.add_argument("--naive-requests", type=int, default=3)
-    # Tokens per forward (decodes + prefill chunks). On this CPU a forward costs about its token count, so
-    # a small budget keeps decoding streams at pace while a long prompt prefills (c); 512 gave (a) c=32 4%
-    # more throughput but an ITL p99 of 4.8x its p50 (128: 2.1x).
-    parser.add_argument("--max-batch-prefill-tokens", type=int, default=128)
+    # Default: the launcher's own (what users get); the stall-free budget keeps streams at pace in (c).
+    parser.add_argument("--max-batch-prefill-tokens", type=int, default=None)
     parser.add_argument("--skip", nargs="*", default=[], choices=["a", "b", "c", "naive"])
     parser.add_argument("--spindle-arg", action="append", default=[], help="extra launcher flag (repeatable)")
     parser.add_argument("--small", action="store_true", help="a 4-layer model, for a quick check of the script")

@@ -151,9 +151,11 @@ async def serve(args: ServeArgs) -> None:
     from spindle_proto import generate_pb2_grpc
 
     from spindle_server.interceptor import ErrorInterceptor
-    from spindle_server.service import ShardService
+    from spindle_server.service import ShardService, engine_thread
 
-    engine, dist = await asyncio.to_thread(build_engine, args)
+    rank = int(os.environ.get("RANK", "0") or 0)
+    executor = engine_thread(_pick_device(args.device, rank))  # the model is built where it will run
+    engine, dist = await asyncio.get_running_loop().run_in_executor(executor, build_engine, args)
     tracer_provider = None
     if args.otlp_endpoint:
         from spindle_server.tracing import setup_tracing
@@ -169,7 +171,7 @@ async def serve(args: ServeArgs) -> None:
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ],
     )
-    generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(ShardService(engine), server)
+    generate_pb2_grpc.add_TextGenerationServiceServicer_to_server(ShardService(engine, executor), server)
     server.add_insecure_port(f"unix://{socket_path}")
     await server.start()
     log.info("serving %s on unix://%s (world size %d)", args.model_dir, socket_path, dist.world_size)
