@@ -268,3 +268,29 @@ def test_seeded_sampling_survives_preemption_and_details_are_mapped(shard: Shard
 
 async def collect_events(stream) -> list:
     return [e async for e in stream]
+
+
+def test_requests_sharing_a_prefix_in_prefill_compute_it_once(shard: Shard) -> None:
+    stem = [(7 * i) % 400 + 5 for i in range(47)]  # BOS + 47: three full blocks shared by all three prompts
+    cases = [(prompt(58, s, stem), 6) for s in range(3)]
+    expected = [shard.ref(tuple(p), n) for p, n in cases]
+
+    async def main():
+        config = SchedulerConfig(max_batch_prefill_tokens=16, prefix_caching=True)  # the stem spans 3 steps
+        scheduler, client, metrics = await started(shard, config)
+        try:
+            streams = [scheduler.submit(greedy(p, n)) for p, n in cases]  # all queued before the first step
+            results = await asyncio.gather(*(collect(s) for s in streams))
+            await wait_idle(scheduler)
+            scheduler.check_integrity()
+            return results, metrics
+        finally:
+            await scheduler.stop(drain_timeout_s=5)
+            await client.close()
+
+    results, metrics = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == expected
+    value = metrics.registry.get_sample_value
+    # The second and third waited for the first's stem instead of prefilling it beside it: 2 x 48 cached.
+    assert value("spindle_prefix_cache_hit_tokens_total") == 2 * 48
+    assert value("spindle_kv_blocks_used") == 0
