@@ -46,6 +46,9 @@ def make_engine(
     tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
     fraction = 0.9
     if dev.type == "cuda":  # the budget is what is free beyond (1 - fraction) of the device
+        # Warmup empties torch's cache before sizing the KV cache: empty it here too, or memory still held
+        # from earlier engines counts as taken here and as free there (a cache far larger than asked).
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(dev)
         fraction = min(1.0, 1.0 - (free - kv_cache_bytes) / total)
     settings = CacheSettings(block_size=block_size, kv_cache_bytes=kv_cache_bytes, cuda_memory_fraction=fraction)
