@@ -97,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
              "precision on CUDA, bfloat16 on CPUs with avx512_bf16 or amx_bf16, float32 on other CPUs",
              shown="auto", choices=["auto", "float32", "bfloat16", "float16"])
     add_flag(g, "kv-cache-bytes", positive_int, None,
-             "CPU only: bytes of KV cache per shard", shown="min(25%% of RAM, 4 GiB)")
+             "bytes of KV cache per shard (CUDA: at most this of what --cuda-memory-fraction leaves)",
+             shown="CPU: min(25%% of RAM, 4 GiB); CUDA: no cap")
     add_flag(g, "cuda-graphs", cuda_graph_sizes, None,
              "CUDA only: decode batch sizes the shards capture as CUDA graphs, comma-separated; 0 disables",
              shown="1,2,4,8,16,32,64,128,256")

@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                        help="auto: cuda:(RANK %% device count) when CUDA is available, else cpu")
     serve.add_argument("--kv-cache-bytes", type=int, default=None, metavar="N",
-                       help="CPU: bytes of KV cache per rank (default min(25%% of RAM, 4 GiB))")
+                       help="bytes of KV cache per rank. CPU: the cache (default min(25%% of RAM, 4 GiB)); CUDA: a cap "
+                            "on what --cuda-memory-fraction leaves (default none)")
     serve.add_argument("--cuda-memory-fraction", type=float, default=0.9, metavar="F",
                        help="CUDA: share of the GPU this process may use in total; the KV cache gets "
                             "what is left after the model and a warmup forward (default 0.9)")

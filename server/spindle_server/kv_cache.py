@@ -78,11 +78,12 @@ def cache_budget_bytes(device: torch.device, kv_cache_bytes: int | None, cuda_me
     """Bytes this rank may give the KV cache, measured after the model and a warmup forward are resident.
 
     CUDA: what is still free once (1 - fraction) of the device is held back, so the fraction bounds the
-    process's total use. CPU: `kv_cache_bytes`, or the default.
+    process's total use; at most `kv_cache_bytes` when given. CPU: `kv_cache_bytes`, or the default.
     """
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        return max(0, int(free - total * (1.0 - cuda_memory_fraction)))
+        budget = max(0, int(free - total * (1.0 - cuda_memory_fraction)))
+        return budget if kv_cache_bytes is None else min(budget, kv_cache_bytes)
     return kv_cache_bytes if kv_cache_bytes is not None else default_cpu_kv_cache_bytes()
 
 

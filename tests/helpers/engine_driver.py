@@ -34,7 +34,7 @@ def make_engine(
     use_triton: bool = False,
     max_prefill_tokens: int | None = None,  # None: twice max_total_tokens
 ) -> ShardEngine:
-    """A warmed-up single-rank engine; on CUDA its KV cache gets about `kv_cache_bytes` too.
+    """A warmed-up single-rank engine whose KV cache gets `kv_cache_bytes` (CPU and CUDA).
 
     `attention_impl` overrides the name the engine is told; `use_triton` takes the Triton kernels whatever the
     device (on CPU only under TRITON_INTERPRET=1).
@@ -44,14 +44,8 @@ def make_engine(
     ops = triton_ops() if use_triton else ops_for(dev, block_size=block_size)
     model = load_model(path, dtype, dev, dist, ops)
     tokenizer = tokenizers.Tokenizer.from_file(str(path / "tokenizer.json"))
-    fraction = 0.9
-    if dev.type == "cuda":  # the budget is what is free beyond (1 - fraction) of the device
-        # Warmup empties torch's cache before sizing the KV cache: empty it here too, or memory still held
-        # from earlier engines counts as taken here and as free there (a cache far larger than asked).
-        torch.cuda.empty_cache()
-        free, total = torch.cuda.mem_get_info(dev)
-        fraction = min(1.0, 1.0 - (free - kv_cache_bytes) / total)
-    settings = CacheSettings(block_size=block_size, kv_cache_bytes=kv_cache_bytes, cuda_memory_fraction=fraction)
+    # On CUDA too the cache gets exactly kv_cache_bytes (a cap there, far below what the device has free).
+    settings = CacheSettings(block_size=block_size, kv_cache_bytes=kv_cache_bytes)
     engine = ShardEngine(model, read_model_config(path), tokenizer, dist, dev, dtype, attention_impl or ops.name,
                          settings, graphs)
     engine.warmup(WarmupSpec(max_input_tokens=max_total_tokens - 1, max_prefill_tokens=max_prefill_tokens or 2 * max_total_tokens,

@@ -39,3 +39,13 @@ def test_rejects_nonsense():
     shape = KVCacheShape(num_layers=1, block_size=16, kv_heads_per_rank=1, head_dim=8, dtype=torch.float32)
     with pytest.raises(ValueError):
         KVCache(shape, num_blocks=0, device=CPU)
+
+
+def test_cuda_budget_is_what_the_fraction_leaves_capped_by_kv_cache_bytes(monkeypatch):
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (60 * gib, 100 * gib))  # 40 GiB in use
+    cuda = torch.device("cuda", 0)
+    assert cache_budget_bytes(cuda, None, 0.9) == 50 * gib  # 90 GiB for the process, 40 taken
+    assert cache_budget_bytes(cuda, 2 * gib, 0.9) == 2 * gib  # the cap
+    assert cache_budget_bytes(cuda, 80 * gib, 0.9) == 50 * gib  # a cap above what is free changes nothing
+    assert cache_budget_bytes(cuda, None, 0.3) == 0  # the process already holds more than 30%

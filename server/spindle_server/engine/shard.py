@@ -30,13 +30,15 @@ from spindle_server.sampling.params import SamplingParams
 from spindle_server.sampling.stopping import StoppingCriteria
 
 log = logging.getLogger("spindle_server.engine")
-PROBE_TOKENS = 128  # prefill length Warmup times for the per-token cost of a step
+# Prefill length Warmup times for the per-token cost of a step (CPU, CUDA): on an H200 128 tokens cost what
+# one does (launch-bound), so the GPU probe must be long enough to be compute-bound.
+PROBE_TOKENS = (128, 2048)
 
 
 @dataclass(frozen=True)
 class CacheSettings:
     block_size: int = 16
-    kv_cache_bytes: int | None = None  # CPU budget per rank; None: min(25% of RAM, 4 GiB)
+    kv_cache_bytes: int | None = None  # CPU: per rank, None: min(25% of RAM, 4 GiB); CUDA: a cap, None: none
     cuda_memory_fraction: float = 0.9  # share of the GPU this process may use in total
 
     def __post_init__(self) -> None:
@@ -174,7 +176,8 @@ class ShardEngine:
         batch = ShardBatch(0, self._dummy_requests(lengths), bs)
         try:
             self.runner.step(batch, temp)
-            base_ns, token_ns = self._measure_step_cost(temp, min(PROBE_TOKENS, spec.max_prefill_tokens, seq_cap))
+            probe = PROBE_TOKENS[self.device.type == "cuda"]
+            base_ns, token_ns = self._measure_step_cost(temp, min(probe, spec.max_prefill_tokens, seq_cap))
         except torch.OutOfMemoryError as exc:
             raise RuntimeError(
                 f"not enough memory to handle {spec.max_prefill_tokens} prefill tokens: decrease "
