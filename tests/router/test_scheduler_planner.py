@@ -269,3 +269,16 @@ def test_a_request_asking_prompt_logprobs_does_not_wait_for_a_prefix() -> None:
     finish_step(plan, running, blocks)  # 0 still has 10 prompt tokens to go
     plan = plan_step(running, deque([second]), blocks, StepLimits(max_prefill_tokens=30))
     assert [sr.id for sr in plan.admitted] == [1]  # computes everything itself anyway: no reason to wait
+
+
+def test_decode_rows_learned_from_decode_steps_widen_the_budget() -> None:
+    cost = StepCost(base_ns=30_000_000, token_ns=1_000_000)
+    # Four decode rows took 53 ms, not the 33 ms the warmup probe predicts: 5 ms more per row.
+    learned = cost
+    for _ in range(40):
+        learned = learned.observe_decode_step(4, 53_000_000)
+    assert abs(learned.decode_row_ns - 5_000_000) < 50_000
+    # Decode-only is 53 ms; at 2x, 106 ms: 30 + 4 x 5 leaves 56 ms of token cost, 57 tokens in all.
+    assert StepCost(30_000_000, 1_000_000, decode_row_ns=5_000_000).max_tokens(4, 2.0) == 57
+    assert cost.max_tokens(4, 2.0) == 37  # without what it learned: 2 x 33 ms
+    assert cost.observe_decode_step(0, 10**9) is cost

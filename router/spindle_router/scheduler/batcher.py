@@ -33,7 +33,7 @@ Policy (continuous batching with chunked prefill, one mixed forward per step):
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from spindle_router.scheduler.block_manager import BlockManager
 from spindle_router.scheduler.request import ScheduledRequest
@@ -41,17 +41,31 @@ from spindle_router.scheduler.request import ScheduledRequest
 
 @dataclass(frozen=True)
 class StepCost:
-    """A forward of n tokens takes about base_ns + (n - 1) * token_ns (measured by the shards at warmup)."""
+    """A forward of n tokens, d of them decode rows, takes about base_ns + (n - 1) * token_ns + d * decode_row_ns.
+
+    base_ns and token_ns are measured by the shards at warmup (a fresh one-token forward, a prefill probe);
+    decode_row_ns, what a decode row costs beyond a prefill token (its attention over a long context), is
+    learned from the decode-only steps the scheduler sees (`observe_decode_step`).
+    """
 
     base_ns: int
     token_ns: int
+    decode_row_ns: float = 0.0
 
     def max_tokens(self, decodes: int, slowdown: float) -> int:
         """Most tokens a step holding `decodes` decode rows may carry and take <= slowdown x a decode-only step."""
         if self.token_ns <= 0:
             return 2**31
-        decode_only = self.base_ns + max(0, decodes - 1) * self.token_ns
-        return 1 + int((slowdown * decode_only - self.base_ns) // self.token_ns)
+        rows = decodes * self.decode_row_ns
+        decode_only = self.base_ns + max(0, decodes - 1) * self.token_ns + rows
+        return 1 + int((slowdown * decode_only - self.base_ns - rows) // self.token_ns)
+
+    def observe_decode_step(self, decodes: int, forward_ns: int, weight: float = 0.2) -> StepCost:
+        """This cost with decode_row_ns moved towards what a decode-only step of `decodes` rows just took."""
+        if decodes < 1:
+            return self
+        row = max(0.0, (forward_ns - self.base_ns - (decodes - 1) * self.token_ns) / decodes)
+        return replace(self, decode_row_ns=(1 - weight) * self.decode_row_ns + weight * row)
 
 
 @dataclass(frozen=True)

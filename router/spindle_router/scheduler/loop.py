@@ -18,6 +18,7 @@ On a failed shard call every request in the batch gets an ErrorEvent, the shards
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import time
@@ -276,6 +277,7 @@ class Scheduler:
             md = _carrier(plan.running)
             response = await self._timed(method, self.shards.decode([self._cached], updates, metadata=md))
         self._observe(method, response)
+        self._learn_step_cost(plan, response)
         self._absorb(plan, response)
 
     def _request(self, sr: ScheduledRequest) -> pb.Request:
@@ -392,6 +394,14 @@ class Scheduler:
         m.batch_inference_duration.labels(method=method).observe(response.total_ns / 1e9)
         if response.concat_ns:
             m.batch_concat_duration.labels(method=method).observe(response.concat_ns / 1e9)
+
+    def _learn_step_cost(self, plan: StepPlan, response: pb.PrefillResponse | pb.DecodeResponse) -> None:
+        """Decode-only steps teach the stall-free budget what decode rows cost at today's context lengths."""
+        cost = self.limits.step_cost
+        if cost is None or plan.admitted or plan.num_tokens != len(plan.running):
+            return
+        learned = cost.observe_decode_step(len(plan.running), response.forward_ns)
+        self.limits = dataclasses.replace(self.limits, step_cost=learned)
 
     def _note_plan(self, plan: StepPlan) -> None:
         m = self.metrics
