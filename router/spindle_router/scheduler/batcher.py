@@ -8,8 +8,9 @@ Policy (continuous batching with chunked prefill, one mixed forward per step):
   prompts still prefilling, oldest first, then to new admissions. A prompt larger than what is left is
   split: its chunk rides along with the decodes and continues next step.
 * Stall-free budget (Sarathi-Serve). While requests are decoding, a step that also carries prefill chunks
-  may take at most `max_decode_slowdown` times a decode-only step, by the step cost the shards measured
-  at warmup (`StepCost`: a fixed cost plus a cost per token). A long prompt then arrives in chunks small
+  may take at most `max_decode_slowdown` times a decode-only step, by a step cost model (`StepCost`: a
+  fixed cost and a cost per token, measured by the shards at warmup, plus what a decode row costs beyond a
+  token, learned from the decode-only steps the scheduler sees). A long prompt then arrives in chunks small
   enough that the streams already running keep their pace; with nothing decoding, prompts get the whole
   `max_prefill_tokens`.
 * Capacity budget. A request is admitted while the KV positions the running batch holds plus its
