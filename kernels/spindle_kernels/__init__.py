@@ -4,8 +4,8 @@ The shard picks one `KernelOps` at start-up with `ops_for(device)` and passes it
 code never asks which platform it runs on.
 
 Implementations, best first: flash-attn attention (CUDA, when `flash_attn` imports) over the Triton
-ops; the Triton ops (CUDA, when `triton` imports); on CPU the reference with `cpu.py`'s attention;
-the torch reference (anywhere). Importing this
+ops; the Triton ops (CUDA, when `triton` imports); on CPU `cpu.py`'s attention, norm and rotary over
+the reference; the torch reference (anywhere). Importing this
 package imports neither triton nor flash_attn: they load on first use. The Triton functions are
 also exported here by name (`spindle_kernels.paged_decode_attention`, ...), loaded on access.
 """
@@ -49,6 +49,8 @@ CPU_OPS = dataclasses.replace(
     name="cpu",
     paged_attention=cpu.paged_attention,
     paged_decode_attention=cpu.paged_decode_attention,
+    rms_norm=cpu.rms_norm,
+    rotary_embedding=cpu.rotary_embedding,
 )
 
 

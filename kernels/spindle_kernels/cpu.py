@@ -8,6 +8,10 @@ the step. Here the blocks are gathered with one `index_select` (contiguous block
 (h, j) carries q[h, j] in KV head h's columns, zeros elsewhere), so no transpose is ever copied. The
 zeros cost kv_heads x the score FLOPs, which are tiny next to the gather: 1.8 ms (float32) and 1.0 ms
 (bfloat16) for the same case. Same signatures and results as `reference` (float32 softmax).
+
+RMSNorm and rotary do the reference's arithmetic in fewer tensor ops (a decode step at batch 1 is mostly
+per-op overhead outside its matmuls): torch's fused `rms_norm`, and rotary in the activations' dtype (as
+transformers computes it) without float32 round trips.
 """
 
 from __future__ import annotations
@@ -89,3 +93,24 @@ def paged_attention(
             attn = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
         out[start:end] = attn[0].transpose(0, 1)
     return out
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """See `reference.rms_norm`: (norm(x + residual) * weight, x + residual)."""
+    if residual is not None:
+        x = x + residual
+    return F.rms_norm(x, (x.shape[-1],), weight, eps), x
+
+
+def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """See `reference.rotary_embedding`: q, k [T, heads, d] rotated in place; cos, sin [T, d // 2]."""
+    half = q.shape[-1] // 2
+    c = cos.to(q.dtype)[:, None, :]
+    s = sin.to(q.dtype)[:, None, :]
+    for t in (q, k):
+        x1, x2 = t[..., :half], t[..., half:]
+        rotated = x1 * c - x2 * s
+        x2.mul_(c).addcmul_(x1, s)
+        x1.copy_(rotated)

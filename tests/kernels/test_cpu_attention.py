@@ -48,3 +48,28 @@ def test_varlen_matches_reference(dtype, heads, batch):
                         block_size=4, dtype=dtype, seed=len(q_lens))
     args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
     torch.testing.assert_close(cpu.paged_attention(*args), reference.paged_attention(*args), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_reference(dtype, with_residual):
+    gen = torch.Generator().manual_seed(3)
+    x, residual = (torch.randn(5, 48, generator=gen).to(dtype) for _ in range(2))
+    weight = (1 + 0.1 * torch.randn(48, generator=gen)).to(dtype)
+    r = residual if with_residual else None
+    got, got_res = cpu.rms_norm(x, weight, 1e-6, r)
+    want, want_res = reference.rms_norm(x, weight, 1e-6, r)
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+    assert torch.equal(got_res, want_res) and got.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_matches_reference(dtype):
+    gen = torch.Generator().manual_seed(4)
+    q, k = torch.randn(6, 4, 32, generator=gen).to(dtype), torch.randn(6, 2, 32, generator=gen).to(dtype)
+    angles = torch.arange(6.0)[:, None] * torch.rand(16, generator=gen)[None, :]
+    q_ref, k_ref = q.clone(), k.clone()
+    reference.rotary_embedding(q_ref, k_ref, angles.cos(), angles.sin())
+    cpu.rotary_embedding(q, k, angles.cos(), angles.sin())
+    torch.testing.assert_close(q, q_ref, **TOLERANCE[dtype])
+    torch.testing.assert_close(k, k_ref, **TOLERANCE[dtype])
