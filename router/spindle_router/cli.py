@@ -109,7 +109,8 @@ def add_scheduler_flags(p: argparse.ArgumentParser) -> None:
              "KV tokens the running batch may hold", shown="all the shards hold")
     add_flag(g, "max-batch-size", positive_int, None, "most requests in the running batch", shown="no limit")
     add_flag(g, "waiting-served-ratio", positive_float, d.waiting_served_ratio,
-             "waiting/running ratio above which waiting requests are prefilled into the running batch")
+             "waiting/running ratio at or above which a step serves the queue at the full "
+             "max-batch-prefill-tokens, lifting the max-decode-slowdown cap")
     add_flag(g, "max-waiting-tokens", int, d.max_waiting_tokens,
              "decode steps a waiting request may wait before it forces a prefill")
     add_flag(g, "prefix-caching", parse_bool, d.prefix_caching, "reuse KV blocks of shared prompt prefixes",

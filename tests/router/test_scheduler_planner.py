@@ -282,3 +282,18 @@ def test_decode_rows_learned_from_decode_steps_widen_the_budget() -> None:
     assert StepCost(30_000_000, 1_000_000, decode_row_ns=5_000_000).max_tokens(4, 2.0) == 57
     assert cost.max_tokens(4, 2.0) == 37  # without what it learned: 2 x 33 ms
     assert cost.observe_decode_step(0, 10**9) is cost
+
+
+def test_a_long_queue_lifts_the_stall_free_cap() -> None:
+    cost = StepCost(base_ns=30_000_000, token_ns=1_000_000)
+    limits = StepLimits(max_prefill_tokens=512, step_cost=cost, max_decode_slowdown=1.5, waiting_served_ratio=0.3)
+    blocks = BlockManager(512, BS, prefix_caching=False)
+    running: list[ScheduledRequest] = []
+    waiting = deque([req(i, 3, max_new=50) for i in range(4)])
+    finish_step(plan_step(running, waiting, blocks, limits), running, blocks)  # four decoding
+    waiting.append(req(9, 400))  # one waiting for four running: 0.25 < 0.3, capped
+    assert plan_step(running, waiting, blocks, limits).num_tokens == 20
+    waiting.extend([req(10, 400), req(11, 400)])  # two waiting for five running (9 joined): 0.4, full rate
+    assert limits.step_tokens(running, len(waiting)) == 512
+    assert StepLimits(max_prefill_tokens=512, step_cost=cost, max_decode_slowdown=1.5).step_tokens(
+        running, len(waiting)) < 512  # ratio 0: never lifted

@@ -12,7 +12,10 @@ Policy (continuous batching with chunked prefill, one mixed forward per step):
   fixed cost and a cost per token, measured by the shards at warmup, plus what a decode row costs beyond a
   token, learned from the decode-only steps the scheduler sees). A long prompt then arrives in chunks small
   enough that the streams already running keep their pace; with nothing decoding, prompts get the whole
-  `max_prefill_tokens`.
+  `max_prefill_tokens`. When the queue is long (waiting >= `waiting_served_ratio` x running, TGI's
+  flag and meaning), the cap is lifted for that step: the queue is served at full rate, as TGI serves it,
+  instead of trickling in beside half-empty batches (the running streams take one long step; a lone long
+  prompt beside many streams stays capped).
 * Capacity budget. A request is admitted while the KV positions the running batch holds plus its
   prompt stay within `max_total_tokens` (TGI's `max_batch_total_tokens - cached.max_tokens`). Holdings,
   not worst cases: blocks are allocated on demand, so the batch may later grow past what was held at
@@ -22,9 +25,9 @@ Policy (continuous batching with chunked prefill, one mixed forward per step):
   is still prefilling (not yet in the prefix cache) waits until they are cached, instead of computing
   them a second time beside the first: 8 requests sharing a 1500-token prefix prefill it once, not 8x.
 * Admission is strict FIFO: the first waiting request that does not fit (or waits for a prefix) stops
-  admission, so nobody is overtaken (head-of-line blocking by design, as in TGI). With chunking a waiting request never
-  needs to pause the decodes, so it is admitted every step it fits: TGI's `waiting_served_ratio` and
-  `max_waiting_tokens` (which ration prefill-only forwards) have nothing to decide here and are unused.
+  admission, so nobody is overtaken (head-of-line blocking by design, as in TGI). With chunking a waiting
+  request never needs to pause the decodes, so it is admitted every step it fits: TGI's
+  `max_waiting_tokens` (which rations prefill-only forwards) has nothing to decide here and is unused.
 * KV blocks are allocated on demand, as requests cross block boundaries. When a running request cannot
   grow, even after evicting unlocked prefix-cache blocks, the most recently admitted running request
   is preempted: it leaves the shard batch, frees its blocks and goes back to the FRONT of the queue with
@@ -76,6 +79,7 @@ class StepLimits:
     max_batch_size: int | None = None
     step_cost: StepCost | None = None  # None: no stall-free budget (every step may fill max_prefill_tokens)
     max_decode_slowdown: float = 0.0  # 0: no stall-free budget
+    waiting_served_ratio: float = 0.0  # waiting >= this x running lifts the stall-free cap; 0: never
 
     def __post_init__(self) -> None:
         if self.max_prefill_tokens < 1:
@@ -85,10 +89,12 @@ class StepLimits:
         if self.max_decode_slowdown and self.max_decode_slowdown < 1:
             raise ValueError("max_decode_slowdown must be 0 (off) or >= 1")
 
-    def step_tokens(self, running: list[ScheduledRequest]) -> int:
-        """Tokens the next forward may carry, given the requests already running."""
+    def step_tokens(self, running: list[ScheduledRequest], num_waiting: int = 0) -> int:
+        """Tokens the next forward may carry, given the requests already running and how many wait."""
         decodes = sum(sr.remaining_tokens == 1 for sr in running)
         if not decodes or self.step_cost is None or not self.max_decode_slowdown:
+            return self.max_prefill_tokens
+        if self.waiting_served_ratio and num_waiting >= self.waiting_served_ratio * len(running):
             return self.max_prefill_tokens
         # At least one prefill token beside the decodes, so a prompt always advances.
         stall_free = max(len(running) + 1, self.step_cost.max_tokens(decodes, self.max_decode_slowdown))
@@ -118,7 +124,7 @@ def plan_step(
 ) -> StepPlan:
     """Plan one step, updating `running` (admission order) and `waiting` (FIFO) in place."""
     plan = StepPlan()
-    budget = limits.step_tokens(running)
+    budget = limits.step_tokens(running, len(waiting))
     # 1. Tokens for the running batch: one each, then prefill chunks oldest first.
     spare = budget - len(running)
     for sr in running:

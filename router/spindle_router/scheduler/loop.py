@@ -109,6 +109,7 @@ class Scheduler:
             max_batch_size=config.max_batch_size,
             step_cost=step_cost,
             max_decode_slowdown=config.max_decode_slowdown,
+            waiting_served_ratio=config.waiting_served_ratio,
         )
         self.waiting: deque[ScheduledRequest] = deque()
         self.running: list[ScheduledRequest] = []  # admission order; == the shard batch after each step
