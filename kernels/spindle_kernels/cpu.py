@@ -66,33 +66,22 @@ def paged_attention(
     scale: float,
 ) -> torch.Tensor:
     """Varlen chunks over paged context; see `reference.paged_attention`. Decode rows take the path above."""
-    out = torch.empty_like(q)
-    cu = cu_seqlens_q.tolist()
-    lens = context_lens.tolist()
-    singles = [b for b in range(len(lens)) if cu[b + 1] - cu[b] == 1]
-    if singles:
-        rows = torch.tensor([cu[b] for b in singles], device=q.device)
-        index = torch.tensor(singles, device=q.device)
-        out[rows] = paged_decode_attention(
-            q[rows], k_cache, v_cache, block_tables.index_select(0, index), context_lens.index_select(0, index), scale
-        )
-    for b in range(len(lens)):
-        start, end = cu[b], cu[b + 1]
-        q_len, ctx_len = end - start, lens[b]
-        if q_len <= 1:
-            continue
-        # 4-d [1, heads, len, d]: 3-d inputs take SDPA's math path on CPU (5x slower at 1500 tokens).
-        k = reference._gather_context(k_cache, block_tables[b], ctx_len).transpose(0, 1)[None]
-        v = reference._gather_context(v_cache, block_tables[b], ctx_len).transpose(0, 1)[None]
-        qb = q[start:end].transpose(0, 1)[None]
-        if q_len == ctx_len:  # nothing cached before the chunk: plain causal, no mask tensor
-            attn = F.scaled_dot_product_attention(qb, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        else:  # the chunk's rows sit at the end of the context (bottom-right aligned causal mask)
-            q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-            mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
-            attn = F.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        out[start:end] = attn[0].transpose(0, 1)
-    return out
+    return reference.varlen_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                      paged_decode_attention, _chunk_attention)
+
+
+def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [q_len, heads, d] at the last q_len positions of k, v [ctx_len, kv_heads, d], causal, in q's dtype."""
+    q_len, ctx_len = q.shape[0], k.shape[0]
+    # 4-d [1, heads, len, d]: 3-d inputs take SDPA's math path on CPU (5x slower at 1500 tokens).
+    qb, kb, vb = (t.transpose(0, 1)[None] for t in (q, k, v))
+    if q_len == ctx_len:  # nothing cached before the chunk: plain causal, no mask tensor
+        attn = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
+    else:  # the chunk's rows sit at the end of the context (bottom-right aligned causal mask)
+        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+        mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+        attn = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
+    return attn[0].transpose(0, 1)
 
 
 def rms_norm(

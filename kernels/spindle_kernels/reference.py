@@ -23,6 +23,8 @@ Varlen queries (prefill chunks and decodes flattened together):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -71,38 +73,59 @@ def paged_attention(
     Grouped-query attention: query head h reads KV head h // (num_heads // num_kv_heads).
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
+    return varlen_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                            _decode_attention, _chunk_attention)
+
+
+def varlen_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    context_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    decode: Callable[..., torch.Tensor],
+    chunk: Callable[..., torch.Tensor],
+) -> torch.Tensor:
+    """The varlen split: sequences with one new token (decodes) attend together in one batched `decode`
+    call (q, k_cache, v_cache, block_tables, context_lens, scale); a chunk of several tokens attends on its
+    own with `chunk` (q [q_len, heads, d], k, v [ctx_len, kv_heads, d], scale) -> [q_len, heads, d]."""
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     lens = context_lens.tolist()
-    # Sequences with one new token (decodes) attend together in one batched call; a chunk of several
-    # tokens attends on its own, with a causal mask.
     singles = [b for b in range(len(lens)) if cu[b + 1] - cu[b] == 1]
     if singles:
         rows = torch.tensor([cu[b] for b in singles], device=q.device)
         index = torch.tensor(singles, device=q.device)
-        out[rows] = _decode_attention(
+        out[rows] = decode(
             q[rows], k_cache, v_cache, block_tables.index_select(0, index), context_lens.index_select(0, index), scale
         )
     for b in range(len(lens)):
         start, end = cu[b], cu[b + 1]
-        q_len, ctx_len = end - start, lens[b]
-        if q_len <= 1:
+        if end - start <= 1:
             continue
-        k = _gather_context(k_cache, block_tables[b], ctx_len)
-        v = _gather_context(v_cache, block_tables[b], ctx_len)
-        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-        k_pos = torch.arange(ctx_len, device=q.device)
-        mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, ctx_len], True = attend
-        attn = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1).float(),  # [heads, q_len, d]
-            k.transpose(0, 1).float(),
-            v.transpose(0, 1).float(),
-            attn_mask=mask,
-            scale=scale,
-            enable_gqa=True,
-        )
-        out[start:end] = attn.transpose(0, 1).to(q.dtype)
+        k = _gather_context(k_cache, block_tables[b], lens[b])
+        v = _gather_context(v_cache, block_tables[b], lens[b])
+        out[start:end] = chunk(q[start:end], k, v, scale)
     return out
+
+
+def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [q_len, heads, d] at the last q_len positions of k, v [ctx_len, kv_heads, d]: causal, float32."""
+    q_len, ctx_len = q.shape[0], k.shape[0]
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
+    k_pos = torch.arange(ctx_len, device=q.device)
+    mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, ctx_len], True = attend
+    attn = F.scaled_dot_product_attention(
+        q.transpose(0, 1).float(),  # [heads, q_len, d]
+        k.transpose(0, 1).float(),
+        v.transpose(0, 1).float(),
+        attn_mask=mask,
+        scale=scale,
+        enable_gqa=True,
+    )
+    return attn.transpose(0, 1).to(q.dtype)
 
 
 def _decode_attention(
