@@ -124,11 +124,12 @@ async def workload_c(url: str, api: str = "tgi") -> dict[str, float]:
         done = await asyncio.gather(*streams)
     steady, during = [], []
     for r in done:
-        # A stream's first intervals overlap the other streams' admission: not steady decoding.
-        for i, (a, b) in enumerate(zip(r.token_times, r.token_times[1:])):
+        # Before the arrival the streams are still being admitted (not steady decoding): steady is after
+        # the long prompt's first token, when all 16 stream on.
+        for a, b in zip(r.token_times, r.token_times[1:]):
             if arrival <= b and a <= first_token:
                 during.append(b - a)
-            elif i >= 8:
+            elif a > first_token:
                 steady.append(b - a)
     return {
         "steady_itl_p50": percentile(steady, 50),
@@ -148,6 +149,7 @@ def spindle_argv(model_dir: Path, port: int, uds: str, args) -> list[str]:
         "--port", str(port),
         "--shard-uds-path", uds,
         "--max-concurrent-requests", "256",
+        "--dtype", "float32",  # the naive baseline's dtype (bench_peer.py measures the default, auto)
     ]
     if args.max_batch_prefill_tokens is not None:
         argv += ["--max-batch-prefill-tokens", str(args.max_batch_prefill_tokens)]
