@@ -1,4 +1,4 @@
-"""CPU attention: the reference's algorithm, shaped for what CPUs are fast at.
+"""CPU ops: the reference's attention, norm and rotary, shaped for what CPUs are fast at.
 
 The reference decode path gathers every sequence's blocks with advanced indexing, transposes them to
 [batch, kv_heads, len, d] and runs a masked `scaled_dot_product_attention` for one query row: on 2 Zen 4

@@ -115,8 +115,8 @@ def _pick_device(choice: str, rank: int) -> torch.device:
     return torch.device("cuda", rank % torch.cuda.device_count())
 
 
-def build_engine(args: ServeArgs):
-    """Join the group, load the model and tokenizer; returns (engine, dist)."""
+def build_engine(args: ServeArgs, device: torch.device):
+    """Join the group, load the model and tokenizer on `device`; returns (engine, dist)."""
     import tokenizers
     from spindle_kernels import ops_for
 
@@ -124,8 +124,6 @@ def build_engine(args: ServeArgs):
     from spindle_server.engine.shard import CacheSettings, ShardEngine
     from spindle_server.models.registry import load_model, read_model_config
 
-    rank = int(os.environ.get("RANK", "0") or 0)
-    device = _pick_device(args.device, rank)
     settings = CacheSettings(
         block_size=args.block_size,
         kv_cache_bytes=args.kv_cache_bytes,
@@ -155,8 +153,9 @@ async def serve(args: ServeArgs) -> None:
     from spindle_server.service import ShardService, engine_thread
 
     rank = int(os.environ.get("RANK", "0") or 0)
-    executor = engine_thread(_pick_device(args.device, rank))  # the model is built where it will run
-    engine, dist = await asyncio.get_running_loop().run_in_executor(executor, build_engine, args)
+    device = _pick_device(args.device, rank)
+    executor = engine_thread(device)  # the model is built where it will run
+    engine, dist = await asyncio.get_running_loop().run_in_executor(executor, build_engine, args, device)
     tracer_provider = None
     if args.otlp_endpoint:
         from spindle_server.tracing import setup_tracing

@@ -45,6 +45,18 @@ class Distributed:
             raise self._lost_peers("all_reduce", exc) from exc
         return t
 
+    def agree(self, values: list[int], op: str, device: torch.device) -> list[int]:
+        """The element-wise "min" or "max" of `values` over ranks (every rank gets the same list)."""
+        if self.world_size == 1:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.int64, device=device)
+        reduce_op = {"min": torch_dist.ReduceOp.MIN, "max": torch_dist.ReduceOp.MAX}[op]
+        try:
+            torch_dist.all_reduce(t, op=reduce_op, group=self.group)
+        except RuntimeError as exc:
+            raise self._lost_peers("all_reduce", exc) from exc
+        return [int(x) for x in t.tolist()]
+
     def all_gather_last_dim(self, t: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's `t` (same shape on all ranks) along the last dim, in rank order."""
         if self.world_size == 1:

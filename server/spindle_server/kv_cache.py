@@ -10,7 +10,6 @@ import os
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as torch_dist
 
 from spindle_server.distributed import Distributed
 
@@ -89,8 +88,4 @@ def cache_budget_bytes(device: torch.device, kv_cache_bytes: int | None, cuda_me
 
 def agree_num_blocks(local_num_blocks: int, dist: Distributed, device: torch.device) -> int:
     """The minimum over ranks, so every rank (and the router) uses the same block ids."""
-    if dist.world_size == 1:
-        return local_num_blocks
-    t = torch.tensor([local_num_blocks], dtype=torch.int64, device=device)
-    torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MIN, group=dist.group)
-    return int(t.item())
+    return dist.agree([local_num_blocks], "min", device)[0]

@@ -228,12 +228,7 @@ class ShardEngine:
 
         base = best_ns(1)
         token = max(0, best_ns(probe) - base) // max(1, probe - 1) if probe > 1 else 0
-        if self.dist.world_size > 1:  # every rank answers the same: the slowest rank's cost
-            import torch.distributed as torch_dist
-
-            t = torch.tensor([base, token], dtype=torch.int64, device=self.device)
-            torch_dist.all_reduce(t, op=torch_dist.ReduceOp.MAX, group=self.dist.group)
-            base, token = (int(x) for x in t.tolist())
+        base, token = self.dist.agree([base, token], "max", self.device)  # every rank: the slowest rank's
         log.info("step cost: %.1f ms for one token, +%.3f ms per prefill token (probe of %d)",
                  base / 1e6, token / 1e6, probe)
         return base, token
