@@ -5,7 +5,7 @@ code never asks which platform it runs on.
 
 Implementations, best first: flash-attn attention (CUDA, when `flash_attn` imports) over the Triton
 ops; the Triton ops (CUDA, when `triton` imports); on CPU `cpu.py`'s attention, norm and rotary over
-the reference; the torch reference (anywhere). Importing this
+the reference (whose `fused_moe` groups tokens by expert); the torch reference (anywhere). Importing this
 package imports neither triton nor flash_attn: they load on first use. The Triton functions are
 also exported here by name (`spindle_kernels.paged_decode_attention`, ...), loaded on access.
 """
@@ -32,6 +32,7 @@ class KernelOps:
     rms_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]]
     rotary_embedding: Callable[..., None]
     silu_and_mul: Callable[..., torch.Tensor]
+    fused_moe: Callable[..., torch.Tensor]
 
 
 REFERENCE_OPS = KernelOps(
@@ -42,6 +43,7 @@ REFERENCE_OPS = KernelOps(
     rms_norm=reference.rms_norm,
     rotary_embedding=reference.rotary_embedding,
     silu_and_mul=reference.silu_and_mul,
+    fused_moe=reference.fused_moe,
 )
 
 CPU_OPS = dataclasses.replace(
@@ -104,6 +106,7 @@ _TRITON_EXPORTS = {
     "rms_norm": "spindle_kernels.norm",
     "rotary_embedding": "spindle_kernels.rotary",
     "silu_and_mul": "spindle_kernels.activation",
+    "fused_moe": "spindle_kernels.moe",
 }
 
 

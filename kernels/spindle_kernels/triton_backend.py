@@ -6,6 +6,7 @@ from spindle_kernels import KernelOps
 from spindle_kernels.activation import silu_and_mul
 from spindle_kernels.attention import paged_attention, paged_decode_attention
 from spindle_kernels.kv_store import reshape_and_cache
+from spindle_kernels.moe import fused_moe
 from spindle_kernels.norm import rms_norm
 from spindle_kernels.rotary import rotary_embedding
 
@@ -17,4 +18,5 @@ TRITON_OPS = KernelOps(
     rms_norm=rms_norm,
     rotary_embedding=rotary_embedding,
     silu_and_mul=silu_and_mul,
+    fused_moe=fused_moe,
 )

@@ -20,7 +20,7 @@ def test_cpu_gets_the_cpu_ops():
     assert ops_for(torch.device("cpu")) is CPU_OPS
     assert ops_for("cpu").name == "cpu"
     # The KV writes and the activation are the reference's.
-    for op in ("reshape_and_cache", "silu_and_mul"):
+    for op in ("reshape_and_cache", "silu_and_mul", "fused_moe"):
         assert getattr(CPU_OPS, op) is getattr(REFERENCE_OPS, op)
 
 
@@ -138,6 +138,7 @@ def test_flash_wrappers_pass_paged_arguments_and_fall_back(fake_flash, monkeypat
             rms_norm=REFERENCE_OPS.rms_norm,
             rotary_embedding=REFERENCE_OPS.rotary_embedding,
             silu_and_mul=REFERENCE_OPS.silu_and_mul,
+            fused_moe=REFERENCE_OPS.fused_moe,
         )
     )
     q = torch.randn(5, 4, 16)

@@ -1,6 +1,8 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2) as one graph built from parallel layers.
+"""The Llama family (Llama 2/3, Mistral, Qwen2, and the sparse Mixtral and Qwen2-MoE) as one graph built
+from parallel layers.
 
-Differences between them are config: q/k/v bias (Qwen2), rope scaling (Llama 3), tied embeddings.
+Differences between them are config: q/k/v bias (Qwen2), rope scaling (Llama 3), tied embeddings, and a
+mixture-of-experts MLP in the layers ModelConfig.moe makes sparse (layers/moe.py).
 Mistral's sliding window is not applied (see ModelConfig.sliding_window).
 """
 
@@ -14,6 +16,7 @@ from spindle_server.layers.activation import SiluAndMul
 from spindle_server.layers.attention import AttentionMetadata, PagedAttention
 from spindle_server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from spindle_server.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from spindle_server.layers.moe import SparseMoeBlock
 from spindle_server.layers.norm import RMSNorm
 from spindle_server.layers.rotary import RotaryEmbedding
 from spindle_server.models.causal_lm import CausalLM
@@ -47,6 +50,7 @@ class LlamaDecoderLayer(torch.nn.Module):
     def __init__(
         self,
         config: ModelConfig,
+        layer_idx: int,
         rotary: RotaryEmbedding,
         dist: Distributed,
         ops: KernelOps,
@@ -69,13 +73,19 @@ class LlamaDecoderLayer(torch.nn.Module):
             device=device,
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
-        self.mlp = LlamaMLP(config, dist, ops, dtype, device)
+        self.mlp: LlamaMLP | SparseMoeBlock
+        if config.moe is not None and config.moe.is_sparse(layer_idx):
+            self.mlp = SparseMoeBlock(config.moe, config.hidden_size, dist, ops, dtype, device)
+            self.mlp_name = config.moe.names.block  # Mixtral's experts are "block_sparse_moe"
+        else:
+            self.mlp = LlamaMLP(config, dist, ops, dtype, device)
+            self.mlp_name = "mlp"
 
     def load(self, weights: Weights, prefix: str) -> None:
         self.input_layernorm.load(weights, f"{prefix}.input_layernorm.weight")
         self.self_attn.load(weights, f"{prefix}.self_attn")
         self.post_attention_layernorm.load(weights, f"{prefix}.post_attention_layernorm.weight")
-        self.mlp.load(weights, f"{prefix}.mlp")
+        self.mlp.load(weights, f"{prefix}.{self.mlp_name}")
 
     def forward(
         self,
@@ -108,7 +118,7 @@ class LlamaForCausalLM(CausalLM):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dist, dtype, device)
         rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings, ops, device)
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(config, rotary, dist, ops, dtype, device) for _ in range(config.num_layers)
+            LlamaDecoderLayer(config, i, rotary, dist, ops, dtype, device) for i in range(config.num_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
         self.lm_head = ParallelLMHead(

@@ -17,6 +17,7 @@ import torch
 from spindle_kernels import KernelOps
 
 from spindle_server.distributed import Distributed
+from spindle_server.layers.moe import MoeConfig
 from spindle_server.layers.rotary import RopeConfig
 
 if TYPE_CHECKING:
@@ -33,11 +34,14 @@ class ArchTraits:
     o_bias: bool = False
 
 
-# model_type -> traits. Qwen2 always carries q/k/v biases; Llama reads `attention_bias` (on q/k/v/o).
+# model_type -> traits. Qwen2 always carries q/k/v biases; Llama reads `attention_bias` (on q/k/v/o);
+# Qwen2-MoE reads `qkv_bias` (default true). The sparse ones also read a MoeConfig (layers/moe.py).
 _ARCHITECTURES: dict[str, ArchTraits] = {
     "llama": ArchTraits(),
     "mistral": ArchTraits(),
     "qwen2": ArchTraits(qkv_bias=True),
+    "mixtral": ArchTraits(),
+    "qwen2_moe": ArchTraits(qkv_bias=True),
 }
 
 
@@ -64,6 +68,7 @@ class ModelConfig:
     # Mistral-style sliding window, read but NOT applied: attention is always full (exact for prompts
     # shorter than the window; longer contexts diverge from the reference).
     sliding_window: int | None = None
+    moe: MoeConfig | None = None  # the experts of a sparse model (Mixtral, Qwen2-MoE); None when dense
 
     def __post_init__(self) -> None:
         for name in (
@@ -96,6 +101,8 @@ class ModelConfig:
                 f"cannot shard {self.model_type}: intermediate_size={self.intermediate_size} "
                 f"is not divisible by the world size {world_size}"
             )
+        if self.moe is not None:
+            self.moe.check_world_size(world_size)
 
     def kv_heads_per_rank(self, world_size: int) -> int:
         self.check_world_size(world_size)
@@ -146,13 +153,18 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
             rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
             rope=RopeConfig.from_hf_config(cfg),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-            qkv_bias=traits.qkv_bias or attention_bias,
+            qkv_bias=bool(cfg.get("qkv_bias", traits.qkv_bias)) or attention_bias,
             o_bias=traits.o_bias or attention_bias,
             mlp_bias=bool(cfg.get("mlp_bias", False)),
             sliding_window=cfg.get("sliding_window") if cfg.get("use_sliding_window", True) else None,
+            moe=MoeConfig.from_hf_config(cfg, model_type),
         )
     except KeyError as exc:
         raise ValueError(f"{path} lacks the field {exc.args[0]!r}") from None
+
+
+def _window_applies(config: ModelConfig) -> bool:
+    return bool(config.sliding_window) and config.sliding_window < config.max_position_embeddings  # type: ignore[operator]
 
 
 def load_model(
@@ -175,6 +187,11 @@ def load_model(
 
     config = read_model_config(model_dir)
     config.check_world_size(dist.world_size)
+    if config.moe is not None and _window_applies(config):
+        raise ValueError(
+            f"{config.model_type}: sliding_window={config.sliding_window} (shorter than max_position_embeddings="
+            f"{config.max_position_embeddings}) is not supported for mixture-of-experts models yet"
+        )
     if config.sliding_window is not None and config.sliding_window < config.max_position_embeddings:
         log.warning(
             "sliding_window=%d is not applied (attention is always full): outputs differ from the "
