@@ -40,7 +40,7 @@ def _corpus() -> list[str]:
 
 @dataclass
 class TinyModelSpec:
-    arch: str = "llama"  # llama | mistral | qwen2
+    arch: str = "llama"  # llama | mistral | qwen2 | mixtral | qwen2_moe (MoE sizes go in extra_config)
     num_layers: int = 2
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -100,6 +100,8 @@ def _hf_config(spec: TinyModelSpec, vocab_size: int):
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
+        "mixtral": transformers.MixtralConfig,
+        "qwen2_moe": transformers.Qwen2MoeConfig,
     }[spec.arch]
     return cls(**common)
 

@@ -141,3 +141,43 @@ def test_flash_attn_ops_match_reference(dtype):
 
 def test_ops_for_cuda_names_the_backend():
     assert ops_for("cuda", block_size=16).name == "triton"
+
+
+def _moe_inputs(tokens: int, dtype: torch.dtype, seed: int = 0):
+    # Mixtral-like routing (8 experts, top-2) at a smaller width: hidden 1024, expert intermediate 1792.
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    hidden, inter, experts = 1024, 1792, 8
+    x = torch.randn(tokens, hidden, device="cuda", generator=g).to(dtype)
+    w13 = (torch.randn(experts, 2 * inter, hidden, device="cuda", generator=g) / hidden**0.5).to(dtype)
+    w2 = (torch.randn(experts, hidden, inter, device="cuda", generator=g) / inter**0.5).to(dtype)
+    probs = torch.softmax(torch.randn(tokens, experts, device="cuda", generator=g), dim=-1)
+    weights, ids = torch.topk(probs, 2, dim=-1)
+    return x, w13, w2, weights, ids
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("tokens", [1, 37, 600])
+def test_fused_moe_matches_reference(dtype, tokens):
+    from spindle_kernels.moe import fused_moe
+
+    inputs = _moe_inputs(tokens, dtype)
+    torch.testing.assert_close(fused_moe(*inputs), reference.fused_moe(*inputs), **TOLERANCE[dtype])
+
+
+def test_fused_moe_replays_in_a_cuda_graph():
+    # Nothing reads routing back to the host: a captured decode step follows new routing on replay.
+    from spindle_kernels.moe import fused_moe
+
+    x, w13, w2, weights, ids = _moe_inputs(8, torch.bfloat16)
+    fused_moe(x, w13, w2, weights, ids)  # compile outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fused_moe(x, w13, w2, weights, ids)
+    for seed in (1, 2):
+        new_x, _, _, new_weights, new_ids = _moe_inputs(8, torch.bfloat16, seed=seed)
+        x.copy_(new_x)
+        weights.copy_(new_weights)
+        ids.copy_(new_ids)
+        graph.replay()
+        torch.testing.assert_close(out, reference.fused_moe(x, w13, w2, weights, ids), **TOLERANCE[torch.bfloat16])

@@ -7,6 +7,7 @@ steps after a prefill.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -31,6 +32,13 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
+QWEN2_MOE = {
+    "num_experts": 6,
+    "num_experts_per_tok": 3,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 96,
+    "norm_topk_prob": False,
+}
 VARIANTS = {
     "llama3": TinyModelSpec(arch="llama", rope_scaling=LLAMA3_ROPE),
     "mistral": TinyModelSpec(arch="mistral", seed=1),
@@ -38,6 +46,14 @@ VARIANTS = {
     "tied": TinyModelSpec(arch="llama", tie_word_embeddings=True, seed=3),
     "sharded": TinyModelSpec(arch="llama", max_shard_size="100KB", seed=4),
     "linear": TinyModelSpec(arch="llama", rope_scaling={"rope_type": "linear", "factor": 2.0}, seed=5),
+    # Mixture of experts: Mixtral's 8 experts, top-2 (renormalised); Qwen2-MoE's top-k without
+    # renormalising plus a gated shared expert; and one with renormalised top-k and a dense layer.
+    "mixtral": TinyModelSpec(arch="mixtral", intermediate_size=48, seed=6),
+    "qwen2_moe": TinyModelSpec(arch="qwen2_moe", seed=7, extra_config=QWEN2_MOE),
+    "qwen2_moe_dense_layer": TinyModelSpec(
+        arch="qwen2_moe", num_layers=3, seed=8,
+        extra_config={**QWEN2_MOE, "norm_topk_prob": True, "mlp_only_layers": [1], "num_experts_per_tok": 2},
+    ),
 }
 
 
@@ -237,4 +253,58 @@ def test_weight_shape_disagreeing_with_config(models: Models, tmp_path: Path) ->
     with pytest.raises(
         ValueError, match=r"gate_proj\.weight' has shape \(128, 64\), the model config expects \(96, 64\)"
     ):
+        load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+
+
+def test_moe_config_reading(models: Models) -> None:
+    from spindle_server.layers.moe import SparseMoeBlock
+    from spindle_server.models.llama import LlamaMLP
+
+    mixtral = read_model_config(models.get("mixtral")[0]).moe
+    assert mixtral is not None
+    assert (mixtral.num_experts, mixtral.top_k, mixtral.intermediate_size) == (8, 2, 48)
+    assert mixtral.norm_topk_prob and mixtral.shared_expert_intermediate_size == 0
+    assert mixtral.names.block == "block_sparse_moe"
+    qwen = read_model_config(models.get("qwen2_moe")[0])
+    assert qwen.qkv_bias and qwen.moe is not None and not qwen.moe.norm_topk_prob
+    assert (qwen.moe.num_experts, qwen.moe.top_k, qwen.moe.shared_expert_intermediate_size) == (6, 3, 96)
+    _, model, _ = models.get("qwen2_moe_dense_layer")
+    assert [type(layer.mlp) for layer in model.layers] == [SparseMoeBlock, LlamaMLP, SparseMoeBlock]
+    assert read_model_config(models.get("llama3")[0]).moe is None
+
+
+def test_moe_intermediate_not_divisible_by_world_size(models: Models) -> None:
+    config = read_model_config(models.get("qwen2_moe")[0])  # 4 heads, 2 KV heads: those split over 2
+    config.check_world_size(2)
+    for moe, message in (
+        (dataclasses.replace(config.moe, intermediate_size=31), "moe intermediate size=31"),
+        (dataclasses.replace(config.moe, shared_expert_intermediate_size=33), "shared_expert_intermediate_size=33"),
+    ):
+        with pytest.raises(ValueError, match=f"{message} is not divisible by the world size 2"):
+            dataclasses.replace(config, moe=moe).check_world_size(2)
+
+
+def _edit_config(src: Path, dst: Path, **changes) -> Path:
+    path = _copy_model(src, dst)
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def test_moe_with_a_sliding_window_is_refused(models: Models, tmp_path: Path) -> None:
+    path = _edit_config(models.get("mixtral")[0], tmp_path / "windowed", sliding_window=16)
+    with pytest.raises(ValueError, match=r"mixtral: sliding_window=16 .* not supported"):
+        load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+
+
+def test_moe_missing_expert_and_wrong_expert_count_are_named(models: Models, tmp_path: Path) -> None:
+    path = _copy_model(models.get("mixtral")[0], tmp_path / "missing")
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors["model.layers.1.block_sparse_moe.experts.5.w3.weight"]
+    save_file(tensors, str(path / "model.safetensors"))
+    with pytest.raises(MissingWeightError, match=r"model\.layers\.1\.block_sparse_moe\.experts\.5\.w3\.weight"):
+        load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+    path = _edit_config(models.get("mixtral")[0], tmp_path / "four_experts", num_local_experts=4)
+    with pytest.raises(ValueError, match=r"gate\.weight' has shape \(8, 64\), the model config expects \(4, 64\)"):
         load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
