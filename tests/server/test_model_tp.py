@@ -18,8 +18,17 @@ from tests.helpers.tp import free_port, set_rank_env
 
 CPU = torch.device("cpu")
 WORLD = 2
-# Qwen2 with tied embeddings: q/k/v biases, a vocabulary-parallel embedding shared with the LM head.
-SPEC = TinyModelSpec(arch="qwen2", tie_word_embeddings=True, seed=7)
+SPECS = {
+    # Qwen2 with tied embeddings: q/k/v biases, a vocabulary-parallel embedding shared with the LM head.
+    "qwen2": TinyModelSpec(arch="qwen2", tie_word_embeddings=True, seed=7),
+    # Qwen2-MoE: every expert's intermediate dim and the shared expert's split over the ranks.
+    "qwen2_moe": TinyModelSpec(
+        arch="qwen2_moe",
+        seed=8,
+        extra_config={"num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+                      "shared_expert_intermediate_size": 64, "norm_topk_prob": True},
+    ),
+}
 
 
 def prompts(vocab_size: int) -> tuple[list[int], list[int]]:
@@ -51,6 +60,7 @@ def _tp_worker(rank: int, port: int, model_dir: str, bad_dir: str, out: str) -> 
     model = load_model(model_dir, torch.float32, CPU, dist, ops_for(CPU))
     results: dict[str, object] = {"logits": run_steps(model, WORLD)}
     results["kv_heads_per_rank"] = model.layers[0].self_attn.num_kv_heads
+    results["intermediate_per_rank"] = getattr(model.layers[0].mlp, "intermediate_per_rank", None)
     try:
         load_model(bad_dir, torch.float32, CPU, dist, ops_for(CPU))
         results["bad_error"] = "loaded"
@@ -61,10 +71,10 @@ def _tp_worker(rank: int, port: int, model_dir: str, bad_dir: str, out: str) -> 
     torch.distributed.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def tp_results(tmp_path_factory):
+@pytest.fixture(scope="module", params=sorted(SPECS))
+def tp_results(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("tp_model")
-    model_dir = make_tiny_model(root / "model", SPEC)
+    model_dir = make_tiny_model(root / "model", SPECS[request.param])
     # Same model but 1 KV head: fewer KV heads than ranks is rejected before any weight is read.
     bad_dir = root / "one_kv_head"
     bad_dir.mkdir()
@@ -81,6 +91,8 @@ def test_two_ranks_match_one_rank(tp_results) -> None:
     expected = run_steps(single, 1)
     for r in results:
         assert r["kv_heads_per_rank"] == 1
+        if single.config.moe is not None:
+            assert r["intermediate_per_rank"] == single.config.moe.intermediate_size // WORLD
         assert len(r["logits"]) == len(expected)
         for ours, ref in zip(r["logits"], expected):
             torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)

@@ -26,6 +26,13 @@ SPECS = {
     "llama3": TinyModelSpec(arch="llama", rope_scaling=LLAMA3_ROPE, seed=11),
     "mistral": TinyModelSpec(arch="mistral", seed=12),
     "qwen2": TinyModelSpec(arch="qwen2", seed=13),
+    "mixtral": TinyModelSpec(arch="mixtral", intermediate_size=48, seed=14),  # 8 experts, top-2
+    "qwen2_moe": TinyModelSpec(  # routed top-3 (not renormalised) + the gated shared expert
+        arch="qwen2_moe",
+        seed=15,
+        extra_config={"num_experts": 6, "num_experts_per_tok": 3, "moe_intermediate_size": 32,
+                      "shared_expert_intermediate_size": 64, "norm_topk_prob": False},
+    ),
 }
 NEW_TOKENS = 8
 
@@ -115,8 +122,9 @@ def test_request_joins_a_decoding_batch(served):
         assert r.tokens == s.ref(r.prompt), f"request {r.id}"
 
 
-def test_prompt_reusing_another_requests_cached_blocks(served):
-    s = served("llama3")
+@pytest.mark.parametrize("name", ["llama3", "mixtral"])
+def test_prompt_reusing_another_requests_cached_blocks(served, name):
+    s = served(name)
     base = prompts((40,))[0]
     router = s.router()
     owner = Req(0, base, NEW_TOKENS)
@@ -144,8 +152,9 @@ def test_resumed_request_recomputes_generated_tokens(served):
     assert resumed.finished.text == s.tokenizer.decode(ref, skip_special_tokens=True)
 
 
-def test_world_size_two_matches_world_size_one(served, tmp_path_factory):
-    s = served("llama3")
+@pytest.mark.parametrize("name", ["llama3", "qwen2_moe"])
+def test_world_size_two_matches_world_size_one(served, tmp_path_factory, name):
+    s = served(name)
     reqs1 = [Req(i, p, NEW_TOKENS, chunk=7) for i, p in enumerate(prompts(LENGTHS))]
     s.router().run(reqs1)
     group = ShardGroup(s.path, world_size=2)
