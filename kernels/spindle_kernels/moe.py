@@ -1,7 +1,7 @@
 """Triton fused mixture-of-experts: the routed (token, k) pairs sorted by expert, one grouped GEMM per
 projection, no host synchronisation (so a CUDA graph can capture it).
 
-    topk_ids [T, K] -> pairs p = t * K + k, sorted by expert, each expert's run padded to BLOCK_M:
+    topk_ids [T, K] -> pairs p = t * K + k, sorted by expert, each expert's run padded to BLOCK_M (16 or 64):
 
     sorted_pairs:  | e0: p p p . | e1: p p p p | p . . . | e3: p . . . | . . ...   (. = T * K, padding)
     block_expert:  |     0       |      1      |    1    |      3      | E  (unused blocks)
@@ -24,7 +24,11 @@ import triton.language as tl
 from spindle_kernels.activation import silu_and_mul
 from spindle_kernels.checks import FLOAT_DTYPES, check_dtype, check_ndim, check_same_device, check_same_dtype
 
-_BLOCK_M = 16  # rows of one tile: pairs of one expert (small: decode batches give experts few tokens)
+
+def _block_m(num_pairs: int, num_experts: int) -> int:
+    """Rows of one tile (pairs of one expert): 16 while experts see few tokens (decode), where a bigger
+    tile would be mostly padding; 64 for prefill-sized batches, where it reuses each weight tile 4x more."""
+    return 16 if num_pairs <= 16 * num_experts else 64
 
 
 @triton.jit
@@ -114,6 +118,7 @@ def _grouped_gemm(
     sorted_pairs: torch.Tensor,
     block_expert: torch.Tensor,
     num_padded: torch.Tensor,
+    block_m: int,
     a_row_div: int,
     weights: torch.Tensor | None,
 ) -> None:
@@ -126,7 +131,7 @@ def _grouped_gemm(
         a.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
         n, k_dim,
         NUM_PAIRS=num_pairs, A_ROW_DIV=a_row_div, NUM_EXPERTS=b.shape[0],
-        BLOCK_M=_BLOCK_M, BLOCK_N=block_n, BLOCK_K=block_k,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         MUL_WEIGHTS=weights is not None,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
     )
@@ -169,11 +174,12 @@ def fused_moe(
     if num_tokens == 0:
         return torch.zeros_like(x)
     num_pairs = num_tokens * top_k
-    sorted_pairs, block_expert, num_padded = _sort_pairs_by_expert(topk_ids, num_experts, _BLOCK_M)
+    block_m = _block_m(num_pairs, num_experts)
+    sorted_pairs, block_expert, num_padded = _sort_pairs_by_expert(topk_ids, num_experts, block_m)
     gate_up = torch.empty(num_pairs, two_inter, dtype=x.dtype, device=x.device)
-    _grouped_gemm(x, w13, gate_up, sorted_pairs, block_expert, num_padded, top_k, None)
+    _grouped_gemm(x, w13, gate_up, sorted_pairs, block_expert, num_padded, block_m, top_k, None)
     hidden_states = silu_and_mul(gate_up)
     down = torch.empty(num_pairs, hidden, dtype=x.dtype, device=x.device)
     weights = topk_weights.contiguous().view(-1)
-    _grouped_gemm(hidden_states, w2, down, sorted_pairs, block_expert, num_padded, 1, weights)
+    _grouped_gemm(hidden_states, w2, down, sorted_pairs, block_expert, num_padded, block_m, 1, weights)
     return down.view(num_tokens, top_k, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)

@@ -61,6 +61,7 @@ def test_reference_with_no_tokens_and_unused_experts():
         (1, 32, 16, 4, 2),  # decode: most experts idle
         (7, 32, 24, 8, 2),  # Mixtral-like routing; 2I=48 and I=24 are not powers of two (masked tiles)
         (21, 48, 16, 4, 3),  # more pairs than one 16-row tile per expert
+        (37, 32, 16, 2, 2),  # prefill-sized: 64-row tiles
     ],
 )
 @pytest.mark.parametrize("ids_dtype", [torch.int64, torch.int32])
