@@ -122,7 +122,7 @@ def test_request_joins_a_decoding_batch(served):
         assert r.tokens == s.ref(r.prompt), f"request {r.id}"
 
 
-@pytest.mark.parametrize("name", ["llama3", "mixtral"])
+@pytest.mark.parametrize("name", ["llama3", "mixtral", "qwen2_moe"])
 def test_prompt_reusing_another_requests_cached_blocks(served, name):
     s = served(name)
     base = prompts((40,))[0]
@@ -152,7 +152,7 @@ def test_resumed_request_recomputes_generated_tokens(served):
     assert resumed.finished.text == s.tokenizer.decode(ref, skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("name", ["llama3", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["llama3", "mixtral", "qwen2_moe"])
 def test_world_size_two_matches_world_size_one(served, tmp_path_factory, name):
     s = served(name)
     reqs1 = [Req(i, p, NEW_TOKENS, chunk=7) for i, p in enumerate(prompts(LENGTHS))]

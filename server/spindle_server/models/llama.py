@@ -50,7 +50,7 @@ class LlamaDecoderLayer(torch.nn.Module):
     def __init__(
         self,
         config: ModelConfig,
-        layer_idx: int,
+        layer: int,
         rotary: RotaryEmbedding,
         dist: Distributed,
         ops: KernelOps,
@@ -74,7 +74,7 @@ class LlamaDecoderLayer(torch.nn.Module):
         )
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
         self.mlp: LlamaMLP | SparseMoeBlock
-        if config.moe is not None and config.moe.is_sparse(layer_idx):
+        if config.moe is not None and config.moe.is_sparse(layer):
             self.mlp = SparseMoeBlock(config.moe, config.hidden_size, dist, ops, dtype, device)
             self.mlp_name = config.moe.names.block  # Mixtral's experts are "block_sparse_moe"
         else:
