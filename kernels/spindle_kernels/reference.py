@@ -228,28 +228,39 @@ def fused_moe(
     topk_weights [T, K] float32; topk_ids [T, K] int. expert_e(v) = w2[e] @ (silu(w13[e][:I] v) * w13[e][I:] v).
     Returns [T, H] in x's dtype. Under tensor parallelism I is this rank's slice and the result is a partial
     sum (the caller all-reduces).
+    """
+    return moe_by_expert(
+        x, topk_weights, topk_ids, lambda e, rows: F.linear(silu_and_mul(F.linear(rows, w13[e])), w2[e])
+    )
 
-    The (token, k) pairs are sorted by expert so each expert runs one matmul over all its tokens (a loop
-    over experts, never over tokens); contributions are added in expert order, as transformers does.
+
+def moe_by_expert(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    expert: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """sum_k topk_weights[t, k] * expert(topk_ids[t, k], x[t]) for every token t, [T, H] in x's dtype.
+
+    The (token, k) pairs are sorted by expert so each expert runs once over all its tokens, `expert(e,
+    rows [n, H]) -> [n, H]` (a loop over experts, never over tokens); contributions are added in expert
+    order, as transformers does.
     """
     num_tokens, top_k = topk_ids.shape
-    num_experts = w13.shape[0]
     out = torch.zeros_like(x)
     if num_tokens == 0:
         return out
     flat_ids = topk_ids.reshape(-1).long()
     order = torch.argsort(flat_ids, stable=True)  # pair p = token * K + k, grouped by expert
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
+    counts = torch.bincount(flat_ids).tolist()
     token_of_pair = order // top_k
     weight_of_pair = topk_weights.reshape(-1)[order].float()
     start = 0
-    for expert, count in enumerate(counts):
+    for e, count in enumerate(counts):
         if count == 0:
             continue
         rows = token_of_pair[start : start + count]
-        gate_up = F.linear(x[rows], w13[expert])
-        hidden = silu_and_mul(gate_up)
-        y = F.linear(hidden, w2[expert])
+        y = expert(e, x[rows])
         out.index_add_(0, rows, (y.float() * weight_of_pair[start : start + count, None]).to(x.dtype))
         start += count
     return out

@@ -131,3 +131,21 @@ def test_intermediate_not_divisible_is_refused() -> None:
         CONFIGS["mixtral"].check_world_size(4)
     with pytest.raises(ValueError, match="num_experts_per_tok=5 must be in 1..num_experts=4"):
         MoeConfig(num_experts=4, top_k=5, intermediate_size=8, norm_topk_prob=True, names=QWEN_NAMES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_experts_equal_plain_ones(runs, tmp_path_factory, dtype) -> None:
+    from spindle_server.layers.linear import pack_linear_weights
+
+    tensors, _, _ = runs
+    root = tmp_path_factory.mktemp("moe_packed")
+    save_file(tensors, str(root / "model.safetensors"))
+    weights = Weights(root, dtype, CPU)
+    block = SparseMoeBlock(CONFIGS["qwen2_moe"], HIDDEN, Distributed(0, 1, None), ops_for(CPU), dtype, CPU)
+    block.load(weights, "qwen2_moe")
+    x = weights.get("x")
+    plain = block(x)
+    assert pack_linear_weights(block) == 3  # the experts, the shared expert's two linears
+    assert block.w13.numel() == block.w2.numel() == 0  # freed
+    tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
+    torch.testing.assert_close(block(x), plain, **tolerance)

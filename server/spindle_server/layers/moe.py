@@ -10,6 +10,11 @@ Tensor parallelism splits every expert's intermediate dimension (as the dense ML
 holds rows r*I/N:(r+1)*I/N of each expert's gate and up projections ([gate_r | up_r] in w13) and the same
 columns of its down projection, so each rank's output is a partial sum. The router and the shared gate
 are replicated (every rank routes identically).
+
+On CPU, `pack` (called by layers/linear.py's `pack_linear_weights`) reorders each expert's matrices for
+oneDNN as the dense layers are; the experts then run through the reference's grouping with packed matmuls
+instead of `ops.fused_moe` (one Zen 4 thread, H=1024, I=1408, 8 experts, top-2, float32, best of 40:
+16 tokens 28 -> 15 ms, 64 tokens 41 -> 22 ms; one token 2.6 ms either way).
 """
 
 from __future__ import annotations
@@ -19,11 +24,17 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from spindle_kernels import KernelOps
+from spindle_kernels import KernelOps, reference
 
 from spindle_server.distributed import Distributed
 from spindle_server.layers.activation import SiluAndMul
-from spindle_server.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from spindle_server.layers.linear import (
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    can_pack,
+    pack_weight,
+    packed_linear,
+)
 from spindle_server.weights import Weights, shard_range
 
 
@@ -115,6 +126,8 @@ class _PartialRowParallelLinear(RowParallelLinear):
 class SparseMoeBlock(torch.nn.Module):
     """This rank's slice of a sparse MoE MLP; forward returns the full (reduced) output on every rank."""
 
+    packed: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per expert (w13, w2) in oneDNN's layout
+
     def __init__(
         self,
         config: MoeConfig,
@@ -167,6 +180,18 @@ class SparseMoeBlock(torch.nn.Module):
             self.shared_down.load(weights, f"{block}.shared_expert.down_proj")
             _copy(self.shared_gate, weights, f"{block}.shared_expert_gate.weight", (1, hidden))
 
+    def pack(self) -> None:
+        """Swap the expert weights for per-expert oneDNN-packed copies (CPU), freeing the plain ones."""
+        if self.packed is None and can_pack(self.w13):
+            self.packed = [(pack_weight(self.w13[e]), pack_weight(self.w2[e])) for e in range(self.config.num_experts)]
+            self.w13.data = self.w13.data.new_empty(0)
+            self.w2.data = self.w2.data.new_empty(0)
+
+    def _packed_expert(self, e: int, rows: torch.Tensor) -> torch.Tensor:
+        assert self.packed is not None
+        w13, w2 = self.packed[e]
+        return packed_linear(self.ops.silu_and_mul(packed_linear(rows, w13)), w2)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, hidden] -> [T, hidden], identical on every rank."""
         logits = F.linear(x, self.router)
@@ -174,7 +199,10 @@ class SparseMoeBlock(torch.nn.Module):
         topk_weights, topk_ids = torch.topk(probs, self.config.top_k, dim=-1)
         if self.config.norm_topk_prob:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
-        out = self.ops.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
+        if self.packed is not None:
+            out = reference.moe_by_expert(x, topk_weights, topk_ids, self._packed_expert)
+        else:
+            out = self.ops.fused_moe(x, self.w13, self.w2, topk_weights, topk_ids)
         if self.shared_gate_up is not None and self.shared_down is not None and self.shared_gate is not None:
             shared = self.shared_down(self.shared_act(self.shared_gate_up(x)))
             out = out + torch.sigmoid(F.linear(x, self.shared_gate)) * shared
