@@ -308,3 +308,20 @@ def test_moe_missing_expert_and_wrong_expert_count_are_named(models: Models, tmp
     path = _edit_config(models.get("mixtral")[0], tmp_path / "four_experts", num_local_experts=4)
     with pytest.raises(ValueError, match=r"gate\.weight' has shape \(8, 64\), the model config expects \(4, 64\)"):
         load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+
+
+def test_moe_fields_left_out_take_transformers_defaults() -> None:
+    import transformers
+    from spindle_server.layers.moe import MoeConfig
+
+    for model_type, hf_class in (("mixtral", transformers.MixtralConfig), ("qwen2_moe", transformers.Qwen2MoeConfig),
+                                 ("qwen3_moe", transformers.Qwen3MoeConfig)):
+        hf = hf_class()
+        moe = MoeConfig.from_hf_config({"intermediate_size": hf.intermediate_size}, model_type)
+        assert moe is not None
+        assert moe.num_experts == (getattr(hf, "num_local_experts", None) or hf.num_experts)
+        assert moe.top_k == hf.num_experts_per_tok
+        assert moe.norm_topk_prob == getattr(hf, "norm_topk_prob", True)
+        assert moe.intermediate_size == getattr(hf, "moe_intermediate_size", hf.intermediate_size)
+        assert moe.shared_expert_intermediate_size == getattr(hf, "shared_expert_intermediate_size", 0)
+    assert MoeConfig.from_hf_config({"num_experts": 4}, "qwen2") is None

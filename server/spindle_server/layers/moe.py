@@ -78,29 +78,33 @@ class MoeConfig:
 
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any], model_type: str) -> MoeConfig | None:
-        """The experts described by a Hugging Face config.json, or None for a dense model_type."""
+        """The experts described by a Hugging Face config.json, or None for a dense model_type.
+
+        A field the file leaves out takes transformers' default for that model_type, as transformers would.
+        """
+        if model_type not in _HF_DEFAULTS:
+            return None
+        cfg = {**_HF_DEFAULTS[model_type], **cfg}
         if model_type == "mixtral":
             return cls(
                 num_experts=int(cfg["num_local_experts"]),
                 top_k=int(cfg["num_experts_per_tok"]),
                 intermediate_size=int(cfg["intermediate_size"]),
-                norm_topk_prob=True,  # Mixtral always renormalises its top-2
+                norm_topk_prob=True,  # Mixtral always renormalises its top-k
                 names=MIXTRAL_NAMES,
             )
-        if model_type in ("qwen2_moe", "qwen3_moe"):
-            return cls(
-                num_experts=int(cfg["num_experts"]),
-                top_k=int(cfg["num_experts_per_tok"]),
-                intermediate_size=int(cfg["moe_intermediate_size"]),
-                norm_topk_prob=bool(cfg.get("norm_topk_prob", model_type == "qwen3_moe")),
-                names=QWEN_NAMES,
-                shared_expert_intermediate_size=(
-                    int(cfg.get("shared_expert_intermediate_size") or 0) if model_type == "qwen2_moe" else 0
-                ),
-                sparse_step=int(cfg.get("decoder_sparse_step") or 1),
-                dense_layers=tuple(int(i) for i in cfg.get("mlp_only_layers") or ()),
-            )
-        return None
+        return cls(
+            num_experts=int(cfg["num_experts"]),
+            top_k=int(cfg["num_experts_per_tok"]),
+            intermediate_size=int(cfg["moe_intermediate_size"]),
+            norm_topk_prob=bool(cfg["norm_topk_prob"]),
+            names=QWEN_NAMES,
+            shared_expert_intermediate_size=(
+                int(cfg["shared_expert_intermediate_size"]) if model_type == "qwen2_moe" else 0
+            ),
+            sparse_step=int(cfg["decoder_sparse_step"]),
+            dense_layers=tuple(int(i) for i in cfg["mlp_only_layers"] or ()),
+        )
 
     def is_sparse(self, layer: int) -> bool:
         """Whether decoder layer `layer` uses the experts (else the dense MLP), as transformers decides."""
@@ -114,6 +118,21 @@ class MoeConfig:
         ):
             if size % world_size:
                 raise ValueError(f"cannot shard the experts: {name}={size} is not divisible by the world size {world_size}")
+
+
+_QWEN_MOE_DEFAULTS = {"norm_topk_prob": False, "decoder_sparse_step": 1, "mlp_only_layers": []}
+# model_type -> transformers' config defaults for the MoE fields (Qwen3-MoE has no shared expert).
+_HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mixtral": {"num_local_experts": 8, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        **_QWEN_MOE_DEFAULTS,
+        "num_experts": 60,
+        "num_experts_per_tok": 4,
+        "moe_intermediate_size": 1408,
+        "shared_expert_intermediate_size": 5632,
+    },
+    "qwen3_moe": {**_QWEN_MOE_DEFAULTS, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
+}
 
 
 class _PartialRowParallelLinear(RowParallelLinear):
