@@ -25,7 +25,7 @@ CONFIGS = {
     "mixtral": MoeConfig(num_experts=EXPERTS, top_k=2, intermediate_size=INTER, norm_topk_prob=True,
                          names=MIXTRAL_NAMES),
     "qwen2_moe": MoeConfig(num_experts=EXPERTS, top_k=3, intermediate_size=INTER, norm_topk_prob=False,
-                           names=QWEN_NAMES, shared_expert_intermediate_size=SHARED),
+                           names=QWEN_NAMES, shared_expert_intermediate_size=SHARED, round_weights=True),
 }
 
 
@@ -149,3 +149,50 @@ def test_packed_experts_equal_plain_ones(runs, tmp_path_factory, dtype) -> None:
     assert block.w13.numel() == block.w2.numel() == 0  # freed
     tolerance = {"atol": 1e-5, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 3e-2, "rtol": 3e-2}
     torch.testing.assert_close(block(x), plain, **tolerance)
+
+
+def _transformers_block(name: str, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.nn.Module:
+    """transformers' own sparse MoE block with the checkpoint's tensors (its experts fused as 3-D tensors)."""
+    import transformers
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+    cfg, n = CONFIGS[name], CONFIGS[name].names
+    common = dict(hidden_size=HIDDEN, num_experts_per_tok=cfg.top_k)
+    if name == "mixtral":
+        block = MixtralSparseMoeBlock(
+            transformers.MixtralConfig(**common, intermediate_size=INTER, num_local_experts=EXPERTS)
+        )
+    else:
+        block = Qwen2MoeSparseMoeBlock(transformers.Qwen2MoeConfig(
+            **common, moe_intermediate_size=INTER, num_experts=EXPERTS, norm_topk_prob=cfg.norm_topk_prob,
+            shared_expert_intermediate_size=SHARED,
+        ))
+    state = {"gate.weight": t[f"{name}.gate.weight"]}
+    experts = range(EXPERTS)
+    state["experts.gate_up_proj"] = torch.stack(
+        [torch.cat([t[f"{name}.experts.{e}.{n.gate}.weight"], t[f"{name}.experts.{e}.{n.up}.weight"]]) for e in experts]
+    )
+    state["experts.down_proj"] = torch.stack([t[f"{name}.experts.{e}.{n.down}.weight"] for e in experts])
+    if cfg.shared_expert_intermediate_size:
+        for key in ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight",
+                    "shared_expert.down_proj.weight", "shared_expert_gate.weight"):
+            state[key] = t[f"{name}.{key}"]
+    block.load_state_dict(state)
+    return block.to(dtype).eval()
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_equals_transformers_block(runs, tmp_path_factory, name, dtype) -> None:
+    """Also in bfloat16, where Qwen rounds its routing weights to bfloat16 and Mixtral does not."""
+    tensors, _, _ = runs
+    root = tmp_path_factory.mktemp("moe_vs_hf")
+    save_file(tensors, str(root / "model.safetensors"))
+    weights = Weights(root, dtype, CPU)
+    ours = SparseMoeBlock(CONFIGS[name], HIDDEN, Distributed(0, 1, None), ops_for(CPU), dtype, CPU)
+    ours.load(weights, name)
+    x = weights.get("x")
+    with torch.no_grad():
+        want = _transformers_block(name, tensors, dtype)(x[None])[0]
+    torch.testing.assert_close(ours(x), want, atol=1e-6, rtol=1e-6)

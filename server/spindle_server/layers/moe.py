@@ -61,6 +61,9 @@ class MoeConfig:
     intermediate_size: int  # of one expert
     norm_topk_prob: bool  # renormalise the top-k probabilities to sum to 1
     names: ExpertNames
+    # Round the routing weights to the activations' dtype before they scale the experts (Qwen; Mixtral
+    # keeps them in float32), as transformers does: only bfloat16/float16 results differ.
+    round_weights: bool = False
     shared_expert_intermediate_size: int = 0  # 0: no shared expert
     sparse_step: int = 1  # layer i is sparse when (i + 1) % sparse_step == 0 ...
     dense_layers: tuple[int, ...] = ()  # ... and i is not listed here (those use the dense MLP)
@@ -99,6 +102,7 @@ class MoeConfig:
             intermediate_size=int(cfg["moe_intermediate_size"]),
             norm_topk_prob=bool(cfg["norm_topk_prob"]),
             names=QWEN_NAMES,
+            round_weights=True,
             shared_expert_intermediate_size=(
                 int(cfg["shared_expert_intermediate_size"]) if model_type == "qwen2_moe" else 0
             ),
@@ -218,6 +222,8 @@ class SparseMoeBlock(torch.nn.Module):
         topk_weights, topk_ids = torch.topk(probs, self.config.top_k, dim=-1)
         if self.config.norm_topk_prob:
             topk_weights = topk_weights / topk_weights.sum(dim=-1, keepdim=True)
+        if self.config.round_weights:
+            topk_weights = topk_weights.to(x.dtype).float()
         if self.packed is not None:
             out = reference.moe_by_expert(x, topk_weights, topk_ids, self._packed_expert)
         else:
