@@ -241,3 +241,19 @@ def test_a_failed_capture_leaves_the_shard_not_ready(model_dir, monkeypatch):
     assert engine.kv_cache is None and engine.runner.decode_graphs is None
     with pytest.raises(NotReadyError):
         engine.batch_context()
+
+
+def test_padded_decode_of_a_mixture_of_experts_model(tmp_path_factory):
+    # Padding rows are routed to experts like any token; they must change nothing in the real rows.
+    model_dir = make_tiny_model(
+        tmp_path_factory.mktemp("graphs-moe") / "m",
+        TinyModelSpec(arch="mixtral", num_layers=2, intermediate_size=48, seed=22),
+    )
+    plain = Driver(make_engine(model_dir, None))
+    padded = Driver(make_engine(model_dir, DecodeGraphSettings((1, 4), eager_replay=True)))
+    for d in (plain, padded):
+        d.prefill(1, d.request(1, 9, 3), d.request(2, 40, 6), d.request(3, 3, 3))
+        while d.batch_id is not None:
+            d.decode()
+    assert replays(padded.engine) == {4: 2, 1: 3}
+    assert_same_results(plain, padded)
