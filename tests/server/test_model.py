@@ -325,3 +325,12 @@ def test_moe_fields_left_out_take_transformers_defaults() -> None:
         assert moe.intermediate_size == getattr(hf, "moe_intermediate_size", hf.intermediate_size)
         assert moe.shared_expert_intermediate_size == getattr(hf, "shared_expert_intermediate_size", 0)
     assert MoeConfig.from_hf_config({"num_experts": 4}, "qwen2") is None
+
+
+def test_qwen3_moe_expert_count_under_either_name() -> None:
+    # The Hub's Qwen3-MoE configs say num_experts; transformers 5 writes num_local_experts.
+    from spindle_server.layers.moe import MoeConfig
+
+    for key in ("num_experts", "num_local_experts"):
+        moe = MoeConfig.from_hf_config({key: 6, "num_experts_per_tok": 2, "moe_intermediate_size": 32}, "qwen3_moe")
+        assert moe is not None and moe.num_experts == 6

@@ -87,6 +87,8 @@ class MoeConfig:
         """
         if model_type not in _HF_DEFAULTS:
             return None
+        if model_type != "mixtral" and "num_experts" not in cfg and "num_local_experts" in cfg:
+            cfg = {**cfg, "num_experts": cfg["num_local_experts"]}  # transformers 5 writes Qwen3-MoE's so
         cfg = {**_HF_DEFAULTS[model_type], **cfg}
         if model_type == "mixtral":
             return cls(
