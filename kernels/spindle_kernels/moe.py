@@ -35,8 +35,8 @@ def _block_m(num_pairs: int, num_experts: int) -> int:
 def _grouped_gemm_kernel(
     A, B, C, SortedPairs, BlockExpert, Weights, NumPaddedPairs,
     stride_am, stride_be, stride_bn, stride_bk, stride_cm,
-    N, K_DIM,
-    NUM_PAIRS: tl.constexpr, A_ROW_DIV: tl.constexpr, NUM_EXPERTS: tl.constexpr,
+    N, K_DIM, num_pairs,  # runtime: a new token count must not compile a new kernel
+    A_ROW_DIV: tl.constexpr, NUM_EXPERTS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     MUL_WEIGHTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -50,7 +50,7 @@ def _grouped_gemm_kernel(
         return
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     pairs = tl.load(SortedPairs + offs_m).to(tl.int64)
-    row_mask = pairs < NUM_PAIRS
+    row_mask = pairs < num_pairs
     a_rows = pairs // A_ROW_DIV
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < N
@@ -129,8 +129,8 @@ def _grouped_gemm(
     _grouped_gemm_kernel[grid](
         a, b, out, sorted_pairs, block_expert, weights if weights is not None else out, num_padded,
         a.stride(0), b.stride(0), b.stride(1), b.stride(2), out.stride(0),
-        n, k_dim,
-        NUM_PAIRS=num_pairs, A_ROW_DIV=a_row_div, NUM_EXPERTS=b.shape[0],
+        n, k_dim, num_pairs,
+        A_ROW_DIV=a_row_div, NUM_EXPERTS=b.shape[0],
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
         MUL_WEIGHTS=weights is not None,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
