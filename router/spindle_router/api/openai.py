@@ -20,8 +20,9 @@ from spindle_router.api import schemas
 from spindle_router.api.context import AppState, json_response, read_json, state
 from spindle_router.api.streaming import DONE_FRAME, open_sse, pump, sse_frame
 from spindle_router.chat_template import TemplateError
-from spindle_router.infer import InferError, StreamItem, Timings
-from spindle_router.validation import Fields, GenerateParameters, SchemaError
+from spindle_router.errors import ApiError, SchemaError
+from spindle_router.infer import StreamItem, Timings
+from spindle_router.validation import Fields, GenerateParameters
 
 _MISSING = object()
 
@@ -30,7 +31,7 @@ def _finish_reason(reason: str) -> str:
     return "stop" if reason == "eos_token" else reason
 
 
-def _stream_error(e: InferError) -> dict[str, Any]:
+def _stream_error(e: ApiError) -> dict[str, Any]:
     return {"error": {"message": e.message, "type": e.error_type, "http_status_code": e.status}}
 
 
@@ -115,9 +116,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
     tool_choice = f.raw("tool_choice")
     if tools and tool_choice != "none":
         if grammar is not None:
-            raise InferError(422, "tool_error", "Tool error: Grammar and tools are mutually exclusive")
+            raise ApiError(422, "tool_error", "Tool error: Grammar and tools are mutually exclusive")
         # Tool calls need grammar-constrained decoding, which the shard contract does not carry.
-        raise InferError(422, "tool_error", "Tool error: tool calling is not supported by this server")
+        raise ApiError(422, "tool_error", "Tool error: tool calling is not supported by this server")
     return ChatRequest(
         messages=messages,
         params=params,
@@ -130,13 +131,13 @@ def parse_chat_request(body: Any) -> ChatRequest:
 
 def _render(st: AppState, chat: ChatRequest) -> str:
     if st.chat_template is None:
-        raise InferError(422, "template_error", "Template error: the model has no chat template")
+        raise ApiError(422, "template_error", "Template error: the model has no chat template")
     try:
         return st.chat_template.render(chat.messages, tools=chat.tools)
     except TemplateError as e:
         st.metrics.request_count.inc()
         st.metrics.request_failure.labels(err="template").inc()
-        raise InferError(422, "template_error", f"Template error: {e}", "template") from e
+        raise ApiError(422, "template_error", f"Template error: {e}", "template") from e
 
 
 def _logprobs_json(tokens: list, top_tokens: list[list]) -> dict[str, Any]:
@@ -264,13 +265,13 @@ def parse_completion_request(body: Any, max_client_batch_size: int) -> Completio
     params = _sampling_fields(f, f.int("max_tokens"))
     stream = bool(f.bool("stream", False))
     if f.raw("suffix") is not None:
-        raise InferError(
+        raise ApiError(
             422,
             "suffix not supported",
             "Suffix is not supported and can be achieved by preprocessing the prompt.",
         )
     if len(prompts) > max_client_batch_size:
-        raise InferError(
+        raise ApiError(
             422,
             "batch size exceeded",
             f"Number of prompts exceeds the maximum allowed batch size of {max_client_batch_size}",

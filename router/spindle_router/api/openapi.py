@@ -13,14 +13,14 @@ from spindle_router.api.context import VERSION
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Route:
     method: str
     path: str
     handler: Handler
     summary: str
     tag: str
-    protected: bool  # behind --api-key
+    protected: bool = False  # behind --api-key
     body: str | None = None  # request schema name
     streams: bool = False  # may answer text/event-stream
 
