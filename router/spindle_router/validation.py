@@ -142,6 +142,13 @@ class GenerateParameters:
     top_n_tokens: int | None = None
     grammar: dict[str, Any] | None = None
     adapter_id: str | None = None
+    # OpenAI / vLLM extensions (the OpenAI routes set them)
+    presence_penalty: float | None = None
+    min_p: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
 
 # Quirk (TGI): with no `parameters` key at all, the built-in default samples; a present but partial
@@ -245,6 +252,15 @@ def check_sampling(params: GenerateParameters, num_sequences: int) -> SamplingPa
     frequency_penalty = 0.0 if params.frequency_penalty is None else params.frequency_penalty
     if not -2.0 <= frequency_penalty <= 2.0:
         raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    presence_penalty = 0.0 if params.presence_penalty is None else params.presence_penalty
+    if not -2.0 <= presence_penalty <= 2.0:
+        raise ValidationError("`presence_penalty` must be >= -2.0 and <= 2.0")
+    min_p = 0.0 if params.min_p is None else params.min_p
+    if not 0.0 <= min_p <= 1.0:
+        raise ValidationError("`min_p` must be >= 0.0 and <= 1.0")
+    for token_id, bias in params.logit_bias:
+        if not -100.0 <= bias <= 100.0:
+            raise ValidationError(f"`logit_bias` values must be >= -100 and <= 100. Given: {bias} for token {token_id}")
     _check_unit_open(params.top_p, "top_p")
     _check_unit_open(params.typical_p, "typical_p")
     if params.top_k is not None and params.top_k <= 0:
@@ -260,7 +276,18 @@ def check_sampling(params: GenerateParameters, num_sequences: int) -> SamplingPa
         seed=random.getrandbits(64) if params.seed is None else params.seed,
         repetition_penalty=repetition_penalty,
         frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        min_p=min_p,
+        logit_bias=params.logit_bias,
     )
+
+
+def check_token_ids(params: GenerateParameters, vocab_size: int) -> None:
+    """Token ids a request names (logit_bias keys, stop_token_ids) exist in the vocabulary."""
+    for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValidationError(f"`{name}` token ids must be >= 0 and < {vocab_size}. Given: {bad[0]}")
 
 
 def check_stopping(params: GenerateParameters, limits: LimitsConfig) -> None:
@@ -284,6 +311,8 @@ def check_top_n_tokens(params: GenerateParameters, limits: LimitsConfig) -> int:
 
 def check_supported(params: GenerateParameters) -> None:
     """Features the shard contract cannot honour: a clear error, never a quietly different answer."""
+    if params.adapter_id is not None:
+        raise ValidationError(f"unknown adapter `{params.adapter_id}`: no LoRA adapters are loaded")
     if params.grammar is not None:
         # The shard contract carries no grammar: behave as TGI with --disable-grammar-support.
         raise ValidationError("grammar is not supported")
@@ -354,11 +383,23 @@ class Validator:
         top_n_tokens = check_top_n_tokens(params, self.limits)
         ids = await self.tokenize(inputs, params.truncate, add_special_tokens)
         max_new_tokens = self.check_lengths(len(ids), params.max_new_tokens)
+        min_new_tokens = params.min_tokens or 0
+        if min_new_tokens > max_new_tokens:
+            raise ValidationError(
+                f"`min_tokens` must be <= `max_new_tokens`. Given: {min_new_tokens} and {max_new_tokens}"
+            )
+        check_token_ids(params, self.tokenizer.vocab_size)
         check_supported(params)
         request = ValidRequest(
             input_ids=tuple(ids),
             sampling=sampling,
-            stopping=StoppingParams(max_new_tokens=max_new_tokens, stop_sequences=params.stop),
+            stopping=StoppingParams(
+                max_new_tokens=max_new_tokens,
+                stop_sequences=params.stop,
+                ignore_eos_token=params.ignore_eos,
+                min_new_tokens=min_new_tokens,
+                stop_token_ids=params.stop_token_ids,
+            ),
             top_n_tokens=top_n_tokens,
             prefill_logprobs=params.decoder_input_details,
         )

@@ -118,7 +118,7 @@ def test_proto_carries_the_new_parameters_and_rejects_out_of_range() -> None:
                                                  presence_penalty=0.5, min_p=0.1, logit_bias={9: -3.0, 2: 1.5})
     p = SamplingParams.from_proto(pb)
     assert (p.presence_penalty, p.min_p, p.logit_bias) == (0.5, pytest.approx(0.1), ((2, 1.5), (9, -3.0)))
-    assert p.is_sampling and p.has_penalties
+    assert p.has_warpers and p.has_penalties and not p.is_sampling  # min-p alone keeps the argmax
     for bad in ({"min_p": 1.5}, {"presence_penalty": 2.5}, {"logit_bias": {1: 101.0}}):
         with pytest.raises(ValueError):
             SamplingParams.from_proto(generate_pb2.NextTokenChooserParameters(

@@ -96,5 +96,6 @@ class SamplingParams:
 
     @property
     def is_sampling(self) -> bool:
-        """TGI: sample when asked to or when any warper is active; otherwise take the argmax."""
-        return self.do_sample or self.has_warpers
+        """TGI: sample when asked to or when any warper is active; otherwise take the argmax. min-p alone does
+        not make a request sample: it never removes the best token, so the argmax stays the same."""
+        return self.do_sample or self.temperature != 1.0 or self.top_k != 0 or self.top_p < 1.0 or self.typical_p < 1.0
