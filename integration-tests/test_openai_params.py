@@ -69,7 +69,7 @@ def test_completions_logprobs_with_echo_cover_prompt_and_answer(oai, greedy):
     assert all(x is not None and x <= 0 for x in lp.token_logprobs[1:])
     answer_tops = lp.top_logprobs[len(prompt_ids):]
     assert all(len(top) == 2 for top in answer_tops)
-    for token, top, chosen in zip(lp.tokens[len(prompt_ids):], answer_tops, lp.token_logprobs[len(prompt_ids):]):
+    for top, chosen in zip(answer_tops, lp.token_logprobs[len(prompt_ids):]):
         assert math.isclose(max(top.values()), chosen, abs_tol=1e-4)  # greedy: the best alternative
 
 
