@@ -8,7 +8,7 @@ import uuid
 from aiohttp import web
 
 from spindle_router import telemetry
-from spindle_router.api import openai, routes
+from spindle_router.api import docs, openai, routes
 from spindle_router.api.context import STATE, AppState, error_response, json_response, read_json
 from spindle_router.api.openapi import Route, openapi_document
 from spindle_router.chat_template import ChatTemplate, TemplateError
@@ -58,6 +58,10 @@ def route_table() -> list[Route]:
         Route(method="GET", path="/openapi.json", handler=_openapi, tag="TGI", summary="This OpenAPI document"),
         Route(method="GET", path="/api-doc/openapi.json", handler=_openapi, tag="TGI",
               summary="This OpenAPI document (TGI's path)"),
+        Route(method="GET", path="/docs", handler=docs.docs_page, tag="TGI",
+              summary="Interactive documentation of this API (Swagger UI, served offline)"),
+        Route(method="GET", path="/docs/{name}", handler=docs.docs_asset, tag="TGI",
+              summary="A Swagger UI asset of /docs (served by the router itself, no CDN)"),
     ]
 
 
