@@ -17,7 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from spindle_router.flags import Flag, Scope, _env, env_name, non_negative_int, parse_bool
+from spindle_router.flags import Flag, Scope, env_name, env_value, non_negative_int, parse_bool
 
 log = logging.getLogger("spindle_launcher")
 
@@ -109,7 +109,7 @@ def add_compat_flags(parser: argparse.ArgumentParser) -> None:
         if c.choices:
             kw["choices"] = c.choices
         reason = c.reason.replace("{value}", "<value>")
-        groups[c.status].add_argument(f"--{c.name}", default=_env(_as_flag(c)),
+        groups[c.status].add_argument(f"--{c.name}", default=env_value(_as_flag(c)),
                                       help=f"{reason} [env {env_name(c.name)}]".replace("%", "%%"), **kw)
 
 

@@ -190,7 +190,7 @@ FLAGS: tuple[Flag, ...] = (
 )
 
 
-def _env(flag: Flag) -> Any:
+def env_value(flag: Flag) -> Any:
     """The env fallback of `flag`, parsed with the flag's own type (a bad value fails at start-up)."""
     raw = env_default(flag.name) if flag.from_env else None
     if raw is None:
@@ -211,12 +211,8 @@ def add_flags(parser: argparse.ArgumentParser, scope: Scope) -> None:
         shown = flag.shown or ("none" if flag.default is None else str(flag.default))
         where = f"env {env_name(flag.name)}; " if flag.from_env else ""
         names = [f"--{flag.name}", *([flag.short] if flag.short else [])]
-        group.add_argument(*names, type=flag.cast, default=_env(flag), help=f"{flag.help} [{where}default {shown}]",
+        group.add_argument(*names, type=flag.cast, default=env_value(flag), help=f"{flag.help} [{where}default {shown}]",
                            **flag.argparse_kw)
     # Repeatable, so not in the table: the env form is comma-separated.
     groups[HTTP].add_argument("--cors-allow-origin", action="append", default=None,
                               help="allowed CORS origin (repeatable) [env CORS_ALLOW_ORIGIN, comma-separated]")
-
-
-def flags_of(scope: Scope) -> list[Flag]:
-    return [f for f in FLAGS if f.scope & scope]

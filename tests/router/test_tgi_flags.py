@@ -117,3 +117,12 @@ def test_implemented_tgi_flags_take_effect(model_dir):
     assert argv[argv.index("--cuda-memory-fraction") + 1] == "0.5"
     with pytest.raises(SystemExit):
         launcher.build_parser().parse_args(["--cuda-memory-fraction", "1.5"])
+
+
+def test_env_flag_logs_the_runtime_and_is_not_read_from_ENV(monkeypatch, caplog):
+    monkeypatch.setenv("ENV", "/etc/shrc")  # POSIX shells' variable, never taken for --env
+    assert launcher.build_parser().parse_args([]).env is False
+    assert launcher.build_parser().parse_args(["-e"]).env is True
+    with caplog.at_level(logging.INFO, logger="spindle_launcher"):
+        launcher.log_environment()
+    assert any("runtime environment: python" in r.getMessage() for r in caplog.records)
