@@ -117,3 +117,17 @@ def test_unknown_adapter_is_422(stack):
     client = InferenceClient(stack.base_url, timeout=60)
     with pytest.raises(HubValidationError, match="unknown adapter `my-lora`"):  # its mapping of our 422
         client.text_generation(PROMPT, max_new_tokens=2, adapter_id="my-lora")
+
+
+def test_n_prefills_the_shared_prompt_once(oai, stack, greedy, metrics_of):
+    """The copies of an n request take the prompt's full KV blocks from the prefix cache (block size 16)."""
+    prompt = " ".join(["spindle router shard batch token stream"] * 12)  # a fresh prompt of several blocks
+    full_blocks = len(greedy.encode(prompt)) // 16
+    assert full_blocks >= 3
+    before = metrics_of(stack.base_url).get("spindle_prefix_cache_hit_tokens", 0.0)
+    r = oai.completions.create(model="m", prompt=prompt, max_tokens=2, n=3, temperature=0)
+    assert len(r.choices) == 3
+    hit = metrics_of(stack.base_url)["spindle_prefix_cache_hit_tokens"] - before
+    # The first copy computes the prompt; the other two reuse every full block but the one holding the last
+    # prompt token (at least one token is computed to sample from).
+    assert hit >= 2 * (full_blocks - 1) * 16
