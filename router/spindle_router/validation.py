@@ -226,7 +226,6 @@ class ValidGenerate:
         return dataclasses.replace(self, request=dataclasses.replace(self.request, sampling=sampling))
 
 
-
 def _check_unit_open(value: float | None, name: str) -> None:
     if value is not None and not (0.0 < value < 1.0):
         raise ValidationError(f"`{name}` must be > 0.0 and < 1.0")
