@@ -100,6 +100,9 @@ def test_echo_and_legacy_logprobs(server, oai):
         ("/v1/chat/completions", {"stop_token_ids": [-1]}, "`stop_token_ids` token ids must be >= 0"),
         ("/v1/chat/completions", {"min_tokens": 9}, "`min_tokens` must be <= `max_new_tokens`. Given: 9 and 4"),
         ("/v1/completions", {"echo": True, "logprobs": 1, "stream": True}, "`echo` with `logprobs` is not supported"),
+        ("/v1/completions", {"logprobs": 6}, "`logprobs` must be >= 0 and <= 5. Given: 6"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 6}, "`top_logprobs` must be >= 0 and <= 5"),
+        ("/v1/chat/completions", {"top_logprobs": 2}, "`top_logprobs` requires `logprobs` to be true"),
     ],
 )
 def test_out_of_range_is_422_and_submits_nothing(server, path, extra, message):

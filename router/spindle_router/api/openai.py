@@ -109,6 +109,13 @@ def _check_n(n: int, st: AppState) -> None:
         raise ValidationError(f"`n` must be > 0 and <= {limit}. Given: {n}")
 
 
+def _check_alternatives(name: str, value: int | None, st: AppState) -> None:
+    """top_logprobs / logprobs in OpenAI's own words (they become top_n_tokens)."""
+    limit = st.limits.max_top_n_tokens
+    if value is not None and value > limit:
+        raise ValidationError(f"`{name}` must be >= 0 and <= {limit}. Given: {value}")
+
+
 def _copies(params: GenerateParameters, n: int) -> list[GenerateParameters]:
     """One parameter set per choice. A given seed becomes seed, seed+1, ...: choices differ, reproducibly."""
     if n == 1 or params.seed is None:
@@ -204,6 +211,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     params = _sampling_fields(f, max_tokens)
     logprobs = bool(f.bool("logprobs", None))
     top_logprobs = f.int("top_logprobs")
+    if top_logprobs and not logprobs:
+        raise ValidationError("`top_logprobs` requires `logprobs` to be true")
     grammar = f.raw("response_format")
     params = replace(params, top_n_tokens=top_logprobs if logprobs else None, grammar=grammar)
     tools = f.raw("tools")
@@ -256,6 +265,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     st = state(request)
     chat = parse_chat_request(await read_json(request))
     _check_n(chat.n, st)
+    _check_alternatives("top_logprobs", chat.params.top_n_tokens, st)
     prompt = _render(st, chat)
     if chat.stream:
         return await _chat_stream(request, st, chat, prompt)
@@ -426,6 +436,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     st = state(request)
     req = parse_completion_request(await read_json(request), st.limits.max_client_batch_size)
     _check_n(req.n, st)
+    _check_alternatives("logprobs", req.logprobs, st)
     if req.stream:
         return await _completions_stream(request, st, req)
     jobs = _completion_jobs(req)
