@@ -71,6 +71,13 @@ def test_completions_logprobs_with_echo_cover_prompt_and_answer(oai, greedy):
     assert all(len(top) == 2 for top in answer_tops)
     for top, chosen in zip(answer_tops, lp.token_logprobs[len(prompt_ids):]):
         assert math.isclose(max(top.values()), chosen, abs_tol=1e-4)  # greedy: the best alternative
+    chunks = list(oai.completions.create(model="m", prompt=PROMPT, max_tokens=3, temperature=0, logprobs=2,
+                                         echo=True, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    streamed = [x for c in chunks for x in c.choices[0].logprobs.token_logprobs]
+    assert streamed[0] is None and len(streamed) == len(lp.token_logprobs)
+    for a, b in zip(streamed[1:], lp.token_logprobs[1:]):
+        assert math.isclose(a, b, abs_tol=1e-4)
 
 
 def test_min_tokens_holds_eos_back_and_ignore_eos_runs_past_it(oai):

@@ -205,16 +205,19 @@ class Infer:
         *,
         add_special_tokens: bool = True,
         default_return_full_text: bool = False,
+        allow_prompt_logprobs: bool = False,
     ) -> AsyncIterator[StreamItem]:
-        """Tokens as they come. Raises ApiError (the route turns it into an in-stream error event).
-        Closing the iterator early (client gone) cancels the backend request."""
+        """Tokens as they come (with `allow_prompt_logprobs`, the first item carries the prompt's tokens when
+        decoder_input_details asks for them; TGI's streaming route refuses that). Raises ApiError (the route
+        turns it into an in-stream error event). Closing the iterator early (client gone) cancels the backend
+        request."""
         start = time.monotonic()
         self.metrics.request_count.inc()
         done = False  # the final item went out: a late close is no failure
         try:
             if params.best_of is not None and params.best_of != 1:
                 raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
-            if params.decoder_input_details:
+            if params.decoder_input_details and not allow_prompt_logprobs:
                 raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
             with _Permits(self, 1):
                 valid = await self._validate(

@@ -79,12 +79,19 @@ def test_echo_and_legacy_logprobs(server, oai):
     assert len(lp.tokens) == 3 and all(len(t) == 2 for t in lp.top_logprobs)
     assert lp.text_offset[0] == len("abc") and "".join(lp.tokens) == r.choices[0].text
     assert server.backend.submitted[-1].top_n_tokens == 2
-    r = oai.completions.create(model="m", prompt="abc", max_tokens=3, logprobs=1, echo=True)
+    r = oai.completions.create(model="m", prompt="abc", max_tokens=3, logprobs=1, echo=True, temperature=0)
     lp = r.choices[0].logprobs
     n_prompt = server.backend.submitted[-1].input_length
     assert len(lp.tokens) == n_prompt + 3 and lp.token_logprobs[0] is None and lp.text_offset[0] == 0
     streamed = list(oai.completions.create(model="m", prompt="abc", max_tokens=3, logprobs=1, stream=True))
     assert [len(c.choices[0].logprobs.tokens) for c in streamed] == [1, 1, 1]
+    streamed = list(oai.completions.create(model="m", prompt="abc", max_tokens=3, logprobs=1, echo=True,
+                                           temperature=0, stream=True))
+    assert [len(c.choices[0].logprobs.tokens) for c in streamed] == [n_prompt + 1, 1, 1]
+    joined = [t for c in streamed for t in c.choices[0].logprobs.tokens]
+    assert joined == lp.tokens and streamed[0].choices[0].logprobs.token_logprobs[0] is None
+    offsets = [o for c in streamed for o in c.choices[0].logprobs.text_offset]
+    assert offsets == lp.text_offset
 
 
 @pytest.mark.parametrize(
@@ -99,7 +106,6 @@ def test_echo_and_legacy_logprobs(server, oai):
         ("/v1/chat/completions", {"logit_bias": {"100000": 1}}, "`logit_bias` token ids must be >= 0 and <"),
         ("/v1/chat/completions", {"stop_token_ids": [-1]}, "`stop_token_ids` token ids must be >= 0"),
         ("/v1/chat/completions", {"min_tokens": 9}, "`min_tokens` must be <= `max_new_tokens`. Given: 9 and 4"),
-        ("/v1/completions", {"echo": True, "logprobs": 1, "stream": True}, "`echo` with `logprobs` is not supported"),
         ("/v1/completions", {"logprobs": 6}, "`logprobs` must be >= 0 and <= 5. Given: 6"),
         ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 6}, "`top_logprobs` must be >= 0 and <= 5"),
         ("/v1/chat/completions", {"top_logprobs": 2}, "`top_logprobs` requires `logprobs` to be true"),

@@ -386,8 +386,6 @@ def parse_completion_request(body: Any, max_client_batch_size: int) -> Completio
     if logprobs is not None:
         # echo with logprobs reports the prompt's tokens too: their logprobs come from the prefill.
         params = replace(params, top_n_tokens=logprobs, decoder_input_details=echo)
-        if echo and stream:
-            raise ValidationError("`echo` with `logprobs` is not supported when streaming")
     n = f.int("n")
     return CompletionRequest(prompts=prompts, params=params, stream=stream, n=1 if n is None else n,
                              logprobs=logprobs, echo=echo, include_usage=_include_usage(f))
@@ -491,8 +489,8 @@ async def _completions_stream(
 ) -> web.StreamResponse:
     resp = await open_sse(request, schemas.stream_headers(st.compute_type, sum(len(p) for p in req.prompts)))
     jobs = _completion_jobs(req)
-    streams = [st.infer.generate_stream(p, params) for p, params in jobs]
-    offsets = [len(p) for p, _ in jobs]  # text offset of each choice's next token (logprobs)
+    streams = [st.infer.generate_stream(p, params, allow_prompt_logprobs=True) for p, params in jobs]
+    offsets = [0 if req.echo else len(p) for p, _ in jobs]  # text offset of each choice's next token
     prompt_tokens: dict[int, int] = {}
     completion_tokens: list[int] = []
 
@@ -503,8 +501,10 @@ async def _completions_stream(
             text = jobs[i][0] + text
         logprobs = None
         if req.logprobs is not None:
-            logprobs = _completion_logprobs([item.token], [item.top_tokens], offsets[i])
-            offsets[i] += len(item.token.text)
+            tokens = [*item.prefill, item.token]  # echo: the prompt's tokens come with the first one
+            top = [*([] for _ in item.prefill), item.top_tokens]
+            logprobs = _completion_logprobs(tokens, top, offsets[i])
+            offsets[i] += sum(len(t.text) for t in tokens)
         if item.end is None:
             return {
                 "object": "text_completion",

@@ -121,8 +121,7 @@ _SCHEMAS: dict[str, Any] = {
             "max_tokens": _nullable("integer", minimum=0),
             **_OPENAI_SAMPLING,
             "logprobs": _nullable("integer", minimum=0, description="alternatives per token in the logprobs object"),
-            "echo": _nullable("boolean", description="the prompt starts the text (with logprobs: its tokens too; "
-                              "not when streaming)"),
+            "echo": _nullable("boolean", description="the prompt starts the text (with logprobs: its tokens too)"),
             "suffix": _nullable("string", description="not supported: 422"),
         },
     },
