@@ -94,6 +94,9 @@ def add_limit_flags(p: argparse.ArgumentParser) -> None:
              "most inputs in one request (/embed-style lists, OpenAI completions prompts)")
     add_flag(g, "payload-limit", positive_int, d.payload_limit, "largest request body in bytes")
     add_flag(g, "validation-workers", positive_int, d.validation_workers, "tokenizer threads")
+    add_flag(g, "disable-grammar-support", parse_bool, d.disable_grammar_support,
+             "refuse `grammar`, `response_format` and `tools` (422 \"grammar is not supported\")",
+             metavar="BOOL", nargs="?", const=True)
 
 
 def add_scheduler_flags(p: argparse.ArgumentParser) -> None:
@@ -179,6 +182,7 @@ def config_from_args(ns: argparse.Namespace) -> RouterConfig:
             max_client_batch_size=ns.max_client_batch_size,
             payload_limit=ns.payload_limit,
             validation_workers=ns.validation_workers,
+            disable_grammar_support=ns.disable_grammar_support,
         ),
         scheduler=SchedulerConfig(
             max_batch_prefill_tokens=ns.max_batch_prefill_tokens,
@@ -217,6 +221,7 @@ def router_argv(config: RouterConfig, drain_timeout_s: float) -> list[str]:
         "max-client-batch-size": lim.max_client_batch_size,
         "payload-limit": lim.payload_limit,
         "validation-workers": lim.validation_workers,
+        "disable-grammar-support": str(lim.disable_grammar_support).lower(),
         "max-batch-prefill-tokens": s.max_batch_prefill_tokens,
         "max-decode-slowdown": s.max_decode_slowdown,
         "max-batch-total-tokens": s.max_batch_total_tokens,

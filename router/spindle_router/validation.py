@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from spindle_router.config import LimitsConfig
+from spindle_router.grammar import Grammar, GrammarChecker, GrammarError, parse_grammar
 from spindle_router.scheduler.request import SamplingParams, StoppingParams, ValidRequest
 from spindle_router.tokenizer import RouterTokenizer
 
@@ -243,6 +244,21 @@ class Validator:
         self.max_input_tokens: int = limits.max_input_tokens
         self.max_total_tokens: int = limits.max_total_tokens
         self.tokenizer = tokenizer
+        self.grammars = None if limits.disable_grammar_support else GrammarChecker()
+
+    def check_grammar(self, raw: Any) -> Grammar | None:
+        """TGI §3.1 step 18: the request's grammar, checked (None: unconstrained); ValidationError otherwise."""
+        if raw is None:
+            return None
+        if self.grammars is None:
+            raise ValidationError("grammar is not supported")
+        try:
+            grammar = parse_grammar(raw)
+            if grammar is not None:
+                self.grammars.check(grammar)
+        except GrammarError as e:
+            raise ValidationError(e.detail) from None
+        return grammar
 
     async def validate(
         self,
@@ -313,9 +329,7 @@ class Validator:
             raise ValidationError(
                 f"`inputs` must have less than {self.max_input_tokens} tokens. Given: {input_length}"
             )
-        if params.grammar is not None:
-            # The shard contract carries no grammar: behave as TGI with --disable-grammar-support.
-            raise ValidationError("grammar is not supported")
+        grammar = self.check_grammar(params.grammar)
         if params.watermark:
             raise ValidationError("watermark is not supported")
         request = ValidRequest(
@@ -333,6 +347,7 @@ class Validator:
             stopping=StoppingParams(max_new_tokens=max_new_tokens, stop_sequences=params.stop),
             top_n_tokens=top_n_tokens,
             prefill_logprobs=params.decoder_input_details,
+            grammar=grammar,
         )
         return_full_text = (
             default_return_full_text if params.return_full_text is None else params.return_full_text
