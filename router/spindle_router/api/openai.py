@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from spindle_router.api import schemas
+from spindle_router.api import schemas, tools
 from spindle_router.api.context import AppState, json_response, read_json, state
 from spindle_router.api.streaming import DONE_FRAME, open_sse, pump, sse_frame
 from spindle_router.chat_template import TemplateError
@@ -62,7 +62,7 @@ class ChatRequest:
     logprobs: bool
     stream: bool
     include_usage: bool
-    tools: list[dict[str, Any]] | None
+    tools: tools.ToolPlan | None  # None: no tool calling (none given, or tool_choice "none")
 
 
 def _parse_messages(raw: Any) -> list[dict[str, Any]]:
@@ -109,30 +109,28 @@ def parse_chat_request(body: Any) -> ChatRequest:
     include_usage = bool(
         options is not None and Fields(options, "stream_options").bool("include_usage", None)
     )
-    tools = f.raw("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise SchemaError("tools: invalid type, expected a sequence")
-    tool_choice = f.raw("tool_choice")
-    if tools and tool_choice != "none":
-        if grammar is not None:
-            raise InferError(422, "tool_error", "Tool error: Grammar and tools are mutually exclusive")
-        # Tool calls need grammar-constrained decoding, which the shard contract does not carry.
-        raise InferError(422, "tool_error", "Tool error: tool calling is not supported by this server")
+    plan = tools.plan_tools(f.raw("tools"), f.raw("tool_choice"), f.raw("tool_prompt"), grammar)
+    if plan is not None:
+        params = replace(params, grammar=plan.grammar)
     return ChatRequest(
         messages=messages,
         params=params,
         logprobs=logprobs,
         stream=bool(f.bool("stream", False)),
         include_usage=include_usage,
-        tools=None,
+        tools=plan,
     )
 
 
 def _render(st: AppState, chat: ChatRequest) -> str:
     if st.chat_template is None:
         raise InferError(422, "template_error", "Template error: the model has no chat template")
+    messages, tool_list = chat.messages, None
+    if chat.tools is not None:
+        tool_list = chat.tools.tools
+        messages = tools.with_tool_prompt(messages, chat.tools, st.chat_template.uses_tools)
     try:
-        return st.chat_template.render(chat.messages, tools=chat.tools)
+        return st.chat_template.render(messages, tools=tool_list)
     except TemplateError as e:
         st.metrics.request_count.inc()
         st.metrics.request_failure.labels(err="template").inc()
@@ -172,14 +170,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     gen = await st.infer.generate(prompt, chat.params, add_special_tokens=False)
     r = gen.best
     prompt_tokens, completion_tokens = r.valid.input_length, r.end.generated_tokens
+    message: dict[str, Any] = {"role": "assistant", "content": r.generated_text}
+    finish = _finish_reason(r.end.finish_reason)
+    if chat.tools is not None:
+        answer = tools.read_answer(r.generated_text)
+        message = tools.message_json(answer, tools.new_call_id())
+        if answer.name is not None:
+            finish = "tool_calls"
     body = {
         **_base(st, "chat.completion"),
         "choices": [
             {
                 "index": 0,
-                "message": {"role": "assistant", "content": r.generated_text},
+                "message": message,
                 "logprobs": _logprobs_json(r.tokens, r.top_tokens) if chat.logprobs else None,
-                "finish_reason": _finish_reason(r.end.finish_reason),
+                "finish_reason": finish,
             }
         ],
         "usage": {
@@ -197,19 +202,28 @@ async def _chat_stream(
     resp = await open_sse(request, schemas.stream_headers(st.compute_type, len(prompt)))
     items = st.infer.generate_stream(prompt, chat.params, add_special_tokens=False)
     usage: dict[str, int] = {}
+    calls = tools.ToolCallStream() if chat.tools is not None else None
 
-    def encode(item: StreamItem) -> dict[str, Any]:
+    def encode(item: StreamItem) -> dict[str, Any] | None:
         finish = None
+        text = "" if item.token.special else item.token.text
+        delta: dict[str, Any] | None = {"role": "assistant", "content": text}
+        if calls is not None:
+            delta = calls.feed(text, last=item.end is not None)
         if item.end is not None:
             finish = _finish_reason(item.end.finish_reason)
+            if calls is not None and calls.name not in (None, tools.NO_TOOL) and finish != "length":
+                finish = "tool_calls"
             n_in, n_out = item.valid.input_length, item.end.generated_tokens
             usage.update(prompt_tokens=n_in, completion_tokens=n_out, total_tokens=n_in + n_out)
+        elif delta is None:
+            return None  # held back until the tool call's name is known
         return {
             **_base(st, "chat.completion.chunk"),
             "choices": [
                 {
                     "index": 0,
-                    "delta": {"role": "assistant", "content": "" if item.token.special else item.token.text},
+                    "delta": delta if delta is not None else {},
                     "logprobs": _logprobs_json([item.token], [item.top_tokens]) if chat.logprobs else None,
                     "finish_reason": finish,
                 }
