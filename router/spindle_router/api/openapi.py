@@ -43,8 +43,36 @@ _SCHEMAS: dict[str, Any] = {
             },
             "return_full_text": {"type": "boolean", "nullable": True},
             "stop": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
-            "grammar": {"type": "object", "nullable": True},
+            "grammar": {"allOf": [{"$ref": "#/components/schemas/Grammar"}], "nullable": True},
             "adapter_id": {"type": "string", "nullable": True},
+        },
+    },
+    "Grammar": {
+        "type": "object",
+        "description": "Constrains the generated text (see the README). TGI's shapes; response_format also takes "
+        "OpenAI's {type: json_schema, json_schema: {name, schema, strict}}, {type: json_object} and {type: text}.",
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string", "enum": ["json", "json_object", "json_schema", "regex", "text"]},
+            "value": {"description": "json/json_object: a JSON Schema (object or JSON string); json_schema: "
+                      "{name, schema}; regex: a regular expression the whole output matches"},
+            "json_schema": {"type": "object", "description": "OpenAI's json_schema: {name, schema, strict}"},
+        },
+    },
+    "Tool": {
+        "type": "object",
+        "required": ["function"],
+        "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "description": {"type": "string"},
+                    "parameters": {"type": "object", "description": "JSON Schema of the arguments"},
+                },
+            },
         },
     },
     "GenerateRequest": {
@@ -71,6 +99,16 @@ _SCHEMAS: dict[str, Any] = {
             "top_logprobs": {"type": "integer", "nullable": True},
             "stream": {"type": "boolean", "default": False},
             "stream_options": {"type": "object", "nullable": True},
+            "response_format": {"allOf": [{"$ref": "#/components/schemas/Grammar"}], "nullable": True},
+            "tools": {"type": "array", "items": {"$ref": "#/components/schemas/Tool"}, "nullable": True},
+            "tool_choice": {
+                "nullable": True,
+                "oneOf": [
+                    {"type": "string", "description": "auto | none | required | a tool's name"},
+                    {"type": "object", "description": "{type: function, function: {name}}"},
+                ],
+            },
+            "tool_prompt": {"type": "string", "nullable": True},
         },
     },
     "CompletionRequest": {
