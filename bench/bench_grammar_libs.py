@@ -102,9 +102,9 @@ def run_xgrammar(tok_json: str, schema: dict, steps: int, eos: int) -> tuple[flo
 
 
 def run_outlines(tok_json: str, schema: dict, steps: int, eos: int) -> tuple[float, list[float]]:
+    import tokenizers
     from outlines_core import Guide, Index, Vocabulary
     from outlines_core.json_schema import build_regex_from_schema
-    import tokenizers
 
     tk = tokenizers.Tokenizer.from_str(tok_json)
     dec = tokenizers.decoders.ByteLevel()

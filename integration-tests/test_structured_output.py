@@ -91,14 +91,19 @@ def test_generate_grammar_with_text_generation_client(stack):
     jsonschema.validate(json.loads(streamed[-1].generated_text), PERSON)
 
 
-def test_compat_route_and_bad_grammars_are_422_before_queueing(stack):
+def test_compat_route_and_bad_grammars_are_422_before_queueing(stack, metrics_of):
     url = stack.base_url
+    before = metrics_of(url)
     r = requests.post(url + "/", json={"inputs": "hello", "parameters": {
         "max_new_tokens": MAX, "return_full_text": False,
         "grammar": {"type": "json_schema", "value": {"name": "p", "schema": PERSON}}}},
         timeout=120)
     assert r.status_code == 200, r.text
     jsonschema.validate(json.loads(r.json()[0]["generated_text"]), PERSON)
+    after = metrics_of(url)
+    steps = after["spindle_grammar_mask_duration_count"] - before.get("spindle_grammar_mask_duration_count", 0)
+    assert steps == int(r.headers["x-generated-tokens"])  # one masked step per generated token
+    assert after["spindle_grammar_compile_duration_count"] >= 1  # PERSON was compiled once (then cached)
     bad = [
         ({"type": "json", "value": "{not json"}, "grammar is not valid"),
         ({"type": "json", "value": {"type": 5}}, "not a valid JSON Schema"),
@@ -109,6 +114,8 @@ def test_compat_route_and_bad_grammars_are_422_before_queueing(stack):
         r = requests.post(url + "/generate", json={"inputs": "x", "parameters": {"grammar": grammar}}, timeout=30)
         assert r.status_code == 422 and r.json()["error_type"] == "validation", r.text
         assert reason in r.json()["error"]
+    assert metrics_of(url)["tgi_batch_inference_count{method=\"prefill\"}"] == after[
+        "tgi_batch_inference_count{method=\"prefill\"}"]  # nothing reached the shards
 
 
 def test_response_format_with_openai_sdk_and_inference_client(stack, oai):
