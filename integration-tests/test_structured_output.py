@@ -6,11 +6,13 @@ validate against its schema, greedy and sampled at temperature 1.5, whatever the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import jsonschema
 import openai
 import pytest
@@ -206,3 +208,35 @@ def test_disable_grammar_support(start_launcher, tiny_model_dir):
         assert r.status_code == 422 and "grammar is not supported" in r.json()["error"]
         r = requests.post(s.base_url + "/v1/chat/completions", json={"messages": CHAT, "tools": TOOLS}, timeout=30)
         assert r.status_code == 422 and "grammar is not supported" in r.json()["error"]["message"]
+
+
+def test_preempted_constrained_requests_still_validate(start_launcher, tiny_model_dir, metrics_of):
+    """A KV cache far too small for 24 concurrent constrained requests: the scheduler preempts and recomputes
+    them (the shard replays each grammar from the generated ids); every answer still validates and equals the
+    answer the same request got alone."""
+    from test_kv_pressure import BLOCK_SIZE, kv_bytes_per_block
+
+    num_blocks = 12
+    bodies = [{"inputs": f"hello world {k} the quick brown fox", "parameters": {
+        "max_new_tokens": MAX, "grammar": {"type": "json", "value": PERSON},
+        **({"do_sample": True, "temperature": 1.5, "seed": k} if k % 2 else {})}} for k in range(24)]
+    args = ["--kv-cache-bytes", str(num_blocks * kv_bytes_per_block(tiny_model_dir)),
+            "--max-batch-prefill-tokens", "128"]
+    assert (16 + MAX) // BLOCK_SIZE < num_blocks - 1  # one request alone always fits
+    with start_launcher(tiny_model_dir, args=args) as s:
+        alone = [requests.post(s.base_url + "/generate", json=b, timeout=120).json()["generated_text"]
+                 for b in bodies]
+
+        async def together() -> list[str]:
+            async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=300)) as session:
+                async def one(body: dict) -> str:
+                    async with session.post(s.base_url + "/generate", json=body) as r:
+                        assert r.status == 200, await r.text()
+                        return (await r.json())["generated_text"]
+                return await asyncio.gather(*(one(b) for b in bodies))
+
+        got = asyncio.run(together())
+        assert metrics_of(s.base_url)["spindle_preemptions"] > 0
+    for text in got:
+        jsonschema.validate(json.loads(text), PERSON)
+    assert got == alone

@@ -99,6 +99,7 @@ def router(group: ShardGroup) -> MiniRouter:
     return MiniRouter(group, group.num_blocks)
 
 
+@pytest.mark.slow
 def test_every_output_follows_its_grammar_batched(group):
     reqs = router(group).run(requests())
     for req in reqs:
@@ -111,6 +112,7 @@ def test_every_output_follows_its_grammar_batched(group):
     assert len(texts) > len(SCHEMAS)
 
 
+@pytest.mark.slow
 def test_alone_equals_batched_and_preempted_request_still_validates(group):
     batched = {r.id: r.tokens for r in router(group).run(requests())}
     for rid in (0, 5, 14):  # greedy, sampled
@@ -127,6 +129,7 @@ def test_alone_equals_batched_and_preempted_request_still_validates(group):
         check_output(rest, rest.finished.text)
 
 
+@pytest.mark.slow
 def test_grammar_that_cannot_finish_ends_with_length(group):
     req = Req(id=1, prompt=prompt(1), max_new_tokens=3, ignore_eos=False,
               grammar=json_grammar({"type": "object", "properties": {"long": {"const": "abcdefghijklmnop"}},
@@ -136,6 +139,7 @@ def test_grammar_that_cannot_finish_ends_with_length(group):
     assert len(done.tokens) == 3
 
 
+@pytest.mark.slow
 def test_invalid_grammar_is_invalid_argument_and_changes_nothing(group):
     r = router(group)
     bad = Req(id=7, prompt=prompt(7), max_new_tokens=4, grammar=pb.Grammar(type=pb.GRAMMAR_TYPE_REGEX, value="[a-"))
@@ -147,6 +151,7 @@ def test_invalid_grammar_is_invalid_argument_and_changes_nothing(group):
     check_output(ok, ok.finished.text)
 
 
+@pytest.mark.slow
 def test_two_ranks_pick_the_same_tokens(model_dir, group):
     one = {r.id: r.tokens for r in router(group).run(requests()[:16])}
     two = ShardGroup(model_dir, world_size=2)
