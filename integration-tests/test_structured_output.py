@@ -107,6 +107,7 @@ def test_compat_route_and_bad_grammars_are_422_before_queueing(stack, metrics_of
     assert steps == int(r.headers["x-generated-tokens"])  # one masked step per generated token
     assert after["spindle_grammar_compile_duration_count"] >= 1  # PERSON was compiled once (then cached)
     bad = [
+        ({"type": "lark", "value": "start: undefined_rule"}, "grammar is not valid"),
         ({"type": "json", "value": "{not json"}, "grammar is not valid"),
         ({"type": "json", "value": {"type": 5}}, "not a valid JSON Schema"),
         ({"type": "json", "value": {"type": "object", "unevaluatedProperties": False}}, "unevaluatedProperties"),
@@ -118,6 +119,15 @@ def test_compat_route_and_bad_grammars_are_422_before_queueing(stack, metrics_of
         assert reason in r.json()["error"]
     assert metrics_of(url)["tgi_batch_inference_count{method=\"prefill\"}"] == after[
         "tgi_batch_inference_count{method=\"prefill\"}"]  # nothing reached the shards
+    # A context-free grammar (Lark, llguidance's dialect): balanced parentheses, which no regex can say.
+    lark = 'start: expr\nexpr: "(" expr ")" | "x"'
+    for seed in (1, 2, 3):
+        r = requests.post(url + "/generate", json={"inputs": "hello", "parameters": {
+            "max_new_tokens": MAX, "do_sample": True, "temperature": 1.5, "seed": seed,
+            "grammar": {"type": "lark", "value": lark}}}, timeout=120)
+        text = r.json()["generated_text"]
+        depth = text.count("(")
+        assert r.status_code == 200 and text == "(" * depth + "x" + ")" * depth, text
 
 
 def test_response_format_with_openai_sdk_and_inference_client(stack, oai):

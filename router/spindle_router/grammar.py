@@ -6,6 +6,7 @@ Accepted shapes (TGI_REFERENCE §2.5, §2.8; OpenAI's response_format):
     {"type": "json_schema", "json_schema": {"name", "schema", "strict"?}}    OpenAI
     {"type": "json_object"}                                                  OpenAI: any JSON object
     {"type": "regex", "value": "<regex>"}
+    {"type": "lark", "value": "<Lark grammar>"}                               Spindle: a context-free grammar
     {"type": "text"}                                                         OpenAI: no constraint
 Every grammar is checked here with the library the shards compile with (llguidance), and the schema against
 the JSON Schema meta-schema, so a bad one is a 422 with the reason before anything is queued. Unlike TGI we
@@ -86,8 +87,12 @@ def parse_grammar(raw: Any) -> Grammar | None:
         if not isinstance(value, str):
             raise GrammarError("grammar is not valid: a regex grammar's `value` must be a string")
         return Grammar(GrammarType.REGEX, value)
+    if kind == "lark":
+        if not isinstance(value, str):
+            raise GrammarError("grammar is not valid: a lark grammar's `value` must be a string")
+        return Grammar(GrammarType.LARK, value)
     raise GrammarError(
-        f"grammar is not valid: unknown type {kind!r}, expected json, json_object, json_schema, regex or text"
+        f"grammar is not valid: unknown type {kind!r}, expected json, json_object, json_schema, regex, lark or text"
     )
 
 

@@ -22,7 +22,7 @@ from spindle_router.tokenizer import RouterTokenizer
 
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
-GRAMMAR_TYPES = ("json", "json_object", "regex", "json_schema")
+GRAMMAR_TYPES = ("json", "json_object", "regex", "json_schema", "lark")
 
 
 class SchemaError(Exception):

@@ -53,9 +53,10 @@ _SCHEMAS: dict[str, Any] = {
         "OpenAI's {type: json_schema, json_schema: {name, schema, strict}}, {type: json_object} and {type: text}.",
         "required": ["type"],
         "properties": {
-            "type": {"type": "string", "enum": ["json", "json_object", "json_schema", "regex", "text"]},
+            "type": {"type": "string", "enum": ["json", "json_object", "json_schema", "regex", "lark", "text"]},
             "value": {"description": "json/json_object: a JSON Schema (object or JSON string); json_schema: "
-                      "{name, schema}; regex: a regular expression the whole output matches"},
+                      "{name, schema}; regex: a regular expression the whole output matches; lark: a context-free "
+                      "grammar in llguidance's Lark dialect"},
             "json_schema": {"type": "object", "description": "OpenAI's json_schema: {name, schema, strict}"},
         },
     },
