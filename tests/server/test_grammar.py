@@ -114,6 +114,7 @@ def test_every_output_follows_its_grammar_batched(group):
 
 @pytest.mark.slow
 def test_alone_equals_batched_and_preempted_request_still_validates(group):
+    """Preempted mid-object and recomputed in chunks: the grammar state is replayed, the tokens are the same."""
     batched = {r.id: r.tokens for r in router(group).run(requests())}
     for rid in (0, 5, 14):  # greedy, sampled
         full = requests()[rid]
@@ -123,7 +124,7 @@ def test_alone_equals_batched_and_preempted_request_still_validates(group):
         cut = max(1, len(alone.tokens) // 2)
         resumed = requests()[rid]
         resumed.resumed = alone.tokens[:cut]
-        resumed.max_new_tokens = MAX_NEW
+        resumed.chunk = 4  # and recomputed in chunked prefill
         rest = router(group).run([resumed])[0]
         assert alone.tokens[:cut] + rest.tokens == alone.tokens
         check_output(rest, rest.finished.text)
