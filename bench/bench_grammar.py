@@ -1,8 +1,8 @@
 """Output throughput of the shard engine under a JSON schema vs unconstrained, in process (no gRPC).
 
-B requests decode together until they finish (or `--max-new-tokens`): once unconstrained (ignore_eos, so
-every request runs the full length) and once under a 20-property schema, and output tokens / second are
-compared. Also prints where the grammar time goes: mask time on the worker thread (overlapping the
+B requests decode together for `--max-new-tokens` each (ignore_eos: a finished grammar then only allows EOS,
+so both runs do the same steps at the same batch size): once unconstrained and once under a 20-property
+schema, and output tokens / second are compared. Also prints where the grammar time goes: mask time on the worker thread (overlapping the
 forward) and the step time around it.
 
     .venv/bin/python bench/bench_grammar.py                      # the demo model, batch 32
@@ -42,7 +42,7 @@ def run(engine: ShardEngine, batch: int, max_new: int, grammar: pb.Grammar | Non
                        parameters=pb.NextTokenChooserParameters(temperature=1.0, top_p=1.0, typical_p=1.0,
                                                                 repetition_penalty=1.0, do_sample=True, seed=i),
                        stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new,
-                                                                         ignore_eos_token=grammar is None))
+                                                                         ignore_eos_token=True))
         if grammar is not None:
             r.grammar.CopyFrom(grammar)
         reqs.append(r)

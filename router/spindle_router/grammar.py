@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import enum
 import json
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
@@ -97,21 +98,25 @@ def parse_grammar(raw: Any) -> Grammar | None:
 
 
 class GrammarChecker:
-    """Checks grammars once each (an LRU of the answers): schema against its meta-schema, then compiled."""
+    """Checks grammars once each (an LRU of the answers): schema against its meta-schema, then compiled.
+    Thread-safe: validation runs it on worker threads."""
 
     def __init__(self, cache_size: int = 256) -> None:
         self._seen: OrderedDict[Grammar, str] = OrderedDict()  # grammar -> "" (fine) or the reason
         self._cache_size = cache_size
+        self._lock = threading.Lock()
 
     def check(self, grammar: Grammar) -> None:
-        reason = self._seen.get(grammar)
+        with self._lock:
+            reason = self._seen.get(grammar)
+            if reason is not None:
+                self._seen.move_to_end(grammar)
         if reason is None:
             reason = _reason(grammar)
-            self._seen[grammar] = reason
-            if len(self._seen) > self._cache_size:
-                self._seen.popitem(last=False)
-        else:
-            self._seen.move_to_end(grammar)
+            with self._lock:
+                self._seen[grammar] = reason
+                if len(self._seen) > self._cache_size:
+                    self._seen.popitem(last=False)
         if reason:
             raise GrammarError(f"grammar is not valid: {reason}")
 

@@ -9,6 +9,7 @@ Two kinds of failure, both HTTP 422:
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import random
@@ -329,7 +330,9 @@ class Validator:
             raise ValidationError(
                 f"`inputs` must have less than {self.max_input_tokens} tokens. Given: {input_length}"
             )
-        grammar = self.check_grammar(params.grammar)
+        grammar = None
+        if params.grammar is not None:  # compiling a large schema takes milliseconds: off the event loop
+            grammar = await asyncio.get_running_loop().run_in_executor(None, self.check_grammar, params.grammar)
         if params.watermark:
             raise ValidationError("watermark is not supported")
         request = ValidRequest(

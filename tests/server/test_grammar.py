@@ -188,16 +188,19 @@ def test_mask_allows_exactly_the_grammar_tokens_and_blocks_padding():
     compiler = GrammarCompiler(tok, vocab, [EOS_ID])
     m = compiler.matcher(GrammarSpec(GrammarType.REGEX, "ab"))
     job = MaskJob([m, None], vocab, EOS_ID)  # row 1: unconstrained
-    scores = torch.zeros(2, vocab)
-    apply_bitmask(scores, job.wait())
+    scores = torch.randn(2, vocab)
+    by_bits = apply_bitmask(scores.clone(), job.wait())  # the device path (CUDA)
+    expected = scores.clone()
+    scores = job.apply(scores)  # the host path: an additive bias built on the worker
+    assert torch.equal(scores, by_bits)
+    assert torch.equal(scores[1], expected[1])  # unconstrained rows unchanged, bit for bit
+    scores = torch.where(torch.isinf(scores), scores, torch.zeros_like(scores))
     allowed = [i for i in range(vocab) if scores[0, i] == 0]
     texts = [tok.decode([i]) for i in allowed]
     assert allowed and all("ab".startswith(t) and t for t in texts), texts
     assert EOS_ID not in allowed
     assert bool((scores[1] == 0).all())
     m.consume_tokens(tok.encode("ab", add_special_tokens=False).ids)
-    job = MaskJob([m], vocab, EOS_ID)
-    scores = torch.zeros(1, vocab)
-    apply_bitmask(scores, job.wait())
+    scores = MaskJob([m], vocab, EOS_ID).apply(torch.zeros(1, vocab))
     assert [i for i in range(vocab) if scores[0, i] == 0] == [EOS_ID]  # finished: EOS is forced
     assert isinstance(tok, tokenizers.Tokenizer)

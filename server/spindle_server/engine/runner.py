@@ -81,7 +81,8 @@ class ModelRunner:
         if all(m is None for m in matchers):
             return None
         config = self.model.config
-        return grammars.MaskJob(matchers, config.vocab_size, config.eos_token_ids[0])
+        return grammars.MaskJob(matchers, config.vocab_size, config.eos_token_ids[0],
+                                host_bias=self.device.type == "cpu")
 
     def _record_prompt_logprobs(
         self, requests: list[RequestState], inputs: StepInputs, logits: torch.Tensor | None
@@ -114,7 +115,7 @@ class ModelRunner:
         rows = torch.tensor([row for _, row in chosen], dtype=torch.int64, device=logits.device)
         scores = logits.index_select(0, rows)
         if masks is not None:  # before penalties and warpers: greedy and sampled rows both obey it
-            grammars.apply_bitmask(scores, masks.wait())
+            masks.apply(scores)
         out = sample(
             scores,
             [r.params for r, _ in chosen],

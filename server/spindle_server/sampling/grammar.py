@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import llguidance
+import numpy as np
 import tokenizers
 import torch
 
@@ -118,22 +119,34 @@ def advance(matcher: llguidance.LLMatcher, token_id: int) -> None:
         log.error("grammar rejected token %d: %s", token_id, matcher.get_error())
 
 
+# Byte -> the 8 additive biases of the tokens its bits stand for (bit b of byte i: token 8 i + b; 0 or -inf).
+_BYTE_BIAS = np.where(
+    np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") == 1, 0.0, -np.inf
+).astype(np.float32)
+
+
 class MaskJob:
     """Token masks of some rows, computed on a worker thread (llguidance drops the GIL) while the forward runs.
 
-    `wait()` returns the bitmask [rows, ceil(vocab / 32)] int32 (bit j of word w: token 32 w + j allowed);
-    rows without a matcher allow every token.
+    `bitmask` [rows, ceil(vocab / 32)] int32 (bit j of word w: token 32 w + j allowed); rows without a
+    matcher allow every token. With `host_bias` the worker also expands it into `bias` [rows, 32 * words]
+    float32 (0 allowed, -inf not): on CPU one add applies it, where masked_fill over the vocabulary costs
+    ~30x more (measured: 32 rows x 128k tokens, 1.5 ms vs 40-60 ms).
     """
 
     _pool: ThreadPoolExecutor | None = None
     _pool_lock = threading.Lock()
 
-    def __init__(self, matchers: Sequence[llguidance.LLMatcher | None], vocab_size: int, eos_token_id: int) -> None:
+    def __init__(
+        self, matchers: Sequence[llguidance.LLMatcher | None], vocab_size: int, eos_token_id: int,
+        host_bias: bool = True,
+    ) -> None:
         self.vocab_size = vocab_size
         self.eos_token_id = eos_token_id
         self.bitmask = torch.full((len(matchers), (vocab_size + 31) // 32), -1, dtype=torch.int32)
+        self.bias: torch.Tensor | None = None
         self.mask_ns = 0
-        self._future: Future[None] = self._executor().submit(self._fill, list(matchers))
+        self._future: Future[None] = self._executor().submit(self._fill, list(matchers), host_bias)
 
     @classmethod
     def _executor(cls) -> ThreadPoolExecutor:
@@ -142,7 +155,7 @@ class MaskJob:
                 cls._pool = ThreadPoolExecutor(1, thread_name_prefix="grammar-mask")
             return cls._pool
 
-    def _fill(self, matchers: list[llguidance.LLMatcher | None]) -> None:
+    def _fill(self, matchers: list[llguidance.LLMatcher | None], host_bias: bool) -> None:
         start = time.perf_counter_ns()
         row_bytes = self.bitmask.shape[1] * 4
         base = self.bitmask.data_ptr()
@@ -155,18 +168,33 @@ class MaskJob:
                 eos = self.eos_token_id
                 self.bitmask[i].zero_()
                 self.bitmask[i, eos // 32] = torch.tensor(1 << (eos % 32), dtype=torch.int64).to(torch.int32)
+        if host_bias:
+            as_bytes = self.bitmask.numpy().view(np.uint8)
+            self.bias = torch.from_numpy(np.take(_BYTE_BIAS, as_bytes, axis=0).reshape(len(matchers), -1))
         self.mask_ns = time.perf_counter_ns() - start
 
     def wait(self) -> torch.Tensor:
         self._future.result()
         return self.bitmask
 
+    def apply(self, scores: torch.Tensor) -> torch.Tensor:
+        """Disallowed tokens of `scores` [rows, V] (and any beyond the mask) get -inf, in place."""
+        bitmask = self.wait()
+        if self.bias is None or scores.device.type != "cpu":
+            return apply_bitmask(scores, bitmask)
+        width = min(scores.shape[1], self.bias.shape[1])
+        scores[:, :width].add_(self.bias[:, :width])  # + 0 leaves allowed scores bit for bit
+        if scores.shape[1] > width:
+            scores[:, width:] = float("-inf")
+        return scores
+
 
 _SHIFTS: dict[torch.device, torch.Tensor] = {}
 
 
 def apply_bitmask(scores: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
-    """scores [n, V] float: disallowed tokens (bit 0, or beyond the mask) get -inf, in place."""
+    """scores [n, V] float: disallowed tokens (bit 0, or beyond the mask) get -inf, in place (unpacked on
+    the scores' device: the way for CUDA, where only the packed mask crosses the bus)."""
     n, vocab = scores.shape
     device = scores.device
     shifts = _SHIFTS.get(device)
