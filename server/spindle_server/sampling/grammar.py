@@ -120,13 +120,15 @@ def advance(matcher: llguidance.LLMatcher, token_id: int) -> None:
 
 
 # Byte -> the 8 additive biases of the tokens its bits stand for (bit b of byte i: token 8 i + b; 0 or -inf).
+# Reading the int32 words as bytes in that order assumes a little-endian host (x86, ARM).
 _BYTE_BIAS = np.where(
     np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1, bitorder="little") == 1, 0.0, -np.inf
 ).astype(np.float32)
 
 
 class MaskJob:
-    """Token masks of some rows, computed on a worker thread (llguidance drops the GIL) while the forward runs.
+    """Token masks of some rows, computed on a worker thread while the forward runs (the mask and the bias are
+    native code: llguidance, numpy; torch's forward ops release the GIL too).
 
     `bitmask` [rows, ceil(vocab / 32)] int32 (bit j of word w: token 32 w + j allowed); rows without a
     matcher allow every token. With `host_bias` the worker also expands it into `bias` [rows, 32 * words]
