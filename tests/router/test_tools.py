@@ -8,8 +8,8 @@ import json
 import jsonschema
 import pytest
 from spindle_router.api import tools
+from spindle_router.errors import ApiError
 from spindle_router.grammar import GrammarChecker, parse_grammar
-from spindle_router.infer import InferError
 
 ADD = {"type": "function", "function": {"name": "add", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]}}}
@@ -43,11 +43,11 @@ def test_tool_choice_decides_the_allowed_calls(choice, allowed):
 def test_none_and_errors():
     assert tools.plan_tools([ADD], "none", None, None) is None
     assert tools.plan_tools(None, None, None, {"type": "json_object"}) is None
-    with pytest.raises(InferError, match="Tool with name nope not found"):
+    with pytest.raises(ApiError, match="Tool with name nope not found"):
         tools.plan_tools([ADD], "nope", None, None)
-    with pytest.raises(InferError, match="mutually exclusive"):
+    with pytest.raises(ApiError, match="mutually exclusive"):
         tools.plan_tools([ADD], "required", None, {"type": "json_object"})
-    with pytest.raises(InferError, match="given twice"):
+    with pytest.raises(ApiError, match="given twice"):
         tools.plan_tools([ADD, ADD], None, None, None)
 
 

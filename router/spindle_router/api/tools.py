@@ -18,8 +18,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from spindle_router.infer import InferError
-from spindle_router.validation import Fields, SchemaError
+from spindle_router.errors import ApiError, SchemaError
+from spindle_router.validation import Fields
 
 NO_TOOL = "no_tool"
 DEFAULT_TOOL_PROMPT = (
@@ -35,8 +35,8 @@ _NO_TOOL_ARGS = {
 }
 
 
-def _tool_error(message: str) -> InferError:
-    return InferError(422, "tool_error", f"Tool error: {message}")
+def _tool_error(message: str) -> ApiError:
+    return ApiError(422, "tool_error", f"Tool error: {message}")
 
 
 @dataclass(frozen=True)
