@@ -179,6 +179,8 @@ def test_empty_inputs_and_unsupported_features(validator):
     assert grammar is not None and grammar.value == "a+"
     disabled = Validator(dataclasses.replace(LIMITS, disable_grammar_support=True), validator.tokenizer)
     assert detail(disabled, grammar={"type": "regex", "value": "a"}, max_new_tokens=1) == "grammar is not supported"
+    assert "`min_tokens` cannot be used with a grammar" in detail(
+        validator, grammar={"type": "regex", "value": "a+"}, max_new_tokens=4, min_tokens=2)
     assert detail(validator, watermark=True, max_new_tokens=1) == "watermark is not supported"
 
 
