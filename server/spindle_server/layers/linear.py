@@ -137,6 +137,28 @@ class MergedColumnParallelLinear(_PackableLinear):
                 _copy_checked(self.bias[rows], weights.get_rows(b_name, 0, start, stop), b_name)
             offset += size_per_rank
 
+    def load_fused(self, weights: Weights, name: str) -> None:
+        """name: one checkpoint prefix whose tensor stacks every part, e.g. Phi-3's "...qkv_proj" [q; k; v].
+
+        Each part is cut for this rank on its own, as if it were stored apart.
+        """
+        rank, ws = self.dist.rank, self.dist.world_size
+        w_name = f"{name}.weight"
+        _check_shape(weights, w_name, (sum(self.output_sizes), self.in_features))
+        if self.bias is not None:
+            _check_shape(weights, f"{name}.bias", (sum(self.output_sizes),))
+        part_start = offset = 0
+        for size, size_per_rank in zip(self.output_sizes, self.output_sizes_per_rank):
+            start, stop = shard_range(size, rank, ws)
+            rows = slice(offset, offset + size_per_rank)
+            w = weights.get_rows(w_name, 0, part_start + start, part_start + stop)
+            _copy_checked(self.weight[rows], w, w_name)
+            if self.bias is not None:
+                b = weights.get_rows(f"{name}.bias", 0, part_start + start, part_start + stop)
+                _copy_checked(self.bias[rows], b, f"{name}.bias")
+            part_start += size
+            offset += size_per_rank
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.bias)
 
