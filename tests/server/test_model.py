@@ -241,6 +241,7 @@ def test_missing_tensor_is_named(models: Models, tmp_path: Path) -> None:
         ("model_type", "gpt_neox", r"model_type 'gpt_neox' .* Spindle serves: gemma2, gemma3_text, llama"),
         ("layer_types", ["chunked_attention", "full_attention"], r"layer types \['chunked_attention'\]"),
         ("sliding_window", -4, "sliding_window must be a positive integer"),
+        ("use_bidirectional_attention", True, "use_bidirectional_attention is not supported"),
     ],
 )
 def test_unsupported_config_is_rejected(models: Models, tmp_path: Path, field, value, message) -> None:

@@ -238,6 +238,8 @@ def read_model_config(model_dir: str | Path) -> ModelConfig:
         raise ValueError(
             f"hidden_act {hidden_act!r} is not supported for {model_type} (its MLP uses {traits.hidden_act!r})"
         )
+    if cfg.get("use_bidirectional_attention"):
+        raise ValueError("use_bidirectional_attention is not supported (Spindle's attention is causal)")
     gen_path = model_dir / "generation_config.json"
     gen_eos = json.loads(gen_path.read_text()).get("eos_token_id") if gen_path.is_file() else None
     try:
