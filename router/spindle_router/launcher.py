@@ -70,6 +70,8 @@ class ShardOptions:
     master_addr: str
     master_port: int
     cuda_graphs: str | None = None  # "1,2,4" / "0" for the shards' --cuda-graphs; None: the shards' default
+    # A Hub model: its id and the commit the launcher resolved, so every shard loads the router's snapshot.
+    hub_model: tuple[str, str] | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and shards")
     add_flag(g, "model-id", str, None, "local model directory (Hugging Face layout) or a Hub id in the local cache",
              shown="required")
+    add_flag(g, "revision", str, None, "branch, tag or commit of a Hub --model-id (an error with a local "
+             "directory); the shards load the commit it resolves to", shown="the default branch")
     add_flag(g, "num-shard", positive_int, 1, "tensor-parallel ranks: one shard process each")
     add_flag(g, "dtype", str, None, "weights, activations and KV cache dtype; auto: the checkpoint's half "
              "precision on CUDA, bfloat16 on CPUs with avx512_bf16 or amx_bf16, float32 on other CPUs",
@@ -133,11 +137,18 @@ def cuda_graph_sizes(value: str) -> str:
     return ",".join(map(str, sizes))
 
 
-def resolve_model_dir(model_id: str) -> Path:
-    """A local directory as given; otherwise a Hub id looked up through huggingface_hub (its cache, and the
-    network unless HF_HUB_OFFLINE=1)."""
+# What the router and the shards read from a Hub snapshot: config and generation config, weights, tokenizer
+# files, chat templates (`chat_template.jinja` beside or instead of the one in tokenizer_config.json).
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+
+
+def resolve_model_dir(model_id: str, revision: str | None = None) -> Path:
+    """A local directory as given; otherwise a Hub id at `revision` looked up through huggingface_hub (its
+    cache, and the network unless HF_HUB_OFFLINE=1). The snapshot directory's name is the commit."""
     path = Path(model_id).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"--revision {revision!r} applies to Hub ids; {model_id!r} is a local directory")
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
         return path.resolve()
@@ -147,11 +158,11 @@ def resolve_model_dir(model_id: str) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise ValueError(f"--model-id {model_id!r} is not a directory and huggingface_hub is not installed") from None
-    patterns = ["*.json", "*.safetensors", "tokenizer*"]
     try:
-        return Path(snapshot_download(model_id, allow_patterns=patterns))
-    except Exception as e:  # the hub raises a dozen types for offline / missing / gated
-        raise ValueError(f"--model-id {model_id!r}: not a local directory and not resolvable on the Hub ({e})") from e
+        return Path(snapshot_download(model_id, revision=revision, allow_patterns=HUB_FILE_PATTERNS))
+    except Exception as e:  # the hub raises a dozen types for offline / missing / gated / unknown revision
+        at = f" at revision {revision!r}" if revision else ""
+        raise ValueError(f"--model-id {model_id!r}{at}: not a local directory and not resolvable on the Hub ({e})") from e
 
 
 def config_from_args(ns: argparse.Namespace) -> LauncherConfig:
@@ -159,12 +170,15 @@ def config_from_args(ns: argparse.Namespace) -> LauncherConfig:
 
     if not ns.model_id:
         raise ValueError("--model-id is required (or MODEL_ID)")
-    ns.model_dir = str(resolve_model_dir(ns.model_id))
+    model_dir = resolve_model_dir(ns.model_id, ns.revision)
+    ns.model_dir = str(model_dir)
+    is_local = Path(ns.model_id).expanduser().is_dir()
     router = router_config_from_args(ns)
     check_static_limits(router.limits, router.scheduler)
     return LauncherConfig(
         router=router,
-        shard=ShardOptions(ns.dtype, ns.kv_cache_bytes, ns.master_addr, ns.master_port, ns.cuda_graphs),
+        shard=ShardOptions(ns.dtype, ns.kv_cache_bytes, ns.master_addr, ns.master_port, ns.cuda_graphs,
+                           hub_model=None if is_local else (ns.model_id, model_dir.name)),
         graceful_termination_timeout_s=ns.graceful_termination_timeout,
     )
 
@@ -269,6 +283,9 @@ class Launcher:
         c = self.config
         argv = [sys.executable, "-m", "spindle_server.cli", "serve", c.router.model_dir,
                 "--uds-path", c.router.shard_uds_path]
+        if c.shard.hub_model is not None:  # the shards resolve the id at the commit the router read
+            model_id, commit = c.shard.hub_model
+            argv[4:5] = [model_id, "--revision", commit]
         if c.shard.dtype:
             argv += ["--dtype", c.shard.dtype]
         if c.shard.kv_cache_bytes is not None:
