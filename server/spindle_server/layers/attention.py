@@ -61,12 +61,7 @@ class PagedAttention(torch.nn.Module):
         scale: of the attention logits (None: head_dim ** -0.5); softcap: logits = softcap * tanh(logits /
         softcap) (Gemma 2); qk_norm_eps: RMSNorm each head of q and k before rotary (Qwen3, Gemma 3)."""
         super().__init__()
-        ws = dist.world_size
-        if num_heads % ws or num_kv_heads % ws:
-            raise ValueError(
-                f"tensor parallelism over {ws} ranks needs num_heads ({num_heads}) and num_kv_heads "
-                f"({num_kv_heads}) divisible by {ws}"
-            )
+        ws = dist.world_size  # divisibility: ModelConfig.check_world_size, and QKVParallelLinear below
         self.num_heads = num_heads // ws
         self.num_kv_heads = num_kv_heads // ws
         self.head_dim = head_dim
