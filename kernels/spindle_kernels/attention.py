@@ -219,11 +219,13 @@ def _prefill_kernel(
     masked_end = tl.where(is_valid, last_q + 1, 0)
     window_lo = 0
     unmasked_start = 0
+    diagonal_start = unmasked_end
     if WINDOW > 0:
         window_lo = tl.maximum(first_q - WINDOW + 1, 0)  # the first position any query of the tile sees
         full_lo = tl.minimum(tl.maximum(last_q - WINDOW + 1, 0), unmasked_end)  # every query sees from here
         # whole tiles ending at unmasked_end, so the unmasked sweep never overshoots into the diagonal
         unmasked_start = unmasked_end - ((unmasked_end - full_lo) // BLOCK_N) * BLOCK_N
+        diagonal_start = tl.maximum(unmasked_end, window_lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -250,7 +252,7 @@ def _prefill_kernel(
         v = tl.load(V + kv_off[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    for n0 in range(tl.maximum(unmasked_end, window_lo), masked_end, BLOCK_N):
+    for n0 in range(diagonal_start, masked_end, BLOCK_N):
         m_i, l_i, acc = _masked_tile(
             q, m_i, l_i, acc, n0, window_lo, context_len, q_pos, table, K, V, kv_head_off,
             stride_kb, stride_kt, offs_n, offs_d, d_mask, qk_scale_log2, PAGE_SIZE, WINDOW, DOT_PRECISION,

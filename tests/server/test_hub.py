@@ -38,3 +38,25 @@ def test_local_directory_takes_no_revision(tmp_path: Path) -> None:
         resolve_model(str(tmp_path), "v1")
     with pytest.raises(ValueError, match="no such directory"):
         resolve_model(str(tmp_path / "missing"))
+
+
+REPO_FILES = [
+    "config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja", "special_tokens_map.json",
+    "pytorch_model.bin", "original/consolidated.00.pth", "README.md", "onnx/model.onnx",
+]
+
+
+@pytest.mark.parametrize("side", ["shard", "launcher"])
+def test_hub_downloads_what_serving_reads_and_no_more(side: str) -> None:
+    from huggingface_hub.utils import filter_repo_objects
+
+    if side == "shard":
+        from spindle_server.hub import MODEL_FILE_PATTERNS as patterns
+    else:
+        from spindle_router.launcher import HUB_FILE_PATTERNS as patterns
+    fetched = set(filter_repo_objects(REPO_FILES, allow_patterns=patterns))
+    assert fetched == {
+        "config.json", "generation_config.json", "model-00001-of-00002.safetensors", "model.safetensors.index.json",
+        "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "chat_template.jinja", "special_tokens_map.json",
+    }
