@@ -42,8 +42,10 @@ def paged_decode_attention(
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     num_blocks = (int(context_lens.max()) + block_size - 1) // block_size
-    length = num_blocks * block_size
-    index = block_tables[:, :num_blocks].reshape(-1).long()
+    # Under a window, blocks before the shortest sequence's window hold nothing any row sees: skip them.
+    first_block = 0 if window is None else max(int(context_lens.min()) - window, 0) // block_size
+    length = (num_blocks - first_block) * block_size
+    index = block_tables[:, first_block:num_blocks].reshape(-1).long()
     k = k_cache.index_select(0, index).view(batch, length, num_kv_heads * head_dim)
     v = v_cache.index_select(0, index).view(batch, length, num_kv_heads * head_dim)
 
@@ -54,7 +56,7 @@ def paged_decode_attention(
     scores.mul_(scale)
     if softcap is not None:
         scores = scores.div_(softcap).tanh_().mul_(softcap)
-    positions = torch.arange(length, device=q.device)[None, :]
+    positions = torch.arange(first_block * block_size, num_blocks * block_size, device=q.device)[None, :]
     lens = context_lens[:, None].to(q.device)
     hidden = positions >= lens
     if window is not None:

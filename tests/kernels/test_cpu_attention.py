@@ -130,3 +130,12 @@ def test_window_changes_the_answer_and_bad_windows_are_rejected():
     assert not torch.allclose(full, capped)
     with pytest.raises(ValueError, match="softcap"):
         cpu.paged_decode_attention(*args, softcap=0.0)
+
+
+@pytest.mark.parametrize("window", [1, 4, 9])
+def test_decode_skips_blocks_before_every_window(window):
+    # Every context is longer than the window: the CPU decode gathers only the blocks a window reaches.
+    d = make_paged_case([1] * 3, [20, 33, 41], num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=13)
+    got = cpu.paged_decode_attention(d.q, d.k_cache, d.v_cache, d.block_tables, d.context_lens, d.scale,
+                                     window=window, softcap=0.5 if window == 4 else None)
+    torch.testing.assert_close(got, _naive_attention(d, window, 0.5 if window == 4 else None), atol=2e-5, rtol=1e-5)
