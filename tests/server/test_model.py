@@ -334,3 +334,25 @@ def test_longrope_past_the_original_length(tmp_path: Path) -> None:
         second = ref(torch.tensor([ids[-1:]]), past_key_values=first.past_key_values, use_cache=True)
     assert_close(prefill, first.logits[0])
     assert_close(decode, second.logits[0])
+
+
+@pytest.mark.parametrize(
+    ("variant", "extra", "expected"),
+    [
+        ("mistral_window", {}, (12, 12)),
+        ("qwen3", {"num_hidden_layers": 3, "max_window_layers": 1}, (None, 10, 10)),
+        ("qwen3", {"use_sliding_window": False}, ()),
+        ("gemma2", {"num_hidden_layers": 3}, (12, None, 12)),
+        ("gemma3", {"num_hidden_layers": 4, "sliding_window_pattern": 2}, (12, None, 12, None)),
+        ("gemma3", {"num_hidden_layers": 7}, (12, 12, 12, 12, 12, None, 12)),  # transformers' default of 6
+    ],
+)
+def test_window_rules_of_configs_without_layer_types(models: Models, tmp_path: Path, variant, extra, expected) -> None:
+    """Older config.json files list no layer_types: each family's own rule decides which layers slide."""
+    path = tmp_path / "m"
+    path.mkdir()
+    config = json.loads((models.get(variant)[0] / "config.json").read_text())
+    config.pop("layer_types", None)
+    config.update(extra)
+    (path / "config.json").write_text(json.dumps(config))
+    assert read_model_config(path).layer_windows == expected

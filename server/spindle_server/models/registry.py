@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import time
@@ -25,6 +26,15 @@ if TYPE_CHECKING:
 log = logging.getLogger("spindle_server.models")
 
 
+class WindowRule(enum.Enum):
+    """Which layers slide when config.json lists no `layer_types` (transformers' rule per family)."""
+
+    ALL = "all"  # Mistral, Phi-3: every layer
+    FROM_MAX_WINDOW_LAYERS = "from_max_window_layers"  # Qwen2/3: layers >= max_window_layers, if use_sliding_window
+    EVERY_SECOND = "every_second"  # Gemma 2: layers 0, 2, 4, ...
+    PATTERN = "sliding_window_pattern"  # Gemma 3: all but every sliding_window_pattern-th layer (default 6)
+
+
 @dataclass(frozen=True)
 class ArchTraits:
     """What differs between the architectures sharing the decoder graph in llama.py, fixed per model_type.
@@ -37,10 +47,7 @@ class ArchTraits:
     qk_norm: bool = False  # RMSNorm over each head of q and k before rotary (Qwen3, Gemma 3)
     gemma: bool = False  # Gemma: `1 + w` norms, sandwich norms, embeddings scaled by sqrt(hidden)
     fused_checkpoint: bool = False  # the checkpoint stores qkv_proj and gate_up_proj fused (Phi-3)
-    # How layers slide when config.json lists no `layer_types`: "all" (Mistral), "from_max_window_layers"
-    # (Qwen2/3: layers >= max_window_layers, when use_sliding_window), "every_2nd" (Gemma 2),
-    # "sliding_window_pattern" (Gemma 3: all but every pattern-th layer).
-    window_layers: str = "all"
+    window_layers: WindowRule = WindowRule.ALL
     hidden_act: str = "silu"
 
 
@@ -48,11 +55,11 @@ class ArchTraits:
 _ARCHITECTURES: dict[str, ArchTraits] = {
     "llama": ArchTraits(),
     "mistral": ArchTraits(),
-    "qwen2": ArchTraits(qkv_bias=True, window_layers="from_max_window_layers"),
-    "qwen3": ArchTraits(qk_norm=True, window_layers="from_max_window_layers"),
-    "gemma2": ArchTraits(gemma=True, window_layers="every_2nd", hidden_act="gelu_pytorch_tanh"),
+    "qwen2": ArchTraits(qkv_bias=True, window_layers=WindowRule.FROM_MAX_WINDOW_LAYERS),
+    "qwen3": ArchTraits(qk_norm=True, window_layers=WindowRule.FROM_MAX_WINDOW_LAYERS),
+    "gemma2": ArchTraits(gemma=True, window_layers=WindowRule.EVERY_SECOND, hidden_act="gelu_pytorch_tanh"),
     "gemma3_text": ArchTraits(
-        gemma=True, qk_norm=True, window_layers="sliding_window_pattern", hidden_act="gelu_pytorch_tanh"
+        gemma=True, qk_norm=True, window_layers=WindowRule.PATTERN, hidden_act="gelu_pytorch_tanh"
     ),
     "phi3": ArchTraits(fused_checkpoint=True),
 }
@@ -157,21 +164,21 @@ def _layer_windows(cfg: dict[str, Any], traits: ArchTraits, num_layers: int) -> 
     window = cfg.get("sliding_window")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
         raise ValueError(f"sliding_window must be a positive integer or null, got {window!r}")
-    if traits.window_layers == "from_max_window_layers" and not cfg.get("use_sliding_window", False):
+    if traits.window_layers is WindowRule.FROM_MAX_WINDOW_LAYERS and not cfg.get("use_sliding_window", False):
         window = None  # transformers drops the window of Qwen2/3 unless use_sliding_window
     layer_types = cfg.get("layer_types")
     if layer_types is None:
         if window is None:
             return ()
         rule = traits.window_layers
-        if rule == "all":
+        if rule is WindowRule.ALL:
             sliding = [True] * num_layers
-        elif rule == "from_max_window_layers":
+        elif rule is WindowRule.FROM_MAX_WINDOW_LAYERS:
             first = int(cfg.get("max_window_layers", num_layers))
             sliding = [i >= first for i in range(num_layers)]
-        elif rule == "every_2nd":
-            sliding = [(i + 1) % 2 == 1 for i in range(num_layers)]
-        else:  # sliding_window_pattern
+        elif rule is WindowRule.EVERY_SECOND:
+            sliding = [i % 2 == 0 for i in range(num_layers)]
+        else:
             pattern = int(cfg.get("sliding_window_pattern", 6))
             sliding = [(i + 1) % pattern != 0 for i in range(num_layers)]
     else:
@@ -203,7 +210,7 @@ def _rope_configs(cfg: dict[str, Any], traits: ArchTraits) -> tuple[RopeConfig, 
     full = RopeConfig.from_hf_config(cfg)
     if "rope_local_base_freq" in cfg:  # Gemma 3 written by transformers 4
         return full, RopeConfig(theta=float(cfg["rope_local_base_freq"]))
-    if traits.window_layers == "sliding_window_pattern":
+    if traits.window_layers is WindowRule.PATTERN:
         # transformers' Gemma 3 defaults: the sliding layers' rope base is 10000 unless given
         return full, RopeConfig(theta=10000.0)
     return full, None
