@@ -130,3 +130,6 @@ def test_revision_resolves_the_hub_id_and_reaches_the_shards_as_a_commit(tmp_pat
     local = launcher.Launcher(launcher.config_from_args(launcher.build_parser().parse_args(
         ["--model-id", str(src), "--max-input-tokens", "10", "--max-total-tokens", "20"])))._shard_argv()
     assert "--revision" not in local and local[4] == str(src.resolve())
+    # A cache given on the command line is where the shards look the id up too.
+    c = config("--revision", "v1", "--huggingface-hub-cache", str(tmp_path / "cache"))
+    assert launcher.Launcher(c)._shard_env(0)["HF_HUB_CACHE"] == str(tmp_path / "cache")

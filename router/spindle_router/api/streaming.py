@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from spindle_router.api.context import dumps
-from spindle_router.infer import InferError
+from spindle_router.errors import ApiError
 
 T = TypeVar("T")
 
@@ -76,10 +76,10 @@ async def pump(
     resp: web.StreamResponse,
     source: AsyncIterator[T],
     encode: Callable[[T], Any],
-    on_error: Callable[[InferError], Any],
+    on_error: Callable[[ApiError], Any],
     interval: float = KEEPALIVE_S,
 ) -> bool:
-    """Write `encode(item)` for each item of `source`; an InferError becomes one `on_error` event.
+    """Write `encode(item)` for each item of `source`; an ApiError becomes one `on_error` event.
     Returns False when the client went away (the source is closed then, cancelling the request)."""
     events = with_keepalive(source, interval)
     try:
@@ -90,7 +90,7 @@ async def pump(
             frame = encode(item)
             if frame is not None:
                 await resp.write(sse_frame(frame))
-    except InferError as e:
+    except ApiError as e:
         try:
             await resp.write(sse_frame(on_error(e)))
         except ConnectionError:
