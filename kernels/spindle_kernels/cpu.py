@@ -11,7 +11,8 @@ zeros cost kv_heads x the score FLOPs, which are tiny next to the gather: 1.8 ms
 
 With the C++ kernels loaded (`cpu_native`, compiled for the host on first use), decode attention reads
 the paged cache in place instead: no gather copy, no wasted columns, one op per layer (1.5-6x faster
-than the torch path here, most at long contexts and batch 1). The torch path stays for what the C++
+than the torch path here, most at long contexts and batch 1); a sliding window starts each row's sweep at
+its first visible position, and Gemma 2's soft cap is applied to the scores. The torch path stays for what the C++
 kernel does not take (other head sizes and dtypes) and when no compiler is available.
 
 RMSNorm (with its residual add), rotary and SiLU-and-mul are one C++ op each (a decode step at batch 1
@@ -49,10 +50,10 @@ def paged_decode_attention(
     """One query token per sequence, q [batch, num_heads, head_dim]; see `reference.paged_decode_attention`."""
     reference.check_window(window)
     reference.check_softcap(softcap)
-    # The C++ kernel attends to whole contexts without a soft cap: windowed or capped layers take the torch path.
-    native = window is None and softcap is None
-    if native and q.dtype in NATIVE_DTYPES and q.shape[-1] in NATIVE_HEAD_DIMS and cpu_native.load():
-        return torch.ops.spindle_cpu.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if q.dtype in NATIVE_DTYPES and q.shape[-1] in NATIVE_HEAD_DIMS and cpu_native.load():
+        return torch.ops.spindle_cpu.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, scale, window or 0, softcap or 0.0
+        )
     batch, num_heads, head_dim = q.shape
     if batch == 0:
         return torch.empty_like(q)

@@ -216,9 +216,9 @@ def test_decode_skips_blocks_before_every_window(window):
     torch.testing.assert_close(got, _naive_attention(d, window, 0.5 if window == 4 else None), atol=2e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize(("window", "softcap"), [(6, None), (None, 0.5), (6, 0.5)])
+@pytest.mark.parametrize(("window", "softcap"), [(6, None), (None, 0.5), (6, 0.5), (1, None)])
 def test_windowed_decode_at_a_native_head_dim(window, softcap):
-    # head_dim 64 is one the C++ kernel takes: windows and soft caps must still be honoured.
+    # head_dim 64 is one the C++ kernel takes: it applies the window and the soft cap itself.
     d = make_paged_case([1] * 3, [20, 33, 3], num_heads=4, num_kv_heads=2, head_dim=64, block_size=4, seed=14)
     got = cpu.paged_decode_attention(d.q, d.k_cache, d.v_cache, d.block_tables, d.context_lens, d.scale,
                                      window=window, softcap=softcap)
