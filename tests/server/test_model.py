@@ -356,3 +356,16 @@ def test_window_rules_of_configs_without_layer_types(models: Models, tmp_path: P
     config.update(extra)
     (path / "config.json").write_text(json.dumps(config))
     assert read_model_config(path).layer_windows == expected
+
+
+def test_phi3_reads_a_yarn_rope_type_as_longrope(models: Models, tmp_path: Path) -> None:
+    """transformers' Phi-3 maps rope types "su" and "yarn" to longrope; a yarn table would be different rope."""
+    path = tmp_path / "m"
+    path.mkdir()
+    config = json.loads((models.get("phi3")[0] / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    config["rope_scaling"] = {**params, "type": "yarn"}
+    config["rope_scaling"].pop("rope_type")
+    (path / "config.json").write_text(json.dumps(config))
+    rope = read_model_config(path).rope
+    assert rope.rope_type == "longrope" and rope.short_factor == tuple(params["short_factor"])

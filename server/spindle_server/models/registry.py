@@ -197,6 +197,10 @@ def _layer_windows(cfg: dict[str, Any], traits: ArchTraits, num_layers: int) -> 
 
 def _rope_configs(cfg: dict[str, Any], traits: ArchTraits) -> tuple[RopeConfig, RopeConfig | None]:
     """(rope of full-attention layers, rope of sliding layers or None when the same)."""
+    if cfg.get("model_type") == "phi3":  # transformers reads its rope types "yarn" and "su" as longrope
+        params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+        if isinstance(params, dict) and params.get("rope_type", params.get("type")) in ("yarn", "su"):
+            cfg = {**cfg, "rope_parameters": {**params, "rope_type": "longrope"}, "rope_scaling": None}
     params = cfg.get("rope_parameters")
     if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
         # transformers 5 writes per-layer-type rope parameters (Gemma 3: a local base for sliding layers)
