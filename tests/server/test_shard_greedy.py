@@ -12,6 +12,7 @@ from spindle_proto import generate_pb2 as pb
 
 from tests.helpers.tiny_model import TinyModelSpec, load_reference, make_tiny_model, reference_greedy
 from tests.server.shard_harness import MiniRouter, Req, ShardGroup, warmup
+from tests.server.test_model import VARIANTS
 
 pytestmark = pytest.mark.slow
 
@@ -28,7 +29,11 @@ SPECS = {
                             seed=11),
     "mistral": TinyModelSpec(arch="mistral", seed=12),
     "qwen2": TinyModelSpec(arch="qwen2", seed=13),
-    "mixtral": TinyModelSpec(arch="mixtral", intermediate_size=48, seed=14),  # 8 experts, top-2
+    # 12-token windows, shorter than most prompts here; Gemma 2 adds soft caps and alternating layers.
+    # (The other families are held to transformers at the model level: test_model.py, test_model_tp.py.)
+    "mistral_window": VARIANTS["mistral_window"],
+    "gemma2": VARIANTS["gemma2"],
+    "mixtral": VARIANTS["mixtral"],  # 8 experts, top-2, a 12-token window
     "qwen2_moe": TinyModelSpec(  # routed top-3 (not renormalised) + the gated shared expert
         arch="qwen2_moe",
         seed=15,
@@ -124,7 +129,7 @@ def test_request_joins_a_decoding_batch(served):
         assert r.tokens == s.ref(r.prompt), f"request {r.id}"
 
 
-@pytest.mark.parametrize("name", ["llama3", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("name", ["llama3", "gemma2", "mixtral", "qwen2_moe"])
 def test_prompt_reusing_another_requests_cached_blocks(served, name):
     s = served(name)
     base = prompts((40,))[0]
