@@ -78,6 +78,12 @@ def add_flag(group: Any, name: str, cast: Callable[[str], Any], default: Any, he
                        help=f"{help} [{where}default {shown}]", **kw)
 
 
+def add_shard_timeout_flag(group: Any) -> None:
+    add_flag(group, "shard-timeout", positive_float, None,
+             "seconds any shard call may take before the shard counts as stalled: /health turns 503, open "
+             "requests fail and the server exits 1", shown="10 x the call's cost as measured at warmup, at least 30")
+
+
 def add_limit_flags(p: argparse.ArgumentParser) -> None:
     d = LimitsConfig()
     g = p.add_argument_group("request limits (validation)")
@@ -142,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
              "local directory with tokenizer.json and tokenizer_config.json", shown="--model-id")
     add_flag(g, "shard-uds-path", str, RouterConfig.shard_uds_path, "shard socket prefix")
     add_flag(g, "num-shard", positive_int, RouterConfig.num_shard, "number of shards (tensor-parallel ranks)")
+    add_shard_timeout_flag(g)
     h = p.add_argument_group("HTTP")
     # Not read from HOSTNAME: shells and container runtimes set it to the machine's name.
     add_flag(h, "hostname", str, HttpConfig.hostname, "address to listen on", from_env=False)
@@ -169,6 +176,7 @@ def config_from_args(ns: argparse.Namespace) -> RouterConfig:
         model_dir=ns.model_dir or ns.model_id,
         shard_uds_path=ns.shard_uds_path,
         num_shard=ns.num_shard,
+        shard_timeout_s=ns.shard_timeout,
         limits=LimitsConfig(
             max_concurrent_requests=ns.max_concurrent_requests,
             max_best_of=ns.max_best_of,
@@ -205,6 +213,7 @@ def router_argv(config: RouterConfig, drain_timeout_s: float) -> list[str]:
         "model-dir": config.model_dir,
         "shard-uds-path": config.shard_uds_path,
         "num-shard": config.num_shard,
+        "shard-timeout": config.shard_timeout_s,
         "hostname": config.http.hostname,
         "port": config.http.port,
         "graceful-termination-timeout": drain_timeout_s,

@@ -96,6 +96,13 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class Accepted:
+    """The first item of `generate_stream`: the request passed validation and admission and is queued.
+    Whatever the stream raises before it is the client's error, which the routes answer as a 4xx JSON body
+    before any byte of the stream (api.streaming.accepted)."""
+
+
+@dataclass(frozen=True)
 class StreamItem:
     """One streamed token; `end` and `generated_text` are set on the last one only."""
 
@@ -262,8 +269,9 @@ class Infer:
         *,
         add_special_tokens: bool = True,
         default_return_full_text: bool = False,
-    ) -> AsyncIterator[StreamItem]:
-        """Tokens as they come. Raises InferError (the route turns it into an in-stream error event).
+    ) -> AsyncIterator[Accepted | StreamItem]:
+        """Accepted once the request is valid and admitted, then tokens as they come. Raises InferError: before
+        Accepted the route answers it as a 4xx, after it as an in-stream error event.
         Closing the iterator early (client gone) cancels the backend request."""
         start = time.monotonic()
         self.metrics.request_count.inc()
@@ -284,6 +292,7 @@ class Infer:
                     add_special_tokens=add_special_tokens,
                     default_return_full_text=default_return_full_text,
                 )
+                yield Accepted()
                 async for item in self._stream(valid, start):
                     done = item.end is not None
                     yield item

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import uuid
 
@@ -91,7 +92,7 @@ def route_table() -> list[Route]:
             openai.chat_tokenize,
             "Apply the chat template and tokenize",
             "TGI",
-            False,
+            True,
             "ChatRequest",
         ),
         Route("GET", "/", r.health, "Health check", "TGI", False),
@@ -122,12 +123,13 @@ async def _openapi(request: web.Request) -> web.Response:
 
 
 def _auth_middleware(api_key: str | None, protected: set[tuple[str, str]]):
-    expected = f"Bearer {api_key}".lower() if api_key else None
+    expected = f"Bearer {api_key}".lower().encode() if api_key else None
 
     @web.middleware
     async def auth(request: web.Request, handler):
         if expected is not None and (request.method, request.path) in protected:
-            if request.headers.get("Authorization", "").lower() != expected:
+            given = request.headers.get("Authorization", "").lower().encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):  # constant time: the key does not leak by timing
                 return error_response(request.path, 401, "unauthorized", "Unauthorized")
         return await handler(request)
 

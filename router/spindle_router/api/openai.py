@@ -18,7 +18,7 @@ from aiohttp import web
 
 from spindle_router.api import schemas
 from spindle_router.api.context import AppState, json_response, read_json, state
-from spindle_router.api.streaming import DONE_FRAME, open_sse, pump, sse_frame
+from spindle_router.api.streaming import DONE_FRAME, open_accepted_sse, pump, sse_frame
 from spindle_router.chat_template import TemplateError
 from spindle_router.infer import InferError, StreamItem, Timings
 from spindle_router.validation import Fields, GenerateParameters, SchemaError
@@ -68,6 +68,8 @@ class ChatRequest:
 def _parse_messages(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list):
         raise SchemaError("messages: invalid type, expected a sequence")
+    if not raw:
+        raise SchemaError("messages: must hold at least one message")
     for i, m in enumerate(raw):
         f = Fields(m, f"messages[{i}]")
         f.str("role", optional=False)
@@ -194,8 +196,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _chat_stream(
     request: web.Request, st: AppState, chat: ChatRequest, prompt: str
 ) -> web.StreamResponse:
-    resp = await open_sse(request, schemas.stream_headers(st.compute_type, len(prompt)))
     items = st.infer.generate_stream(prompt, chat.params, add_special_tokens=False)
+    resp = await open_accepted_sse(request, schemas.stream_headers(st.compute_type, len(prompt)), [items])
     usage: dict[str, int] = {}
 
     def encode(item: StreamItem) -> dict[str, Any]:
@@ -355,8 +357,9 @@ async def _merge(streams: list[AsyncIterator[StreamItem]]) -> AsyncIterator[tupl
 async def _completions_stream(
     request: web.Request, st: AppState, req: CompletionRequest
 ) -> web.StreamResponse:
-    resp = await open_sse(request, schemas.stream_headers(st.compute_type, sum(len(p) for p in req.prompts)))
     streams = [st.infer.generate_stream(p, req.params) for p in req.prompts]
+    headers = schemas.stream_headers(st.compute_type, sum(len(p) for p in req.prompts))
+    resp = await open_accepted_sse(request, headers, streams)
 
     def encode(tagged: tuple[int, StreamItem]) -> dict[str, Any]:
         i, item = tagged

@@ -1,9 +1,10 @@
 """Server-sent events: `data: <json>\\n\\n` frames, keep-alive comments, and the client-gone path.
 
 Each event is exactly one `data:` line and a blank line (no `event:`/`id:` lines), as TGI (axum) writes them.
-While no event is ready for `KEEPALIVE_S`, a comment line `:` goes out, so proxies keep the connection and a
-vanished client is noticed even during a long prefill. When the client goes away, the write fails (or the
-handler is cancelled); the event source is then closed, which cancels the backend request.
+While no event is ready for `KEEPALIVE_S`, a comment line `:` goes out, so proxies keep the connection.
+When the client goes away, the next write fails, or, while no event comes (queued, a long prefill), the
+connection is seen closed within DISCONNECT_POLL_S; the event source is then closed, which cancels the
+backend request and frees its KV blocks.
 """
 
 from __future__ import annotations
@@ -16,11 +17,12 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from spindle_router.api.context import dumps
-from spindle_router.infer import InferError
+from spindle_router.infer import Accepted, InferError
 
 T = TypeVar("T")
 
 KEEPALIVE_S = 15.0
+DISCONNECT_POLL_S = 0.2  # how often a stream waiting for its next event looks whether its client is still there
 DONE_FRAME = b"data: [DONE]\n\n"
 KEEPALIVE_FRAME = b":\n\n"
 
@@ -29,8 +31,22 @@ def sse_frame(obj: Any) -> bytes:
     return b"data: " + dumps(obj).encode("utf-8") + b"\n\n"
 
 
+class SseResponse(web.StreamResponse):
+    """A streamed response that knows its request, to tell whether the client is still connected."""
+
+    def __init__(self, request: web.Request, **kw: Any) -> None:
+        super().__init__(**kw)
+        self.request = request
+
+    @property
+    def client_gone(self) -> bool:
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
+
 async def open_sse(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
-    resp = web.StreamResponse(
+    resp = SseResponse(
+        request,
         status=200,
         headers={
             "Content-Type": "text/event-stream",
@@ -43,19 +59,57 @@ async def open_sse(request: web.Request, headers: dict[str, str]) -> web.StreamR
     return resp
 
 
-async def with_keepalive(source: AsyncIterator[T], interval: float) -> AsyncIterator[T | None]:
-    """Items of `source`, with None whenever `interval` seconds pass without one. Closing this closes
-    `source` (cancelling a pending read first)."""
+async def accepted(streams: list[AsyncIterator[Any]]) -> list[AsyncIterator[Any]]:
+    """Run each of Infer.generate_stream's iterators up to its Accepted item, so that what fails before it
+    (validation, 429) propagates and the route answers a 4xx JSON body before any byte of the stream; the
+    iterators, positioned after Accepted. On a failure every iterator is closed (its request cancelled)."""
+    try:
+        for items in streams:
+            first = await items.__anext__()
+            if not isinstance(first, Accepted):
+                raise RuntimeError(f"a generation stream began with {type(first).__name__}, not Accepted")
+    except BaseException:
+        for items in streams:
+            await items.aclose()  # type: ignore[attr-defined]
+        raise
+    return streams
+
+
+async def open_accepted_sse(
+    request: web.Request, headers: dict[str, str], streams: list[AsyncIterator[Any]]
+) -> web.StreamResponse:
+    """`accepted(streams)`, then the SSE response; the streams are closed when it cannot be opened."""
+    await accepted(streams)
+    try:
+        return await open_sse(request, headers)
+    except BaseException:
+        for items in streams:
+            await items.aclose()  # type: ignore[attr-defined]
+        raise
+
+
+async def with_keepalive(
+    source: AsyncIterator[T], interval: float, client_gone: Callable[[], bool] = lambda: False
+) -> AsyncIterator[T | None]:
+    """Items of `source`, with None whenever `interval` seconds pass without one; ConnectionResetError when
+    `client_gone()` while waiting. Closing this closes `source` (cancelling a pending read first)."""
     it = source.__aiter__()
     pending: asyncio.Future | None = None
+    loop = asyncio.get_running_loop()
+    last_out = loop.time()
     try:
         while True:
             if pending is None:
                 pending = asyncio.ensure_future(it.__anext__())
-            done, _ = await asyncio.wait({pending}, timeout=interval)
+            done, _ = await asyncio.wait({pending}, timeout=min(interval, DISCONNECT_POLL_S))
             if not done:
-                yield None
+                if client_gone():
+                    raise ConnectionResetError("the client went away")
+                if loop.time() - last_out >= interval:
+                    last_out = loop.time()
+                    yield None
                 continue
+            last_out = loop.time()
             task, pending = pending, None
             try:
                 item = task.result()
@@ -81,7 +135,10 @@ async def pump(
 ) -> bool:
     """Write `encode(item)` for each item of `source`; an InferError becomes one `on_error` event.
     Returns False when the client went away (the source is closed then, cancelling the request)."""
-    events = with_keepalive(source, interval)
+    def client_gone() -> bool:
+        return isinstance(resp, SseResponse) and resp.client_gone
+
+    events = with_keepalive(source, interval, client_gone)
     try:
         async for item in events:
             if item is None:
