@@ -5,12 +5,18 @@ While no event is ready for `KEEPALIVE_S`, a comment line `:` goes out, so proxi
 When the client goes away, the next write fails, or, while no event comes (queued, a long prefill), the
 connection is seen closed within DISCONNECT_POLL_S; the event source is then closed, which cancels the
 backend request and frees its KV blocks.
+
+A client that stops reading without closing: the scheduler cancels its request once its events back up
+(scheduler.loop.MAX_BUFFERED_EVENTS), and a write that cannot go out for SEND_TIMEOUT_S (nginx's
+send_timeout) closes the connection, so the handler and its admission permit do not wait on it forever.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -20,9 +26,15 @@ from spindle_router.api.context import dumps
 from spindle_router.infer import Accepted, InferError
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 15.0
 DISCONNECT_POLL_S = 0.2  # how often a stream waiting for its next event looks whether its client is still there
+SEND_TIMEOUT_S = 60.0  # a write the client does not take for this long closes the connection
+# The kernel's send buffer of a stream: fixed instead of autotuned (up to 4 MiB on Linux), so a client that
+# does not read backs up into the stream's bounded event buffer within a few hundred events. A token stream
+# needs little: 64 KiB in flight is 100 tokens/s at a 1 s round trip.
+STREAM_SNDBUF_BYTES = 64 * 1024
 DONE_FRAME = b"data: [DONE]\n\n"
 KEEPALIVE_FRAME = b":\n\n"
 
@@ -43,6 +55,20 @@ class SseResponse(web.StreamResponse):
         transport = self.request.transport
         return transport is None or transport.is_closing()
 
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """As StreamResponse.write; when the socket is already backed up (the client is not reading), the
+        write may wait SEND_TIMEOUT_S at most, then the connection is closed (ConnectionResetError)."""
+        transport = self.request.transport
+        if transport is None or transport.get_write_buffer_size() == 0:
+            await super().write(data)  # the common case: no timer
+            return
+        try:
+            await asyncio.wait_for(super().write(data), SEND_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("closing a stream whose client took nothing for %.0fs", SEND_TIMEOUT_S)
+            transport.abort()
+            raise ConnectionResetError("the client stopped reading") from None
+
 
 async def open_sse(request: web.Request, headers: dict[str, str]) -> web.StreamResponse:
     resp = SseResponse(
@@ -55,6 +81,9 @@ async def open_sse(request: web.Request, headers: dict[str, str]) -> web.StreamR
             **headers,
         },
     )
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SNDBUF_BYTES)
     await resp.prepare(request)
     return resp
 
