@@ -91,7 +91,9 @@ def test_a_stalled_shard_fails_every_request_and_the_scheduler_stops_calling() -
         scheduler.start()
         try:
             streams = [scheduler.submit(_request(5)), scheduler.submit(_request(6))]
-            ends = [[e async for e in s] for s in streams]
+            ends = []
+            for s in streams:
+                ends.append([e async for e in s])
             await asyncio.wait_for(scheduler.failed.wait(), timeout=10)
             late = [e async for e in scheduler.submit(_request(3))]
             health = await scheduler.health_check()
