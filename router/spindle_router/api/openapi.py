@@ -61,7 +61,7 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["messages"],
         "properties": {
             "model": {"type": "string"},
-            "messages": {"type": "array", "items": {"type": "object"}},
+            "messages": {"type": "array", "items": {"type": "object"}, "minItems": 1},
             "max_tokens": {"type": "integer", "nullable": True},
             "temperature": {"type": "number", "nullable": True},
             "top_p": {"type": "number", "nullable": True},
@@ -87,7 +87,11 @@ _SCHEMAS: dict[str, Any] = {
     "ErrorResponse": {
         "type": "object",
         "required": ["error", "error_type"],
-        "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
+        "properties": {
+            # OpenAI routes nest the message: {"error": {"message", "type", "param", "code"}, "error_type"}
+            "error": {"oneOf": [{"type": "string"}, {"type": "object"}]},
+            "error_type": {"type": "string"},
+        },
     },
 }
 
