@@ -205,7 +205,7 @@ async def soak(args: argparse.Namespace) -> dict:
         "kv blocks back to 0": m["spindle_kv_blocks_used"] == 0,
         "idle (no queue, no batch)": m["tgi_queue_size"] == 0 and m["tgi_batch_current_size"] == 0,
         "healthy": healthy,
-        "rss flat after warm-up": all(g <= args.rss_tolerance for g in growth.values()),
+        **{f"rss flat after warm-up: {p}": g <= args.rss_tolerance for p, g in growth.items()},
     }
     return {
         "duration_s": round(wall_s, 1),
