@@ -1,7 +1,7 @@
 # Spindle server image. The entrypoint is spindle-launcher; arguments after the image name are its flags.
 #
 #   docker build -t spindle .                               # CUDA (default)
-#   docker build -t spindle:cpu --build-arg DEVICE=cpu .    # CPU only (smaller, float32)
+#   docker build -t spindle:cpu --build-arg DEVICE=cpu .    # CPU only (smaller)
 #   docker run --gpus all -p 8080:8080 spindle --model-id /models/demo --num-shard 1
 #
 # Every launcher flag can also be given as an environment variable (MAX_INPUT_TOKENS=...), which is how
@@ -17,6 +17,10 @@ RUN apt-get update \
 ENV TORCH_INDEX_URL=https://pypi.org/simple
 
 FROM python:3.11-slim AS base-cpu
+# g++ builds the C++ CPU kernels for the CPU the container runs on, at its first start (cached in /data).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends g++ \
+ && rm -rf /var/lib/apt/lists/*
 ENV TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 
 # ---- the image ------------------------------------------------------------------------------------------
@@ -26,6 +30,7 @@ ENV VIRTUAL_ENV=/opt/spindle \
     PATH=/opt/spindle/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/data \
+    SPINDLE_KERNEL_CACHE=/data/kernels \
     HF_HUB_DISABLE_PROGRESS_BARS=1 \
     PORT=8080
 RUN python3 -m venv "$VIRTUAL_ENV" \

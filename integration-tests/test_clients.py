@@ -112,10 +112,10 @@ def test_openai_completions(oai, greedy, prompt):
 
     chunks = list(oai.completions.create(model="tgi", prompt=prompt, max_tokens=N, temperature=0, stream=True,
                                          stream_options={"include_usage": True}))
-    assert len(chunks) == len(expected)  # one chunk per token
-    assert "".join(c.choices[0].text for c in chunks) == r.choices[0].text
+    assert len(chunks) == len(expected) + 1  # one chunk per token, then OpenAI's usage chunk (no choices)
+    assert "".join(c.choices[0].text for c in chunks[:-1]) == r.choices[0].text
     usage = [c.usage for c in chunks if c.usage is not None]
-    assert len(usage) == 1 and chunks[-1].usage is not None
+    assert len(usage) == 1 and chunks[-1].usage is not None and chunks[-1].choices == []
     assert (usage[0].prompt_tokens, usage[0].completion_tokens) == (len(prompt_ids), len(expected))
 
 

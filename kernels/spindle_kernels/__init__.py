@@ -51,6 +51,7 @@ CPU_OPS = dataclasses.replace(
     paged_decode_attention=cpu.paged_decode_attention,
     rms_norm=cpu.rms_norm,
     rotary_embedding=cpu.rotary_embedding,
+    silu_and_mul=cpu.silu_and_mul,
 )
 
 
@@ -78,12 +79,14 @@ def flash_attn_ops(base: KernelOps) -> KernelOps:
 def ops_for(device: torch.device | str, *, block_size: int | None = None) -> KernelOps:
     """The fastest available implementation for `device`.
 
-    CPU (or any non-CUDA device): the CPU ops. CUDA: flash-attn attention over the Triton ops
+    CPU (or any non-CUDA device): the CPU ops, with their C++ kernels built and loaded here (once per
+    host; seconds) so no request waits for a compiler. CUDA: flash-attn attention over the Triton ops
     when `flash_attn` imports and `block_size` (if given) is a multiple of 256, which flash-attn's
     paged cache requires; else the Triton ops; else (no triton) the reference.
     """
     device = torch.device(device)
     if device.type != "cuda":
+        cpu.load_native()
         return CPU_OPS
     try:
         base = triton_ops()

@@ -9,9 +9,14 @@ the step. Here the blocks are gathered with one `index_select` (contiguous block
 zeros cost kv_heads x the score FLOPs, which are tiny next to the gather: 1.8 ms (float32) and 1.0 ms
 (bfloat16) for the same case. Same signatures and results as `reference` (float32 softmax).
 
-RMSNorm and rotary do the reference's arithmetic in fewer tensor ops (a decode step at batch 1 is mostly
-per-op overhead outside its matmuls): torch's fused `rms_norm`, and rotary in the activations' dtype (as
-transformers computes it) without float32 round trips.
+With the C++ kernels loaded (`cpu_native`, compiled for the host on first use), decode attention reads
+the paged cache in place instead: no gather copy, no wasted columns, one op per layer (1.5-6x faster
+than the torch path here, most at long contexts and batch 1). The torch path stays for what the C++
+kernel does not take (other head sizes and dtypes) and when no compiler is available.
+
+RMSNorm (with its residual add), rotary and SiLU-and-mul are one C++ op each (a decode step at batch 1
+is mostly per-op overhead outside its matmuls: the torch versions take 6-12 ops with their dtype round
+trips). Without the C++ kernels: torch's fused `rms_norm`, and rotary in the activations' dtype.
 """
 
 from __future__ import annotations
@@ -19,7 +24,15 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from spindle_kernels import reference
+from spindle_kernels import cpu_native, reference
+
+NATIVE_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def load_native() -> bool:
+    """Builds and loads the C++ kernels (once per host and source; seconds); False when they cannot load."""
+    return cpu_native.load()
 
 
 def paged_decode_attention(
@@ -31,6 +44,8 @@ def paged_decode_attention(
     scale: float,
 ) -> torch.Tensor:
     """One query token per sequence, q [batch, num_heads, head_dim]; see `reference.paged_decode_attention`."""
+    if q.dtype in NATIVE_DTYPES and q.shape[-1] in NATIVE_HEAD_DIMS and cpu_native.load():
+        return torch.ops.spindle_cpu.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
     batch, num_heads, head_dim = q.shape
     if batch == 0:
         return torch.empty_like(q)
@@ -88,6 +103,9 @@ def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """See `reference.rms_norm`: (norm(x + residual) * weight, x + residual)."""
+    if x.dtype in NATIVE_DTYPES and weight.dtype == x.dtype and cpu_native.load():
+        normed, total = torch.ops.spindle_cpu.rms_norm(x, weight, eps, residual)
+        return normed, (x if residual is None else total)
     if residual is not None:
         x = x + residual
     return F.rms_norm(x, (x.shape[-1],), weight, eps), x
@@ -95,6 +113,9 @@ def rms_norm(
 
 def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
     """See `reference.rotary_embedding`: q, k [T, heads, d] rotated in place; cos, sin [T, d // 2]."""
+    if q.dtype in NATIVE_DTYPES and q.stride(-1) == 1 and k.stride(-1) == 1 and cpu_native.load():
+        torch.ops.spindle_cpu.rotary_embedding(q, k, cos, sin)
+        return
     half = q.shape[-1] // 2
     c = cos.to(q.dtype)[:, None, :]
     s = sin.to(q.dtype)[:, None, :]
@@ -103,3 +124,10 @@ def rotary_embedding(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: t
         rotated = x1 * c - x2 * s
         x2.mul_(c).addcmul_(x1, s)
         x1.copy_(rotated)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """See `reference.silu_and_mul`: x [T, 2 * I] holding [gate | up] -> silu(gate) * up."""
+    if x.dtype in NATIVE_DTYPES and cpu_native.load():
+        return torch.ops.spindle_cpu.silu_and_mul(x)
+    return reference.silu_and_mul(x)

@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0egenerate.proto\x12\nspindle.v1\"\r\n\x0bInfoRequest\"\xec\x01\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nworld_size\x18\x05 \x01(\r\x12\x16\n\x0e\x61ttention_impl\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x08 \x01(\r\x12\x18\n\x10support_chunking\x18\t \x01(\x08\x12\x15\n\reos_token_ids\x18\n \x03(\r\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"w\n\rWarmupRequest\x12\x18\n\x10max_input_tokens\x18\x01 \x01(\r\x12\x1a\n\x12max_prefill_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\"\x8f\x01\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\"\n\x1amax_supported_total_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x66orward_base_ns\x18\x04 \x01(\x04\x12\x18\n\x10\x66orward_token_ns\x18\x05 \x01(\x04\"\xba\x01\n\x1aNextTokenChooserParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\ttypical_p\x18\x04 \x01(\x02\x12\x11\n\tdo_sample\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\"f\n\x1aStoppingCriteriaParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x18\n\x10ignore_eos_token\x18\x03 \x01(\x08\"\xb9\x02\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12:\n\nparameters\x18\x03 \x01(\x0b\x32&.spindle.v1.NextTokenChooserParameters\x12\x43\n\x13stopping_parameters\x18\x04 \x01(\x0b\x32&.spindle.v1.StoppingCriteriaParameters\x12\x18\n\x10prefill_logprobs\x18\x05 \x01(\x08\x12\x14\n\x0ctop_n_tokens\x18\x06 \x01(\r\x12\x0e\n\x06\x62locks\x18\x07 \x03(\r\x12\x11\n\tcache_len\x18\x08 \x01(\r\x12\x16\n\tchunk_len\x18\t \x01(\rH\x00\x88\x01\x01\x12\x15\n\rgenerated_ids\x18\n \x03(\rB\x0c\n\n_chunk_len\":\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x08requests\x18\x02 \x03(\x0b\x32\x13.spindle.v1.Request\"h\n\x0b\x43\x61\x63hedBatch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x16\n\x0e\x63urrent_tokens\x18\x04 \x01(\r\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\"Y\n\rRequestUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x02 \x03(\r\x12\x16\n\tchunk_len\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0c\n\n_chunk_len\"J\n\x06Tokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\r\n\x05texts\x18\x03 \x03(\t\x12\x12\n\nis_special\x18\x04 \x03(\x08\"\x84\x01\n\rGeneratedText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.spindle.v1.FinishReason\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xcb\x01\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12*\n\x0eprefill_tokens\x18\x02 \x01(\x0b\x32\x12.spindle.v1.Tokens\x12\"\n\x06tokens\x18\x03 \x01(\x0b\x32\x12.spindle.v1.Tokens\x12&\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x12.spindle.v1.Tokens\x12\x31\n\x0egenerated_text\x18\x05 \x01(\x0b\x32\x19.spindle.v1.GeneratedText\"\xa3\x01\n\x0ePrefillRequest\x12 \n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x11.spindle.v1.Batch\x12\x32\n\x0c\x63\x61\x63hed_batch\x18\x02 \x01(\x0b\x32\x17.spindle.v1.CachedBatchH\x00\x88\x01\x01\x12*\n\x07updates\x18\x03 \x03(\x0b\x32\x19.spindle.v1.RequestUpdateB\x0f\n\r_cached_batch\"\xc1\x01\n\x0fPrefillResponse\x12+\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x16.spindle.v1.Generation\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.spindle.v1.CachedBatchH\x00\x88\x01\x01\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x12\x11\n\tconcat_ns\x18\x06 \x01(\x04\x42\x08\n\x06_batch\"e\n\rDecodeRequest\x12(\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x17.spindle.v1.CachedBatch\x12*\n\x07updates\x18\x02 \x03(\x0b\x32\x19.spindle.v1.RequestUpdate\"\xc0\x01\n\x0e\x44\x65\x63odeResponse\x12+\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x16.spindle.v1.Generation\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.spindle.v1.CachedBatchH\x00\x88\x01\x01\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x12\x11\n\tconcat_ns\x18\x06 \x01(\x04\x42\x08\n\x06_batch\";\n\x12\x46ilterBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\"L\n\x13\x46ilterBatchResponse\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.spindle.v1.CachedBatchH\x00\x88\x01\x01\x42\x08\n\x06_batch\"+\n\x11\x43learCacheRequest\x12\x0f\n\x02id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x05\n\x03_id\"\x14\n\x12\x43learCacheResponse*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xf6\x03\n\x15TextGenerationService\x12\x39\n\x04Info\x12\x17.spindle.v1.InfoRequest\x1a\x18.spindle.v1.InfoResponse\x12?\n\x06Health\x12\x19.spindle.v1.HealthRequest\x1a\x1a.spindle.v1.HealthResponse\x12?\n\x06Warmup\x12\x19.spindle.v1.WarmupRequest\x1a\x1a.spindle.v1.WarmupResponse\x12\x42\n\x07Prefill\x12\x1a.spindle.v1.PrefillRequest\x1a\x1b.spindle.v1.PrefillResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.spindle.v1.DecodeRequest\x1a\x1a.spindle.v1.DecodeResponse\x12N\n\x0b\x46ilterBatch\x12\x1e.spindle.v1.FilterBatchRequest\x1a\x1f.spindle.v1.FilterBatchResponse\x12K\n\nClearCache\x12\x1d.spindle.v1.ClearCacheRequest\x1a\x1e.spindle.v1.ClearCacheResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x0egenerate.proto\x12\nspindle.v1\"\r\n\x0bInfoRequest\"\xec\x01\n\x0cInfoResponse\x12\x12\n\nmodel_type\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x13\n\x0b\x64\x65vice_type\x18\x03 \x01(\t\x12\x12\n\nblock_size\x18\x04 \x01(\r\x12\x12\n\nworld_size\x18\x05 \x01(\r\x12\x16\n\x0e\x61ttention_impl\x18\x06 \x01(\t\x12\x12\n\nvocab_size\x18\x07 \x01(\r\x12\x1f\n\x17max_position_embeddings\x18\x08 \x01(\r\x12\x18\n\x10support_chunking\x18\t \x01(\x08\x12\x15\n\reos_token_ids\x18\n \x03(\r\"\x0f\n\rHealthRequest\"\x10\n\x0eHealthResponse\"w\n\rWarmupRequest\x12\x18\n\x10max_input_tokens\x18\x01 \x01(\r\x12\x1a\n\x12max_prefill_tokens\x18\x02 \x01(\r\x12\x18\n\x10max_total_tokens\x18\x03 \x01(\r\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\r\"\x8f\x01\n\x0eWarmupResponse\x12\x12\n\nnum_blocks\x18\x01 \x01(\r\x12\x12\n\nblock_size\x18\x02 \x01(\r\x12\"\n\x1amax_supported_total_tokens\x18\x03 \x01(\r\x12\x17\n\x0f\x66orward_base_ns\x18\x04 \x01(\x04\x12\x18\n\x10\x66orward_token_ns\x18\x05 \x01(\x04\"\xe0\x02\n\x1aNextTokenChooserParameters\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_k\x18\x02 \x01(\r\x12\r\n\x05top_p\x18\x03 \x01(\x02\x12\x11\n\ttypical_p\x18\x04 \x01(\x02\x12\x11\n\tdo_sample\x18\x05 \x01(\x08\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x1a\n\x12repetition_penalty\x18\x07 \x01(\x02\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x02\x12\x18\n\x10presence_penalty\x18\t \x01(\x02\x12\r\n\x05min_p\x18\n \x01(\x02\x12I\n\nlogit_bias\x18\x0b \x03(\x0b\x32\x35.spindle.v1.NextTokenChooserParameters.LogitBiasEntry\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"\x96\x01\n\x1aStoppingCriteriaParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x16\n\x0estop_sequences\x18\x02 \x03(\t\x12\x18\n\x10ignore_eos_token\x18\x03 \x01(\x08\x12\x16\n\x0emin_new_tokens\x18\x04 \x01(\r\x12\x16\n\x0estop_token_ids\x18\x05 \x03(\r\"\xb9\x02\n\x07Request\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x11\n\tinput_ids\x18\x02 \x03(\r\x12:\n\nparameters\x18\x03 \x01(\x0b\x32&.spindle.v1.NextTokenChooserParameters\x12\x43\n\x13stopping_parameters\x18\x04 \x01(\x0b\x32&.spindle.v1.StoppingCriteriaParameters\x12\x18\n\x10prefill_logprobs\x18\x05 \x01(\x08\x12\x14\n\x0ctop_n_tokens\x18\x06 \x01(\r\x12\x0e\n\x06\x62locks\x18\x07 \x03(\r\x12\x11\n\tcache_len\x18\x08 \x01(\r\x12\x16\n\tchunk_len\x18\t \x01(\rH\x00\x88\x01\x01\x12\x15\n\rgenerated_ids\x18\n \x03(\rB\x0c\n\n_chunk_len\":\n\x05\x42\x61tch\x12\n\n\x02id\x18\x01 \x01(\x04\x12%\n\x08requests\x18\x02 \x03(\x0b\x32\x13.spindle.v1.Request\"h\n\x0b\x43\x61\x63hedBatch\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\x12\x0c\n\x04size\x18\x03 \x01(\r\x12\x16\n\x0e\x63urrent_tokens\x18\x04 \x01(\r\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\"Y\n\rRequestUpdate\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x0e\n\x06\x62locks\x18\x02 \x03(\r\x12\x16\n\tchunk_len\x18\x03 \x01(\rH\x00\x88\x01\x01\x42\x0c\n\n_chunk_len\"J\n\x06Tokens\x12\x0b\n\x03ids\x18\x01 \x03(\r\x12\x10\n\x08logprobs\x18\x02 \x03(\x02\x12\r\n\x05texts\x18\x03 \x03(\t\x12\x12\n\nis_special\x18\x04 \x03(\x08\"\x84\x01\n\rGeneratedText\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x18\n\x10generated_tokens\x18\x02 \x01(\r\x12/\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x18.spindle.v1.FinishReason\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"\xcb\x01\n\nGeneration\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12*\n\x0eprefill_tokens\x18\x02 \x01(\x0b\x32\x12.spindle.v1.Tokens\x12\"\n\x06tokens\x18\x03 \x01(\x0b\x32\x12.spindle.v1.Tokens\x12&\n\ntop_tokens\x18\x04 \x03(\x0b\x32\x12.spindle.v1.Tokens\x12\x31\n\x0egenerated_text\x18\x05 \x01(\x0b\x32\x19.spindle.v1.GeneratedText\"\xa3\x01\n\x0ePrefillRequest\x12 \n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x11.spindle.v1.Batch\x12\x32\n\x0c\x63\x61\x63hed_batch\x18\x02 \x01(\x0b\x32\x17.spindle.v1.CachedBatchH\x00\x88\x01\x01\x12*\n\x07updates\x18\x03 \x03(\x0b\x32\x19.spindle.v1.RequestUpdateB\x0f\n\r_cached_batch\"\xc1\x01\n\x0fPrefillResponse\x12+\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x16.spindle.v1.Generation\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.spindle.v1.CachedBatchH\x00\x88\x01\x01\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x12\x11\n\tconcat_ns\x18\x06 \x01(\x04\x42\x08\n\x06_batch\"e\n\rDecodeRequest\x12(\n\x07\x62\x61tches\x18\x01 \x03(\x0b\x32\x17.spindle.v1.CachedBatch\x12*\n\x07updates\x18\x02 \x03(\x0b\x32\x19.spindle.v1.RequestUpdate\"\xc0\x01\n\x0e\x44\x65\x63odeResponse\x12+\n\x0bgenerations\x18\x01 \x03(\x0b\x32\x16.spindle.v1.Generation\x12+\n\x05\x62\x61tch\x18\x02 \x01(\x0b\x32\x17.spindle.v1.CachedBatchH\x00\x88\x01\x01\x12\x12\n\nforward_ns\x18\x03 \x01(\x04\x12\x11\n\tdecode_ns\x18\x04 \x01(\x04\x12\x10\n\x08total_ns\x18\x05 \x01(\x04\x12\x11\n\tconcat_ns\x18\x06 \x01(\x04\x42\x08\n\x06_batch\";\n\x12\x46ilterBatchRequest\x12\x10\n\x08\x62\x61tch_id\x18\x01 \x01(\x04\x12\x13\n\x0brequest_ids\x18\x02 \x03(\x04\"L\n\x13\x46ilterBatchResponse\x12+\n\x05\x62\x61tch\x18\x01 \x01(\x0b\x32\x17.spindle.v1.CachedBatchH\x00\x88\x01\x01\x42\x08\n\x06_batch\"+\n\x11\x43learCacheRequest\x12\x0f\n\x02id\x18\x01 \x01(\x04H\x00\x88\x01\x01\x42\x05\n\x03_id\"\x14\n\x12\x43learCacheResponse*\x85\x01\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x1b\n\x17\x46INISH_REASON_EOS_TOKEN\x10\x02\x12\x1f\n\x1b\x46INISH_REASON_STOP_SEQUENCE\x10\x03\x32\xf6\x03\n\x15TextGenerationService\x12\x39\n\x04Info\x12\x17.spindle.v1.InfoRequest\x1a\x18.spindle.v1.InfoResponse\x12?\n\x06Health\x12\x19.spindle.v1.HealthRequest\x1a\x1a.spindle.v1.HealthResponse\x12?\n\x06Warmup\x12\x19.spindle.v1.WarmupRequest\x1a\x1a.spindle.v1.WarmupResponse\x12\x42\n\x07Prefill\x12\x1a.spindle.v1.PrefillRequest\x1a\x1b.spindle.v1.PrefillResponse\x12?\n\x06\x44\x65\x63ode\x12\x19.spindle.v1.DecodeRequest\x1a\x1a.spindle.v1.DecodeResponse\x12N\n\x0b\x46ilterBatch\x12\x1e.spindle.v1.FilterBatchRequest\x1a\x1f.spindle.v1.FilterBatchResponse\x12K\n\nClearCache\x12\x1d.spindle.v1.ClearCacheRequest\x1a\x1e.spindle.v1.ClearCacheResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2736
-  _globals['_FINISHREASON']._serialized_end=2869
+  _globals['_NEXTTOKENCHOOSERPARAMETERS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_NEXTTOKENCHOOSERPARAMETERS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=2951
+  _globals['_FINISHREASON']._serialized_end=3084
   _globals['_INFOREQUEST']._serialized_start=30
   _globals['_INFOREQUEST']._serialized_end=43
   _globals['_INFORESPONSE']._serialized_start=46
@@ -46,39 +48,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WARMUPRESPONSE']._serialized_start=441
   _globals['_WARMUPRESPONSE']._serialized_end=584
   _globals['_NEXTTOKENCHOOSERPARAMETERS']._serialized_start=587
-  _globals['_NEXTTOKENCHOOSERPARAMETERS']._serialized_end=773
-  _globals['_STOPPINGCRITERIAPARAMETERS']._serialized_start=775
-  _globals['_STOPPINGCRITERIAPARAMETERS']._serialized_end=877
-  _globals['_REQUEST']._serialized_start=880
-  _globals['_REQUEST']._serialized_end=1193
-  _globals['_BATCH']._serialized_start=1195
-  _globals['_BATCH']._serialized_end=1253
-  _globals['_CACHEDBATCH']._serialized_start=1255
-  _globals['_CACHEDBATCH']._serialized_end=1359
-  _globals['_REQUESTUPDATE']._serialized_start=1361
-  _globals['_REQUESTUPDATE']._serialized_end=1450
-  _globals['_TOKENS']._serialized_start=1452
-  _globals['_TOKENS']._serialized_end=1526
-  _globals['_GENERATEDTEXT']._serialized_start=1529
-  _globals['_GENERATEDTEXT']._serialized_end=1661
-  _globals['_GENERATION']._serialized_start=1664
-  _globals['_GENERATION']._serialized_end=1867
-  _globals['_PREFILLREQUEST']._serialized_start=1870
-  _globals['_PREFILLREQUEST']._serialized_end=2033
-  _globals['_PREFILLRESPONSE']._serialized_start=2036
-  _globals['_PREFILLRESPONSE']._serialized_end=2229
-  _globals['_DECODEREQUEST']._serialized_start=2231
-  _globals['_DECODEREQUEST']._serialized_end=2332
-  _globals['_DECODERESPONSE']._serialized_start=2335
-  _globals['_DECODERESPONSE']._serialized_end=2527
-  _globals['_FILTERBATCHREQUEST']._serialized_start=2529
-  _globals['_FILTERBATCHREQUEST']._serialized_end=2588
-  _globals['_FILTERBATCHRESPONSE']._serialized_start=2590
-  _globals['_FILTERBATCHRESPONSE']._serialized_end=2666
-  _globals['_CLEARCACHEREQUEST']._serialized_start=2668
-  _globals['_CLEARCACHEREQUEST']._serialized_end=2711
-  _globals['_CLEARCACHERESPONSE']._serialized_start=2713
-  _globals['_CLEARCACHERESPONSE']._serialized_end=2733
-  _globals['_TEXTGENERATIONSERVICE']._serialized_start=2872
-  _globals['_TEXTGENERATIONSERVICE']._serialized_end=3374
+  _globals['_NEXTTOKENCHOOSERPARAMETERS']._serialized_end=939
+  _globals['_NEXTTOKENCHOOSERPARAMETERS_LOGITBIASENTRY']._serialized_start=891
+  _globals['_NEXTTOKENCHOOSERPARAMETERS_LOGITBIASENTRY']._serialized_end=939
+  _globals['_STOPPINGCRITERIAPARAMETERS']._serialized_start=942
+  _globals['_STOPPINGCRITERIAPARAMETERS']._serialized_end=1092
+  _globals['_REQUEST']._serialized_start=1095
+  _globals['_REQUEST']._serialized_end=1408
+  _globals['_BATCH']._serialized_start=1410
+  _globals['_BATCH']._serialized_end=1468
+  _globals['_CACHEDBATCH']._serialized_start=1470
+  _globals['_CACHEDBATCH']._serialized_end=1574
+  _globals['_REQUESTUPDATE']._serialized_start=1576
+  _globals['_REQUESTUPDATE']._serialized_end=1665
+  _globals['_TOKENS']._serialized_start=1667
+  _globals['_TOKENS']._serialized_end=1741
+  _globals['_GENERATEDTEXT']._serialized_start=1744
+  _globals['_GENERATEDTEXT']._serialized_end=1876
+  _globals['_GENERATION']._serialized_start=1879
+  _globals['_GENERATION']._serialized_end=2082
+  _globals['_PREFILLREQUEST']._serialized_start=2085
+  _globals['_PREFILLREQUEST']._serialized_end=2248
+  _globals['_PREFILLRESPONSE']._serialized_start=2251
+  _globals['_PREFILLRESPONSE']._serialized_end=2444
+  _globals['_DECODEREQUEST']._serialized_start=2446
+  _globals['_DECODEREQUEST']._serialized_end=2547
+  _globals['_DECODERESPONSE']._serialized_start=2550
+  _globals['_DECODERESPONSE']._serialized_end=2742
+  _globals['_FILTERBATCHREQUEST']._serialized_start=2744
+  _globals['_FILTERBATCHREQUEST']._serialized_end=2803
+  _globals['_FILTERBATCHRESPONSE']._serialized_start=2805
+  _globals['_FILTERBATCHRESPONSE']._serialized_end=2881
+  _globals['_CLEARCACHEREQUEST']._serialized_start=2883
+  _globals['_CLEARCACHEREQUEST']._serialized_end=2926
+  _globals['_CLEARCACHERESPONSE']._serialized_start=2928
+  _globals['_CLEARCACHERESPONSE']._serialized_end=2948
+  _globals['_TEXTGENERATIONSERVICE']._serialized_start=3087
+  _globals['_TEXTGENERATIONSERVICE']._serialized_end=3589
 # @@protoc_insertion_point(module_scope)

@@ -47,7 +47,6 @@ class SchedulerConfig:
     max_batch_total_tokens: int | None = None  # KV tokens of the running batch; None: all the shards hold
     max_batch_size: int | None = None
     waiting_served_ratio: float = 0.3
-    max_waiting_tokens: int = 20
     prefix_caching: bool = True
 
     def __post_init__(self) -> None:

@@ -1,4 +1,5 @@
-"""The infer layer: admission, validation, one backend stream consumed into a result or a token stream.
+"""The infer layer: admission, validation, and one loop over a backend stream (`_stream`): streamed routes
+forward its items, `generate` collects them into a result (as TGI does).
 
 Every generation takes a permit before it is validated (TGI: `try_acquire`, never waits): with
 `max_concurrent_requests` permits out the request fails at once with 429. A best_of request takes one
@@ -8,6 +9,7 @@ permit per sequence. Metrics of the `tgi_request_*` family are recorded here, on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import random
@@ -18,41 +20,13 @@ from dataclasses import dataclass, field
 
 from spindle_router import telemetry
 from spindle_router.config import LimitsConfig
+from spindle_router.errors import ApiError, ValidationError
 from spindle_router.metrics import Metrics
 from spindle_router.scheduler.backend import Backend
 from spindle_router.scheduler.request import EndEvent, ErrorEvent, PrefillEvent, Token, TokenEvent
-from spindle_router.validation import GenerateParameters, ValidationError, Validator, ValidGenerate
+from spindle_router.validation import GenerateParameters, Validator, ValidGenerate
 
 log = logging.getLogger(__name__)
-
-
-class InferError(Exception):
-    """A failure with TGI's HTTP status, `error_type` and message."""
-
-    def __init__(self, status: int, error_type: str, message: str, metric: str | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.error_type = error_type
-        self.message = message
-        self.metric = metric  # label of tgi_request_failure, when the failure counts as one
-
-    @classmethod
-    def validation(cls, e: ValidationError) -> InferError:
-        return cls(422, "validation", str(e), "validation")
-
-    @classmethod
-    def overloaded(cls) -> InferError:
-        return cls(429, "overloaded", "Model is overloaded", "overloaded")
-
-    @classmethod
-    def generation(cls, detail: str) -> InferError:
-        return cls(424, "generation", f"Request failed during generation: {detail}", "generation")
-
-    @classmethod
-    def incomplete(cls, streaming: bool) -> InferError:
-        if streaming:
-            return cls(500, "incomplete_generation_stream", "Incomplete generation stream", "incomplete")
-        return cls(500, "incomplete_generation", "Incomplete generation", "incomplete")
 
 
 @dataclass(frozen=True)
@@ -112,6 +86,8 @@ class StreamItem:
     valid: ValidGenerate
     end: EndEvent | None = None
     generated_text: str | None = None
+    prefill: tuple[Token, ...] = ()  # on the first item, when prompt logprobs were asked for
+    timings: Timings | None = None  # on the last item
 
 
 class _Permits:
@@ -120,7 +96,7 @@ class _Permits:
 
     def __enter__(self) -> _Permits:
         if self.infer.in_flight + self.n > self.infer.limits.max_concurrent_requests:
-            raise InferError.overloaded()
+            raise ApiError.overloaded()
         self.infer.in_flight += self.n
         return self
 
@@ -134,6 +110,24 @@ def _timings(start: float, end: EndEvent, now: float) -> Timings:
     return Timings(queued - start, started - queued, now - started, now - start)
 
 
+async def collect(items: AsyncIterator[StreamItem]) -> GenerationResult:
+    """A whole sequence from its stream items (the last one carries the end and the timings)."""
+    prefill: list[Token] = []
+    tokens: list[Token] = []
+    top_tokens: list[list[Token]] = []
+    async with contextlib.aclosing(items):  # type: ignore[type-var]
+        async for item in items:
+            prefill.extend(item.prefill)
+            tokens.append(item.token)
+            top_tokens.append(item.top_tokens)
+            if item.end is not None:
+                assert item.timings is not None
+                if item.valid.request.top_n_tokens == 0:
+                    top_tokens = []
+                return GenerationResult(item.valid, item.end, item.timings, prefill, tokens, top_tokens)
+    raise ApiError.incomplete(streaming=False)
+
+
 class Infer:
     def __init__(
         self, backend: Backend, validator: Validator, metrics: Metrics, limits: LimitsConfig
@@ -145,7 +139,7 @@ class Infer:
         self.in_flight = 0  # permits held; only touched on the event loop
 
     def _failed(self, e: BaseException) -> None:
-        if isinstance(e, InferError) and e.metric:
+        if isinstance(e, ApiError) and e.metric:
             self.metrics.request_failure.labels(err=e.metric).inc()
             log.warning("request failed (%s): %s", e.error_type, e.message)
         elif isinstance(e, (asyncio.CancelledError, GeneratorExit, ConnectionError)):
@@ -172,23 +166,11 @@ class Infer:
         m.request_generated_tokens.observe(result.end.generated_tokens)
 
     async def _validate(self, inputs: str, params: GenerateParameters, **kw: bool) -> ValidGenerate:
-        try:
-            with telemetry.span("validation"):
-                valid = await self.validator.validate(inputs, params, **kw)
-        except ValidationError as e:
-            raise InferError.validation(e) from e
+        with telemetry.span("validation"):
+            valid = await self.validator.validate(inputs, params, **kw)
         self.metrics.request_input_length.observe(valid.input_length)
         self.metrics.request_max_new_tokens.observe(valid.request.stopping.max_new_tokens)
         return valid
-
-    def _check_best_of(self, best_of: int) -> None:
-        max_best_of = self.limits.max_best_of
-        if best_of > 1 and max_best_of == 1:
-            raise InferError.validation(ValidationError("`best_of` != 1 is not allowed for this endpoint"))
-        if best_of > max_best_of:
-            raise InferError.validation(
-                ValidationError(f"`best_of` must be > 0 and <= {max_best_of}. Given: {best_of}")
-            )
 
     async def generate(
         self,
@@ -198,12 +180,12 @@ class Infer:
         add_special_tokens: bool = True,
         default_return_full_text: bool = False,
     ) -> Generation:
-        """Run one request to the end (best_of sequences concurrently). Raises InferError."""
+        """Run one request to the end: its best_of sequences concurrently, each collected from `_stream`.
+        Raises ApiError."""
         start = time.monotonic()
         self.metrics.request_count.inc()
         try:
-            best_of = params.best_of or 1
-            self._check_best_of(best_of)
+            best_of = self.validator.check_best_of(params)
             with _Permits(self, best_of):
                 valid = await self._validate(
                     inputs,
@@ -211,56 +193,17 @@ class Infer:
                     add_special_tokens=add_special_tokens,
                     default_return_full_text=default_return_full_text,
                 )
-                if best_of == 1:
-                    results = [await self._run(valid, start)]
+                if best_of == 1:  # in this task: a cancellation is accounted before it propagates
+                    results = [await collect(self._stream(valid, start, streaming=False))]
                 else:
-                    results = await _gather_all(
-                        [self._run(valid.with_seed(random.getrandbits(64)), start) for _ in range(best_of)]
-                    )
+                    seeded = [valid.with_seed(random.getrandbits(64)) for _ in range(best_of)]
+                    results = await _gather_all([collect(self._stream(v, start, streaming=False)) for v in seeded])
         except BaseException as e:
             self._failed(e)
             raise
         best = max(results, key=lambda r: r.mean_logprob)
         self._succeeded(best)
         return Generation(best=best, others=[r for r in results if r is not best])
-
-    def _submit(self, valid: ValidGenerate):  # type: ignore[no-untyped-def]
-        """Hand the request to the backend; its queue and inference spans when tracing."""
-        trace = telemetry.RequestTrace.start()
-        request = valid.request if trace is None else dataclasses.replace(valid.request, trace=trace)
-        return self.backend.submit(request), trace
-
-    async def _run(self, valid: ValidGenerate, start: float) -> GenerationResult:
-        stream, trace = self._submit(valid)
-        finished = False
-        prefill: list[Token] = []
-        tokens: list[Token] = []
-        top_tokens: list[list[Token]] = []
-        try:
-            async for event in stream:
-                if isinstance(event, PrefillEvent):
-                    prefill = list(event.tokens)
-                elif isinstance(event, TokenEvent):
-                    tokens.append(event.token)
-                    top_tokens.append(list(event.top_tokens))
-                elif isinstance(event, EndEvent):
-                    finished = True
-                    tokens.append(event.token)
-                    top_tokens.append(list(event.top_tokens))
-                    timings = _timings(start, event, time.monotonic())
-                    if valid.request.top_n_tokens == 0:
-                        top_tokens = []
-                    return GenerationResult(valid, event, timings, prefill, tokens, top_tokens)
-                elif isinstance(event, ErrorEvent):
-                    finished = True
-                    raise InferError.generation(event.message)
-            finished = True
-            raise InferError.incomplete(streaming=False)
-        finally:
-            if not finished:  # cancelled (client gone, sibling best_of failed): free the request's blocks
-                stream.cancel()
-            if trace is not None:
-                trace.finish(error=sys.exc_info()[1])
 
     async def generate_stream(
         self,
@@ -269,22 +212,21 @@ class Infer:
         *,
         add_special_tokens: bool = True,
         default_return_full_text: bool = False,
+        allow_prompt_logprobs: bool = False,
     ) -> AsyncIterator[Accepted | StreamItem]:
-        """Accepted once the request is valid and admitted, then tokens as they come. Raises InferError: before
-        Accepted the route answers it as a 4xx, after it as an in-stream error event.
-        Closing the iterator early (client gone) cancels the backend request."""
+        """Accepted once the request is valid and admitted, then tokens as they come (with
+        `allow_prompt_logprobs`, the first token item carries the prompt's tokens when decoder_input_details
+        asks for them; TGI's streaming route refuses that). Raises ApiError: before Accepted the route answers
+        it as a 4xx JSON body, after it as an in-stream error event. Closing the iterator early (client gone)
+        cancels the backend request."""
         start = time.monotonic()
         self.metrics.request_count.inc()
         done = False  # the final item went out: a late close is no failure
         try:
             if params.best_of is not None and params.best_of != 1:
-                raise InferError.validation(
-                    ValidationError("`best_of` != 1 is not supported when streaming tokens")
-                )
-            if params.decoder_input_details:
-                raise InferError.validation(
-                    ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
-                )
+                raise ValidationError("`best_of` != 1 is not supported when streaming tokens")
+            if params.decoder_input_details and not allow_prompt_logprobs:
+                raise ValidationError("`decoder_input_details` == true is not supported when streaming tokens")
             with _Permits(self, 1):
                 valid = await self._validate(
                     inputs,
@@ -294,23 +236,38 @@ class Infer:
                 )
                 yield Accepted()
                 async for item in self._stream(valid, start):
-                    done = item.end is not None
+                    if item.end is not None:
+                        assert item.timings is not None
+                        self._succeeded(GenerationResult(valid, item.end, item.timings))
+                        done = True
                     yield item
         except BaseException as e:
             if not done:
                 self._failed(e)
             raise
 
-    async def _stream(self, valid: ValidGenerate, start: float) -> AsyncIterator[StreamItem]:
+    def _submit(self, valid: ValidGenerate):  # type: ignore[no-untyped-def]
+        """Hand the request to the backend; its queue and inference spans when tracing."""
+        trace = telemetry.RequestTrace.start()
+        request = valid.request if trace is None else dataclasses.replace(valid.request, trace=trace)
+        return self.backend.submit(request), trace
+
+    async def _stream(self, valid: ValidGenerate, start: float, streaming: bool = True) -> AsyncIterator[StreamItem]:
+        """The one loop over a backend stream: an item per generated token, the last with the end."""
         stream, trace = self._submit(valid)
         finished = False
         index = 0
+        prefill: tuple[Token, ...] = ()
         keep_top = valid.request.top_n_tokens > 0
         try:
             async for event in stream:
-                if isinstance(event, TokenEvent):
+                if isinstance(event, PrefillEvent):
+                    prefill = tuple(event.tokens)
+                elif isinstance(event, TokenEvent):
                     index += 1
-                    yield StreamItem(index, event.token, list(event.top_tokens) if keep_top else [], valid)
+                    top = list(event.top_tokens) if keep_top else []
+                    yield StreamItem(index, event.token, top, valid, prefill=prefill)
+                    prefill = ()
                 elif isinstance(event, EndEvent):
                     finished = True
                     index += 1
@@ -322,20 +279,20 @@ class Infer:
                         valid,
                         end=event,
                         generated_text=prefix + event.generated_text,
+                        prefill=prefill,
+                        timings=_timings(start, event, time.monotonic()),
                     )
-                    timings = _timings(start, event, time.monotonic())
-                    self._succeeded(GenerationResult(valid, event, timings))
                     if trace is not None:
                         trace.finish()  # the answer is complete, whatever the client does next
                     yield item
                     return
                 elif isinstance(event, ErrorEvent):
                     finished = True
-                    raise InferError.generation(event.message)
+                    raise ApiError.generation(event.message)
             finished = True
-            raise InferError.incomplete(streaming=True)
+            raise ApiError.incomplete(streaming)
         finally:
-            if not finished:
+            if not finished:  # cancelled (client gone, sibling best_of failed): free the request's blocks
                 stream.cancel()
             if trace is not None:
                 trace.finish(error=sys.exc_info()[1])

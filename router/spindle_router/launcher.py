@@ -38,18 +38,11 @@ from pathlib import Path
 
 from spindle_proto.sockets import SocketInUse, is_listening, remove_stale_socket
 
-from spindle_router.cli import (
-    add_flag,
-    add_limit_flags,
-    add_scheduler_flags,
-    add_shard_timeout_flag,
-    add_telemetry_flags,
-    positive_float,
-    positive_int,
-    router_argv,
-)
 from spindle_router.cli import config_from_args as router_config_from_args
-from spindle_router.config import HttpConfig, RouterConfig
+from spindle_router.cli import router_argv
+from spindle_router.compat import add_compat_flags, check_compat_flags
+from spindle_router.config import RouterConfig
+from spindle_router.flags import Scope, add_flags
 
 log = logging.getLogger("spindle_launcher")
 shard_log = logging.getLogger("spindle_launcher.shard")
@@ -74,6 +67,7 @@ class ShardOptions:
     master_addr: str
     master_port: int
     cuda_graphs: str | None = None  # "1,2,4" / "0" for the shards' --cuda-graphs; None: the shards' default
+    cuda_memory_fraction: float | None = None  # None: the shards' default
 
 
 @dataclass(frozen=True)
@@ -90,56 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
             "Start a Spindle server: one shard process per tensor-parallel rank plus the HTTP router, "
             "supervised together. Every flag also reads the environment variable of the same name in "
             "UPPER_SNAKE case (--max-input-tokens <- MAX_INPUT_TOKENS). SIGTERM/SIGINT drain in-flight "
-            "requests for --graceful-termination-timeout seconds, then stop everything."
+            "requests for --graceful-termination-timeout seconds, then stop everything. Every "
+            "text-generation-launcher flag is known: implemented, refused with the reason, or accepted "
+            "without effect (the last two groups below)."
         ),
     )
-    g = p.add_argument_group("model and shards")
-    add_flag(g, "model-id", str, None, "local model directory (Hugging Face layout) or a Hub id in the local cache",
-             shown="required")
-    add_flag(g, "num-shard", positive_int, 1, "tensor-parallel ranks: one shard process each")
-    add_flag(g, "dtype", str, None, "weights, activations and KV cache dtype; auto: the checkpoint's half "
-             "precision on CUDA, bfloat16 on CPUs with avx512_bf16 or amx_bf16, float32 on other CPUs",
-             shown="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    add_flag(g, "kv-cache-bytes", positive_int, None,
-             "bytes of KV cache per shard (CUDA: at most this of what --cuda-memory-fraction leaves)",
-             shown="CPU: min(25%% of RAM, 4 GiB); CUDA: no cap")
-    add_flag(g, "cuda-graphs", cuda_graph_sizes, None,
-             "CUDA only: decode batch sizes the shards capture as CUDA graphs, comma-separated; 0 disables",
-             shown="1,2,4,8,16,32,64,128,256")
-    add_flag(g, "shard-uds-path", str, "/tmp/spindle-server", "shard socket prefix: rank r listens on PREFIX-r "
-             "(two instances on one machine need two prefixes: a prefix in use is refused)")
-    add_shard_timeout_flag(g)
-    add_flag(g, "master-addr", str, "127.0.0.1", "torch.distributed rendezvous address")
-    add_flag(g, "master-port", positive_int, 29500, "torch.distributed rendezvous port")
-    h = p.add_argument_group("HTTP")
-    # Not read from HOSTNAME: shells and container runtimes set it to the machine's name.
-    add_flag(h, "hostname", str, HttpConfig.hostname, "address the router listens on", from_env=False)
-    add_flag(h, "port", positive_int, 3000, "port the router listens on")
-    add_flag(h, "api-key", str, None, "require `Authorization: Bearer KEY` on the inference routes")
-    h.add_argument("--cors-allow-origin", action="append", default=None,
-                   help="allowed CORS origin (repeatable) [env CORS_ALLOW_ORIGIN, comma-separated]")
-    add_flag(h, "graceful-termination-timeout", positive_float, 90.0,
-             "seconds in-flight requests get to finish on SIGTERM/SIGINT before children are killed")
-    add_limit_flags(p)
-    add_scheduler_flags(p)
-    add_telemetry_flags(p)
+    add_flags(p, Scope.LAUNCHER)
+    add_compat_flags(p)
     return p
 
 
-def cuda_graph_sizes(value: str) -> str:
-    """"8, 1,2" -> "1,2,8"; "0" -> "0" (off). Checked here so a typo fails before any shard starts."""
-    try:
-        sizes = sorted({int(p) for p in value.split(",") if p.strip()})
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be comma-separated integers, got {value!r}") from None
-    if sizes in ([], [0]):
-        return "0"
-    if sizes[0] < 1:
-        raise argparse.ArgumentTypeError(f"sizes must be positive (or a single 0 to disable), got {value!r}")
-    return ",".join(map(str, sizes))
-
-
-def resolve_model_dir(model_id: str) -> Path:
+def resolve_model_dir(model_id: str, hub_cache: str | None = None) -> Path:
     """A local directory as given; otherwise a Hub id looked up through huggingface_hub (its cache, and the
     network unless HF_HUB_OFFLINE=1)."""
     path = Path(model_id).expanduser()
@@ -155,7 +110,7 @@ def resolve_model_dir(model_id: str) -> Path:
         raise ValueError(f"--model-id {model_id!r} is not a directory and huggingface_hub is not installed") from None
     patterns = ["*.json", "*.safetensors", "tokenizer*"]
     try:
-        return Path(snapshot_download(model_id, allow_patterns=patterns))
+        return Path(snapshot_download(model_id, allow_patterns=patterns, cache_dir=hub_cache))
     except Exception as e:  # the hub raises a dozen types for offline / missing / gated
         raise ValueError(f"--model-id {model_id!r}: not a local directory and not resolvable on the Hub ({e})") from e
 
@@ -165,14 +120,45 @@ def config_from_args(ns: argparse.Namespace) -> LauncherConfig:
 
     if not ns.model_id:
         raise ValueError("--model-id is required (or MODEL_ID)")
-    ns.model_dir = str(resolve_model_dir(ns.model_id))
+    check_compat_flags(ns)
+    _resolve_tgi_aliases(ns)
+    ns.model_dir = str(resolve_model_dir(ns.model_id, ns.huggingface_hub_cache))
     router = router_config_from_args(ns)
     check_static_limits(router.limits, router.scheduler)
     return LauncherConfig(
         router=router,
-        shard=ShardOptions(ns.dtype, ns.kv_cache_bytes, ns.master_addr, ns.master_port, ns.cuda_graphs),
+        shard=ShardOptions(ns.dtype, ns.kv_cache_bytes, ns.master_addr, ns.master_port, ns.cuda_graphs,
+                           ns.cuda_memory_fraction),
         graceful_termination_timeout_s=ns.graceful_termination_timeout,
     )
+
+
+def _resolve_tgi_aliases(ns: argparse.Namespace) -> None:
+    """TGI's --max-input-length (legacy name) and --sharded, checked against their Spindle counterparts."""
+    if ns.max_input_length is not None:
+        if ns.max_input_tokens is not None:
+            raise ValueError("--max-input-length is the legacy name of --max-input-tokens: set only one")
+        ns.max_input_tokens = ns.max_input_length
+    if ns.sharded is True and ns.num_shard <= 1:
+        raise ValueError("--sharded true needs --num-shard > 1 (Spindle does not count GPUs for you)")
+    if ns.sharded is False and ns.num_shard > 1:
+        raise ValueError(f"--sharded false contradicts --num-shard {ns.num_shard}")
+
+
+def log_environment() -> None:
+    """--env: what TGI's `--env` prints, as far as the launcher (which never imports torch) knows it."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    def v(dist: str) -> str:
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            return "not installed"
+
+    log.info("runtime environment: python %s on %s (%s); spindle-router %s, spindle-server %s, torch %s; "
+             "CUDA_VISIBLE_DEVICES=%s", platform.python_version(), platform.platform(), platform.machine(),
+             v("spindle-router"), v("spindle-server"), v("torch"), os.environ.get("CUDA_VISIBLE_DEVICES", "unset"))
 
 
 def _parent_death_signal() -> None:
@@ -283,6 +269,8 @@ class Launcher:
             argv += ["--kv-cache-bytes", str(c.shard.kv_cache_bytes)]
         if c.shard.cuda_graphs is not None:
             argv += ["--cuda-graphs", c.shard.cuda_graphs]
+        if c.shard.cuda_memory_fraction is not None:
+            argv += ["--cuda-memory-fraction", str(c.shard.cuda_memory_fraction)]
         t = c.router.telemetry
         if t.otlp_endpoint:
             # The router exports as e.g. "spindle.router"; its shards as "spindle.shard".
@@ -426,6 +414,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     setup_logging(json_output=ns.json_output)
+    if ns.env:
+        log_environment()
     try:
         config = config_from_args(ns)
     except ValueError as e:

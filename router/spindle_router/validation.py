@@ -1,10 +1,9 @@
-"""HTTP body -> `ValidRequest`: TGI's parameter checks, in TGI's order, with TGI's messages.
+"""HTTP body -> `ValidRequest`: TGI's parameter checks, with TGI's messages.
 
-Two kinds of failure, both HTTP 422:
-* `SchemaError`: the JSON does not fit the request type (what serde rejects in TGI: wrong types, `null` where
-  a defaulted non-optional field is expected). Message "Failed to deserialize the JSON body into the target
-  type: <field>: <reason>".
-* `ValidationError`: TGI's validation (`router/src/validation.rs`). Message "Input validation error: <detail>".
+Two kinds of failure, both HTTP 422 (spindle_router.errors): `SchemaError` when the JSON does not fit the
+request type (what serde rejects in TGI), `ValidationError` for TGI's validation (`router/src/validation.rs`).
+`Validator.validate` runs one check per concern: sampling, stopping, top-n, unsupported features, then the
+prompt (tokenize, truncate) and the token budget.
 """
 
 from __future__ import annotations
@@ -16,23 +15,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from spindle_router.config import LimitsConfig
+from spindle_router.errors import SchemaError, ValidationError
 from spindle_router.scheduler.request import SamplingParams, StoppingParams, ValidRequest
 from spindle_router.tokenizer import RouterTokenizer
 
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
 GRAMMAR_TYPES = ("json", "json_object", "regex", "json_schema")
-
-
-class SchemaError(Exception):
-    def __init__(self, detail: str) -> None:
-        super().__init__(f"Failed to deserialize the JSON body into the target type: {detail}")
-
-
-class ValidationError(Exception):
-    def __init__(self, detail: str) -> None:
-        super().__init__(f"Input validation error: {detail}")
-        self.detail = detail
 
 
 def _kind(value: Any) -> str:
@@ -153,6 +142,13 @@ class GenerateParameters:
     top_n_tokens: int | None = None
     grammar: dict[str, Any] | None = None
     adapter_id: str | None = None
+    # OpenAI / vLLM extensions (the OpenAI routes set them)
+    presence_penalty: float | None = None
+    min_p: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int | None = None
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
 
 # Quirk (TGI): with no `parameters` key at all, the built-in default samples; a present but partial
@@ -235,6 +231,94 @@ def _check_unit_open(value: float | None, name: str) -> None:
         raise ValidationError(f"`{name}` must be > 0.0 and < 1.0")
 
 
+def is_sampling(params: GenerateParameters) -> bool:
+    """TGI: a request samples when it asks to, or when it sets any warper."""
+    return params.do_sample or any(
+        v is not None for v in (params.temperature, params.top_k, params.top_p, params.typical_p)
+    )
+
+
+def check_sampling(params: GenerateParameters, num_sequences: int) -> SamplingParams:
+    """Temperature, penalties, top-k/top-p/typical-p and the seed -> the shard's sampling parameters."""
+    if num_sequences > 1 and not is_sampling(params):
+        raise ValidationError("you must use sampling when `best_of` is > 1")
+    temperature = 1.0 if params.temperature is None else params.temperature
+    if not temperature > 0.0 or math.isinf(temperature):
+        raise ValidationError("`temperature` must be strictly positive")
+    repetition_penalty = 1.0 if params.repetition_penalty is None else params.repetition_penalty
+    if not repetition_penalty > 0.0:
+        raise ValidationError("`repetition_penalty` must be strictly positive")
+    frequency_penalty = 0.0 if params.frequency_penalty is None else params.frequency_penalty
+    if not -2.0 <= frequency_penalty <= 2.0:
+        raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    presence_penalty = 0.0 if params.presence_penalty is None else params.presence_penalty
+    if not -2.0 <= presence_penalty <= 2.0:
+        raise ValidationError("`presence_penalty` must be >= -2.0 and <= 2.0")
+    min_p = 0.0 if params.min_p is None else params.min_p
+    if not 0.0 <= min_p <= 1.0:
+        raise ValidationError("`min_p` must be >= 0.0 and <= 1.0")
+    for token_id, bias in params.logit_bias:
+        if not -100.0 <= bias <= 100.0:
+            raise ValidationError(f"`logit_bias` values must be >= -100 and <= 100. Given: {bias} for token {token_id}")
+    _check_unit_open(params.top_p, "top_p")
+    _check_unit_open(params.typical_p, "typical_p")
+    if params.top_k is not None and params.top_k <= 0:
+        raise ValidationError("`top_k` must be strictly positive")
+    if params.seed is not None and num_sequences > 1:
+        raise ValidationError("`seed` must not be set when `best_of` > 1")
+    return SamplingParams(
+        temperature=temperature,
+        top_k=params.top_k or 0,
+        top_p=1.0 if params.top_p is None else params.top_p,
+        typical_p=1.0 if params.typical_p is None else params.typical_p,
+        do_sample=params.do_sample,
+        seed=random.getrandbits(64) if params.seed is None else params.seed,
+        repetition_penalty=repetition_penalty,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        min_p=min_p,
+        logit_bias=params.logit_bias,
+    )
+
+
+def check_token_ids(params: GenerateParameters, vocab_size: int) -> None:
+    """Token ids a request names (logit_bias keys, stop_token_ids) exist in the vocabulary."""
+    for name, ids in (("logit_bias", [t for t, _ in params.logit_bias]), ("stop_token_ids", params.stop_token_ids)):
+        bad = [t for t in ids if not 0 <= t < vocab_size]
+        if bad:
+            raise ValidationError(f"`{name}` token ids must be >= 0 and < {vocab_size}. Given: {bad[0]}")
+
+
+def check_stopping(params: GenerateParameters, limits: LimitsConfig) -> None:
+    """What can be checked before tokenizing: max_new_tokens > 0 and the number of stop sequences."""
+    if params.max_new_tokens == 0:
+        raise ValidationError("`max_new_tokens` must be strictly positive")
+    if len(params.stop) > limits.max_stop_sequences:
+        raise ValidationError(
+            f"`stop` supports up to {limits.max_stop_sequences} stop sequences. Given: {len(params.stop)}"
+        )
+
+
+def check_top_n_tokens(params: GenerateParameters, limits: LimitsConfig) -> int:
+    top_n_tokens = params.top_n_tokens or 0
+    if top_n_tokens > limits.max_top_n_tokens:
+        raise ValidationError(
+            f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {top_n_tokens}"
+        )
+    return top_n_tokens
+
+
+def check_supported(params: GenerateParameters) -> None:
+    """Features the shard contract cannot honour: a clear error, never a quietly different answer."""
+    if params.adapter_id is not None:
+        raise ValidationError(f"unknown adapter `{params.adapter_id}`: no LoRA adapters are loaded")
+    if params.grammar is not None:
+        # The shard contract carries no grammar: behave as TGI with --disable-grammar-support.
+        raise ValidationError("grammar is not supported")
+    if params.watermark:
+        raise ValidationError("watermark is not supported")
+
+
 class Validator:
     def __init__(self, limits: LimitsConfig, tokenizer: RouterTokenizer) -> None:
         if limits.max_input_tokens is None or limits.max_total_tokens is None:
@@ -244,64 +328,32 @@ class Validator:
         self.max_total_tokens: int = limits.max_total_tokens
         self.tokenizer = tokenizer
 
-    async def validate(
-        self,
-        inputs: str,
-        params: GenerateParameters,
-        *,
-        add_special_tokens: bool = True,
-        default_return_full_text: bool = False,
-    ) -> ValidGenerate:
-        """Apply TGI's checks (§3.1 steps 2-18) in order; raise ValidationError on the first that fails."""
-        lim = self.limits
+    def check_best_of(self, params: GenerateParameters) -> int:
+        """The number of sequences a request runs (checked before it takes its permits)."""
         best_of = params.best_of or 1  # TGI: 0 is silently 1 here
-        is_sampling = params.do_sample or any(
-            v is not None for v in (params.temperature, params.top_k, params.top_p, params.typical_p)
-        )
-        if best_of > 1 and not is_sampling:
-            raise ValidationError("you must use sampling when `best_of` is > 1")
-        temperature = 1.0 if params.temperature is None else params.temperature
-        if not temperature > 0.0 or math.isinf(temperature):
-            raise ValidationError("`temperature` must be strictly positive")
-        repetition_penalty = 1.0 if params.repetition_penalty is None else params.repetition_penalty
-        if not repetition_penalty > 0.0:
-            raise ValidationError("`repetition_penalty` must be strictly positive")
-        frequency_penalty = 0.0 if params.frequency_penalty is None else params.frequency_penalty
-        if not -2.0 <= frequency_penalty <= 2.0:
-            raise ValidationError("`frequency_penalty` must be >= -2.0 and <= 2.0")
-        _check_unit_open(params.top_p, "top_p")
-        _check_unit_open(params.typical_p, "typical_p")
-        if params.top_k is not None and params.top_k <= 0:
-            raise ValidationError("`top_k` must be strictly positive")
-        if params.max_new_tokens == 0:
-            raise ValidationError("`max_new_tokens` must be strictly positive")
-        if len(params.stop) > lim.max_stop_sequences:
-            raise ValidationError(
-                f"`stop` supports up to {lim.max_stop_sequences} stop sequences. Given: {len(params.stop)}"
-            )
-        if params.seed is not None and best_of > 1:
-            raise ValidationError("`seed` must not be set when `best_of` > 1")
-        seed = random.getrandbits(64) if params.seed is None else params.seed
-        top_n_tokens = params.top_n_tokens or 0
-        if top_n_tokens > lim.max_top_n_tokens:
-            raise ValidationError(
-                f"`top_n_tokens` must be >= 0 and <= {lim.max_top_n_tokens}. Given: {top_n_tokens}"
-            )
+        max_best_of = self.limits.max_best_of
+        if best_of > 1 and max_best_of == 1:
+            raise ValidationError("`best_of` != 1 is not allowed for this endpoint")
+        if best_of > max_best_of:
+            raise ValidationError(f"`best_of` must be > 0 and <= {max_best_of}. Given: {best_of}")
+        return best_of
+
+    async def tokenize(self, inputs: str, truncate: int | None, add_special_tokens: bool) -> list[int]:
+        """The prompt's token ids, left-truncated to `truncate` tokens (TGI keeps the last ones)."""
         if inputs == "":
             raise ValidationError("`inputs` cannot be empty")
-        if params.truncate is not None and not 0 < params.truncate <= self.max_input_tokens:
+        if truncate is not None and not 0 < truncate <= self.max_input_tokens:
             raise ValidationError(
-                f"`truncate` must be strictly positive and less than {self.max_input_tokens}. "
-                f"Given: {params.truncate}"
+                f"`truncate` must be strictly positive and less than {self.max_input_tokens}. Given: {truncate}"
             )
         try:
             ids = await self.tokenizer.encode(inputs, add_special_tokens)
         except Exception as e:  # the tokenizers library raises plain Exceptions
             raise ValidationError(f"tokenizer error {e}") from e
-        if params.truncate is not None and len(ids) > params.truncate:
-            ids = ids[-params.truncate :]  # keep the last tokens, like TGI's left truncation
-        input_length = len(ids)
-        max_new_tokens = params.max_new_tokens
+        return ids[-truncate:] if truncate is not None and len(ids) > truncate else ids
+
+    def check_lengths(self, input_length: int, max_new_tokens: int | None) -> int:
+        """The prompt and its generation fit the token limits; returns max_new_tokens (default: the rest)."""
         if max_new_tokens is None:
             max_new_tokens = max(self.max_total_tokens - input_length, 0)
         if input_length + max_new_tokens > self.max_total_tokens:
@@ -313,29 +365,42 @@ class Validator:
             raise ValidationError(
                 f"`inputs` must have less than {self.max_input_tokens} tokens. Given: {input_length}"
             )
-        if params.grammar is not None:
-            # The shard contract carries no grammar: behave as TGI with --disable-grammar-support.
-            raise ValidationError("grammar is not supported")
-        if params.watermark:
-            raise ValidationError("watermark is not supported")
+        return max_new_tokens
+
+    async def validate(
+        self,
+        inputs: str,
+        params: GenerateParameters,
+        *,
+        add_special_tokens: bool = True,
+        default_return_full_text: bool = False,
+    ) -> ValidGenerate:
+        """TGI's checks, one concern at a time; raises ValidationError on the first that fails."""
+        best_of = params.best_of or 1
+        sampling = check_sampling(params, best_of)
+        check_stopping(params, self.limits)
+        top_n_tokens = check_top_n_tokens(params, self.limits)
+        ids = await self.tokenize(inputs, params.truncate, add_special_tokens)
+        max_new_tokens = self.check_lengths(len(ids), params.max_new_tokens)
+        min_new_tokens = params.min_tokens or 0
+        if min_new_tokens > max_new_tokens:
+            raise ValidationError(
+                f"`min_tokens` must be <= `max_new_tokens`. Given: {min_new_tokens} and {max_new_tokens}"
+            )
+        check_token_ids(params, self.tokenizer.vocab_size)
+        check_supported(params)
         request = ValidRequest(
             input_ids=tuple(ids),
-            sampling=SamplingParams(
-                temperature=temperature,
-                top_k=params.top_k or 0,
-                top_p=1.0 if params.top_p is None else params.top_p,
-                typical_p=1.0 if params.typical_p is None else params.typical_p,
-                do_sample=params.do_sample,
-                seed=seed,
-                repetition_penalty=repetition_penalty,
-                frequency_penalty=frequency_penalty,
+            sampling=sampling,
+            stopping=StoppingParams(
+                max_new_tokens=max_new_tokens,
+                stop_sequences=params.stop,
+                ignore_eos_token=params.ignore_eos,
+                min_new_tokens=min_new_tokens,
+                stop_token_ids=params.stop_token_ids,
             ),
-            stopping=StoppingParams(max_new_tokens=max_new_tokens, stop_sequences=params.stop),
             top_n_tokens=top_n_tokens,
             prefill_logprobs=params.decoder_input_details,
-        )
-        return_full_text = (
-            default_return_full_text if params.return_full_text is None else params.return_full_text
         )
         return ValidGenerate(
             request=request,
@@ -343,5 +408,5 @@ class Validator:
             best_of=best_of,
             details=params.details or params.decoder_input_details,
             decoder_input_details=params.decoder_input_details,
-            return_full_text=return_full_text,
+            return_full_text=default_return_full_text if params.return_full_text is None else params.return_full_text,
         )

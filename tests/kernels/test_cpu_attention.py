@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from spindle_kernels import cpu, reference
+from spindle_kernels import cpu, cpu_native, reference
 
 from tests.kernels.paged_inputs import make_paged_case
 
@@ -26,8 +26,43 @@ def test_decode_matches_reference(dtype, heads, block_size):
     torch.testing.assert_close(got, reference.paged_decode_attention(*args), **TOLERANCE[dtype])
 
 
-def test_decode_padding_row_is_zero():
-    c = make_paged_case([1, 1], [3, 7], num_heads=4, num_kv_heads=2, head_dim=16, block_size=4)
+# Head sizes the C++ decode kernel takes (the ones above fall back to the torch path).
+NATIVE_HEADS = [(2, 2, 32), (4, 2, 64), (9, 3, 64), (4, 1, 128), (2, 1, 80)]
+
+
+def test_native_kernels_load():
+    # The CPU fast path: a host with a C++ compiler (as every supported one has) must build and load it.
+    assert cpu_native.load()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads", NATIVE_HEADS)
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_native_decode_matches_reference(dtype, heads, block_size):
+    num_heads, num_kv_heads, head_dim = heads
+    c = make_paged_case([1] * 6, [1, 9, 33, 16, 70, 200], num_heads=num_heads, num_kv_heads=num_kv_heads,
+                        head_dim=head_dim, block_size=block_size, dtype=dtype, seed=block_size + head_dim)
+    args = (c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale)
+    got = torch.ops.spindle_cpu.paged_decode_attention(*args)
+    assert got.dtype == dtype and got.shape == c.q.shape
+    torch.testing.assert_close(got, reference.paged_decode_attention(*args), **TOLERANCE[dtype])
+    torch.testing.assert_close(cpu.paged_decode_attention(*args), got, rtol=0, atol=0)  # the dispatch picks it
+
+
+def test_native_decode_rejects_what_it_cannot_take():
+    c = make_paged_case([1], [5], num_heads=2, num_kv_heads=1, head_dim=64, block_size=4)
+    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
+        torch.ops.spindle_cpu.paged_decode_attention(c.q.half(), c.k_cache.half(), c.v_cache.half(),
+                                                      c.block_tables, c.context_lens, c.scale)
+    short_table = c.block_tables[:, :1]
+    with pytest.raises(RuntimeError, match="longer than its block table"):
+        torch.ops.spindle_cpu.paged_decode_attention(c.q, c.k_cache, c.v_cache, short_table, c.context_lens,
+                                                      c.scale)
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])  # the torch path and the C++ kernel
+def test_decode_padding_row_is_zero(head_dim):
+    c = make_paged_case([1, 1], [3, 7], num_heads=4, num_kv_heads=2, head_dim=head_dim, block_size=4)
     context_lens = torch.tensor([0, 7], dtype=torch.int32)  # row 0 pads a batch to a captured size
     got = cpu.paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, context_lens, c.scale)
     assert torch.equal(got[0], torch.zeros_like(got[0]))
@@ -73,3 +108,43 @@ def test_rotary_matches_reference(dtype):
     cpu.rotary_embedding(q, k, angles.cos(), angles.sin())
     torch.testing.assert_close(q, q_ref, **TOLERANCE[dtype])
     torch.testing.assert_close(k, k_ref, **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_on_views_of_the_qkv_projection(dtype):
+    # The attention layer rotates q and k in place as views into one [T, (H + 2 * KVH) * d] output.
+    gen = torch.Generator().manual_seed(5)
+    tokens, heads, kv_heads, d = 5, 4, 2, 64
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=gen).to(dtype)
+    angles = torch.arange(tokens, dtype=torch.float32)[:, None] * torch.rand(d // 2, generator=gen)[None, :]
+    want = qkv.clone()
+    q_ref, k_ref = want[:, : heads * d].view(tokens, heads, d), want[:, heads * d : (heads + kv_heads) * d]
+    reference.rotary_embedding(q_ref, k_ref.view(tokens, kv_heads, d), angles.cos(), angles.sin())
+    q, k = qkv[:, : heads * d].view(tokens, heads, d), qkv[:, heads * d : (heads + kv_heads) * d]
+    cpu.rotary_embedding(q, k.view(tokens, kv_heads, d), angles.cos(), angles.sin())
+    torch.testing.assert_close(qkv, want, **TOLERANCE[dtype])  # v untouched, q and k rotated
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 37])
+def test_silu_and_mul_matches_reference(dtype, rows):
+    gen = torch.Generator().manual_seed(rows)
+    x = (torch.randn(rows, 2 * 96, generator=gen) * 6).to(dtype)  # wide enough to reach exp's clamps
+    x[0, :4] = torch.tensor([100.0, -100.0, 0.0, 88.5])
+    got = cpu.silu_and_mul(x)
+    assert got.shape == (rows, 96) and got.dtype == dtype
+    torch.testing.assert_close(got, reference.silu_and_mul(x), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_reference_on_3d_rows(dtype):
+    gen = torch.Generator().manual_seed(6)
+    x, r = torch.randn(2, 9, 576, generator=gen).to(dtype), torch.randn(2, 9, 576, generator=gen).to(dtype)
+    weight = torch.rand(576, generator=gen).to(dtype)
+    got, got_res = cpu.rms_norm(x, weight, 1e-5, r)
+    want, want_res = reference.rms_norm(x, weight, 1e-5, r)
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+    assert torch.equal(got_res, want_res)
+    alone, same = cpu.rms_norm(x, weight, 1e-5)
+    assert same is x  # without a residual, x itself is the next residual
+    torch.testing.assert_close(alone, reference.rms_norm(x, weight, 1e-5)[0], **TOLERANCE[dtype])

@@ -247,11 +247,11 @@ CASES = [
     ),
     (
         "/v1/chat/completions",
-        {"messages": [{"role": "user", "content": "x"}], "stop": "x"},
+        {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 101}},
         "application/json",
         422,
         "validation",
-        "stop",
+        "`logit_bias` values must be >= -100 and <= 100",
     ),
     (
         "/v1/chat/completions",

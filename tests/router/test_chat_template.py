@@ -115,7 +115,9 @@ def test_chat_prompt_and_tokenize(tmp_path):
             json={"messages": messages, "max_tokens": 1, "presence_penalty": 0.5, "stop": ["a"], "seed": 4},
         )
         last = s.backend.submitted[-1]
-        assert last.sampling.repetition_penalty == 2.5 and last.stopping.stop_sequences == ("a",)
+        # OpenAI's additive presence penalty (TGI mapped it onto repetition_penalty = presence + 2)
+        assert last.sampling.presence_penalty == 0.5 and last.sampling.repetition_penalty == 1.0
+        assert last.stopping.stop_sequences == ("a",)
         assert last.sampling.seed == 4
     finally:
         s.stop()

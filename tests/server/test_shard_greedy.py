@@ -23,7 +23,9 @@ LLAMA3_ROPE = {
     "original_max_position_embeddings": 64,  # small, so the scaling changes short contexts too
 }
 SPECS = {
-    "llama3": TinyModelSpec(arch="llama", rope_scaling=LLAMA3_ROPE, seed=11),
+    # head_dim 64: decode attention through the C++ CPU kernel (the others' 16 take the torch path)
+    "llama3": TinyModelSpec(arch="llama", rope_scaling=LLAMA3_ROPE, hidden_size=256, num_heads=4, num_kv_heads=2,
+                            seed=11),
     "mistral": TinyModelSpec(arch="mistral", seed=12),
     "qwen2": TinyModelSpec(arch="qwen2", seed=13),
 }

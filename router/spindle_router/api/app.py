@@ -9,17 +9,18 @@ import uuid
 from aiohttp import web
 
 from spindle_router import telemetry
-from spindle_router.api import openai, routes
-from spindle_router.api.context import STATE, AppState, HttpError, error_response, json_response, read_json
+from spindle_router.api import docs, openai, routes
+from spindle_router.api.context import STATE, AppState, error_response, json_response, read_json
 from spindle_router.api.openapi import Route, openapi_document
 from spindle_router.chat_template import ChatTemplate, TemplateError
 from spindle_router.config import LimitsConfig, RouterConfig
-from spindle_router.infer import Infer, InferError
+from spindle_router.errors import ApiError, SchemaError
+from spindle_router.infer import Infer
 from spindle_router.logging import REQUEST_ID
 from spindle_router.metrics import Metrics
 from spindle_router.scheduler.backend import Backend
 from spindle_router.tokenizer import RouterTokenizer
-from spindle_router.validation import SchemaError, Validator
+from spindle_router.validation import Validator
 
 log = logging.getLogger(__name__)
 
@@ -32,77 +33,36 @@ _STATUS_TYPES = {
 
 
 def route_table() -> list[Route]:
-    r = routes
+    r, oa = routes, openai
+    generate = {"tag": "TGI", "protected": True, "body": "GenerateRequest"}
     return [
-        Route(
-            "POST",
-            "/",
-            r.compat_generate,
-            "Generate (TGI compat: JSON array, or SSE with stream)",
-            "TGI",
-            True,
-            "GenerateRequest",
-            True,
-        ),
-        Route("POST", "/generate", r.generate, "Generate tokens", "TGI", True, "GenerateRequest"),
-        Route(
-            "POST",
-            "/generate_stream",
-            r.generate_stream,
-            "Generate a stream of tokens (SSE)",
-            "TGI",
-            True,
-            "GenerateRequest",
-            True,
-        ),
-        Route(
-            "POST",
-            "/v1/chat/completions",
-            openai.chat_completions,
-            "OpenAI chat completions",
-            "OpenAI",
-            True,
-            "ChatRequest",
-            True,
-        ),
-        Route(
-            "POST",
-            "/v1/completions",
-            openai.completions,
-            "OpenAI completions",
-            "OpenAI",
-            True,
-            "CompletionRequest",
-            True,
-        ),
-        Route(
-            "POST",
-            "/invocations",
-            _invocations,
-            "SageMaker: generate, chat or completions by body shape",
-            "TGI",
-            True,
-            "GenerateRequest",
-            True,
-        ),
-        Route("POST", "/tokenize", r.tokenize, "Tokenize inputs", "TGI", True, "GenerateRequest"),
-        Route(
-            "POST",
-            "/chat_tokenize",
-            openai.chat_tokenize,
-            "Apply the chat template and tokenize",
-            "TGI",
-            True,
-            "ChatRequest",
-        ),
-        Route("GET", "/", r.health, "Health check", "TGI", False),
-        Route("GET", "/health", r.health, "Health check", "TGI", False),
-        Route("GET", "/ping", r.health, "Health check (SageMaker)", "TGI", False),
-        Route("GET", "/info", r.info, "Server information", "TGI", False),
-        Route("GET", "/metrics", r.metrics, "Prometheus metrics", "TGI", False),
-        Route("GET", "/v1/models", r.models, "OpenAI model list", "OpenAI", False),
-        Route("GET", "/openapi.json", _openapi, "This OpenAPI document", "TGI", False),
-        Route("GET", "/api-doc/openapi.json", _openapi, "This OpenAPI document (TGI's path)", "TGI", False),
+        Route(method="POST", path="/", handler=r.compat_generate, streams=True, **generate,
+              summary="Generate (TGI compat: JSON array, or SSE with stream)"),
+        Route(method="POST", path="/generate", handler=r.generate, summary="Generate tokens", **generate),
+        Route(method="POST", path="/generate_stream", handler=r.generate_stream, streams=True, **generate,
+              summary="Generate a stream of tokens (SSE)"),
+        Route(method="POST", path="/v1/chat/completions", handler=oa.chat_completions, tag="OpenAI",
+              protected=True, body="ChatRequest", streams=True, summary="OpenAI chat completions"),
+        Route(method="POST", path="/v1/completions", handler=oa.completions, tag="OpenAI", protected=True,
+              body="CompletionRequest", streams=True, summary="OpenAI completions"),
+        Route(method="POST", path="/invocations", handler=_invocations, streams=True, **generate,
+              summary="SageMaker: generate, chat or completions by body shape"),
+        Route(method="POST", path="/tokenize", handler=r.tokenize, summary="Tokenize inputs", **generate),
+        Route(method="POST", path="/chat_tokenize", handler=oa.chat_tokenize, tag="TGI", protected=True,
+              body="ChatRequest", summary="Apply the chat template and tokenize"),
+        Route(method="GET", path="/", handler=r.health, tag="TGI", summary="Health check"),
+        Route(method="GET", path="/health", handler=r.health, tag="TGI", summary="Health check"),
+        Route(method="GET", path="/ping", handler=r.health, tag="TGI", summary="Health check (SageMaker)"),
+        Route(method="GET", path="/info", handler=r.info, tag="TGI", summary="Server information"),
+        Route(method="GET", path="/metrics", handler=r.metrics, tag="TGI", summary="Prometheus metrics"),
+        Route(method="GET", path="/v1/models", handler=r.models, tag="OpenAI", summary="OpenAI model list"),
+        Route(method="GET", path="/openapi.json", handler=_openapi, tag="TGI", summary="This OpenAPI document"),
+        Route(method="GET", path="/api-doc/openapi.json", handler=_openapi, tag="TGI",
+              summary="This OpenAPI document (TGI's path)"),
+        Route(method="GET", path="/docs", handler=docs.docs_page, tag="TGI",
+              summary="Interactive documentation of this API (Swagger UI, served offline)"),
+        Route(method="GET", path="/docs/{name}", handler=docs.docs_asset, tag="TGI",
+              summary="A Swagger UI asset of /docs (served by the router itself, no CDN)"),
     ]
 
 
@@ -191,14 +151,10 @@ async def _errors(request: web.Request, handler):
     path = request.path
     try:
         return await handler(request)
-    except InferError as e:
+    except ApiError as e:
         return error_response(path, e.status, e.error_type, e.message)
-    except SchemaError as e:
-        return error_response(path, 422, "validation", str(e))
     except TemplateError as e:
         return error_response(path, 422, "template_error", f"Template error: {e}")
-    except HttpError as e:
-        return error_response(path, e.status, e.error_type, e.message)
     except web.HTTPException as e:
         if e.status < 400:
             raise

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from spindle_router.chat_template import ChatTemplate
 from spindle_router.config import LimitsConfig, RouterConfig
+from spindle_router.errors import ApiError
 from spindle_router.infer import Infer
 from spindle_router.metrics import Metrics
 from spindle_router.tokenizer import RouterTokenizer
@@ -53,14 +54,6 @@ def state(request: web.Request) -> AppState:
     return request.app[STATE]
 
 
-class HttpError(Exception):
-    """An error answered before or outside generation (bad body, auth, unknown route)."""
-
-    def __init__(self, status: int, error_type: str, message: str) -> None:
-        super().__init__(message)
-        self.status, self.error_type, self.message = status, error_type, message
-
-
 def error_body(path: str, status: int, error_type: str, message: str) -> dict[str, Any]:
     if path in OPENAI_PATHS:
         return {
@@ -90,19 +83,19 @@ async def read_json(request: web.Request) -> Any:
     """The body as JSON: 415 unless Content-Type is JSON, 413 over payload_limit, 400 when malformed."""
     ctype = request.content_type
     if not (ctype == "application/json" or (ctype.startswith("application/") and ctype.endswith("+json"))):
-        raise HttpError(
+        raise ApiError(
             415, "unsupported_media_type", "Expected request with `Content-Type: application/json`"
         )
     limit = state(request).limits.payload_limit
     if request.content_length is not None and request.content_length > limit:
-        raise HttpError(413, "payload_too_large", f"Request body is larger than the limit of {limit} bytes")
+        raise ApiError(413, "payload_too_large", f"Request body is larger than the limit of {limit} bytes")
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge as e:
-        raise HttpError(
+        raise ApiError(
             413, "payload_too_large", f"Request body is larger than the limit of {limit} bytes"
         ) from e
     try:
         return json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
     except (UnicodeDecodeError, ValueError) as e:
-        raise HttpError(400, "invalid_json", f"Failed to parse the request body as JSON: {e}") from e
+        raise ApiError(400, "invalid_json", f"Failed to parse the request body as JSON: {e}") from e

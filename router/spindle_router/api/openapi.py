@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,38 +14,73 @@ from spindle_router.api.context import VERSION
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Route:
     method: str
     path: str
     handler: Handler
     summary: str
     tag: str
-    protected: bool  # behind --api-key
+    protected: bool = False  # behind --api-key
     body: str | None = None  # request schema name
     streams: bool = False  # may answer text/event-stream
 
+
+def _nullable(kind: str, **kw: Any) -> dict[str, Any]:
+    return {"type": kind, "nullable": True, **kw}
+
+
+_STOP = {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}], "nullable": True,
+         "description": "stop sequences: a string or a list (at most --max-stop-sequences)"}
+_STREAM_OPTIONS = {"type": "object", "nullable": True,
+                   "properties": {"include_usage": {"type": "boolean", "nullable": True}},
+                   "description": "include_usage: a last chunk with no choices carries the usage of all"}
+
+# What chat and completions share (api/openai.py `_sampling_fields`, `_include_usage`, `n`).
+_OPENAI_SAMPLING: dict[str, Any] = {
+    "model": {"type": "string", "description": "not checked: the server serves one model"},
+    "temperature": _nullable("number", minimum=0, description="0: greedy; absent or > 0: sampling"),
+    "top_p": _nullable("number", exclusiveMinimum=True, minimum=0, exclusiveMaximum=True, maximum=1),
+    "frequency_penalty": _nullable("number", minimum=-2, maximum=2,
+                                   description="subtracted once per occurrence of a token in prompt + output"),
+    "presence_penalty": _nullable("number", minimum=-2, maximum=2,
+                                  description="subtracted once from every token present in prompt + output"),
+    "repetition_penalty": _nullable("number", exclusiveMinimum=True, minimum=0, description="TGI's (extension)"),
+    "logit_bias": {"type": "object", "nullable": True, "additionalProperties": {"type": "number", "minimum": -100,
+                   "maximum": 100}, "description": "token id (as a string) -> bias added to its logit"},
+    "seed": _nullable("integer", minimum=0, description="with n > 1, choice i uses seed + i"),
+    "stop": _STOP,
+    "n": _nullable("integer", minimum=1, description="choices to generate (at most --max-best-of)"),
+    "stream": {"type": "boolean", "default": False},
+    "stream_options": _STREAM_OPTIONS,
+    "min_p": _nullable("number", minimum=0, maximum=1, description="vLLM: drop tokens below min_p x the best's "
+                       "probability"),
+    "min_tokens": _nullable("integer", minimum=0, description="vLLM: no EOS / stop before this many tokens"),
+    "ignore_eos": _nullable("boolean", description="vLLM: generate past EOS (stop_token_ids still stop)"),
+    "stop_token_ids": {"type": "array", "items": {"type": "integer", "minimum": 0}, "nullable": True,
+                       "description": "vLLM: finish on any of these token ids"},
+}
 
 _SCHEMAS: dict[str, Any] = {
     "GenerateParameters": {
         "type": "object",
         "properties": {
             **{
-                k: {"type": "integer", "nullable": True, "minimum": 0}
+                k: _nullable("integer", minimum=0)
                 for k in ("best_of", "max_new_tokens", "truncate", "seed", "top_n_tokens", "top_k")
             },
             **{
-                k: {"type": "number", "nullable": True}
+                k: _nullable("number")
                 for k in ("temperature", "repetition_penalty", "frequency_penalty", "top_p", "typical_p")
             },
             **{
                 k: {"type": "boolean", "default": False}
                 for k in ("do_sample", "watermark", "details", "decoder_input_details")
             },
-            "return_full_text": {"type": "boolean", "nullable": True},
+            "return_full_text": _nullable("boolean"),
             "stop": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
-            "grammar": {"type": "object", "nullable": True},
-            "adapter_id": {"type": "string", "nullable": True},
+            "grammar": {"type": "object", "nullable": True, "description": "not supported: 422"},
+            "adapter_id": _nullable("string", description="no adapters are loaded: any value is 422"),
         },
     },
     "GenerateRequest": {
@@ -60,28 +96,34 @@ _SCHEMAS: dict[str, Any] = {
         "type": "object",
         "required": ["messages"],
         "properties": {
-            "model": {"type": "string"},
-            "messages": {"type": "array", "items": {"type": "object"}, "minItems": 1},
-            "max_tokens": {"type": "integer", "nullable": True},
-            "temperature": {"type": "number", "nullable": True},
-            "top_p": {"type": "number", "nullable": True},
-            "stop": {"type": "array", "items": {"type": "string"}, "nullable": True},
-            "seed": {"type": "integer", "nullable": True},
-            "logprobs": {"type": "boolean", "nullable": True},
-            "top_logprobs": {"type": "integer", "nullable": True},
-            "stream": {"type": "boolean", "default": False},
-            "stream_options": {"type": "object", "nullable": True},
+            "messages": {"type": "array", "items": {"type": "object", "required": ["role"], "properties": {
+                "role": {"type": "string"},
+                "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}],
+                            "nullable": True},
+                "tool_calls": {"type": "array", "items": {"type": "object"}, "nullable": True}}},
+                "minItems": 1},
+            "max_tokens": _nullable("integer", minimum=0),
+            "max_completion_tokens": _nullable("integer", minimum=0, description="used when max_tokens is absent"),
+            **_OPENAI_SAMPLING,
+            "logprobs": _nullable("boolean"),
+            "top_logprobs": _nullable("integer", minimum=0, description="at most --max-top-n-tokens"),
+            "response_format": {"type": "object", "nullable": True, "description": "not supported: 422"},
+            "tools": {"type": "array", "items": {"type": "object"}, "nullable": True,
+                      "description": "not supported unless tool_choice is \"none\": 422"},
+            "tool_choice": {"nullable": True},
         },
     },
     "CompletionRequest": {
         "type": "object",
         "required": ["prompt"],
         "properties": {
-            "model": {"type": "string"},
-            "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
-            "max_tokens": {"type": "integer", "nullable": True},
-            "temperature": {"type": "number", "nullable": True},
-            "stream": {"type": "boolean", "default": False},
+            "prompt": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}],
+                       "description": "one prompt or up to --max-client-batch-size"},
+            "max_tokens": _nullable("integer", minimum=0),
+            **_OPENAI_SAMPLING,
+            "logprobs": _nullable("integer", minimum=0, description="alternatives per token in the logprobs object"),
+            "echo": _nullable("boolean", description="the prompt starts the text (with logprobs: its tokens too)"),
+            "suffix": _nullable("string", description="not supported: 422"),
         },
     },
     "ErrorResponse": {
@@ -122,6 +164,12 @@ def openapi_document(routes: list[Route]) -> dict[str, Any]:
             }
         if r.protected:
             op["security"] = [{"bearer": []}, {}]
+        op["parameters"] = [
+            {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in re.findall(r"{(\w+)}", r.path)
+        ]
+        if not op["parameters"]:
+            del op["parameters"]
         paths.setdefault(r.path, {})[r.method.lower()] = op
     return {
         "openapi": "3.0.3",

@@ -8,7 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from spindle_router.api import schemas
 from spindle_router.api.context import VERSION, json_response, read_json, state
 from spindle_router.api.streaming import open_accepted_sse, pump
-from spindle_router.infer import InferError, StreamItem
+from spindle_router.errors import ApiError, ValidationError
+from spindle_router.infer import StreamItem
 from spindle_router.validation import GenerateRequest, parse_generate_request
 
 
@@ -30,7 +31,7 @@ async def _stream(request: web.Request, req: GenerateRequest, *, compat: bool) -
     def encode(item: StreamItem) -> dict:
         return schemas.stream_event(item, details)
 
-    def on_error(e: InferError) -> dict:
+    def on_error(e: ApiError) -> dict:
         return {"error": e.message, "error_type": e.error_type}
 
     if await pump(resp, items, encode, on_error):
@@ -62,7 +63,7 @@ async def tokenize(request: web.Request) -> web.Response:
     try:
         spans = await state(request).tokenizer.encode_spans(req.inputs, add_special_tokens=True)
     except Exception as e:  # tokenizers raises plain Exceptions
-        raise InferError(422, "validation", f"Input validation error: tokenizer error {e}") from e
+        raise ValidationError(f"tokenizer error {e}") from e
     return json_response([{"id": s.id, "text": s.text, "start": s.start, "stop": s.stop} for s in spans])
 
 

@@ -23,7 +23,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from spindle_router.api.context import dumps
-from spindle_router.infer import Accepted, InferError
+from spindle_router.errors import ApiError
+from spindle_router.infer import Accepted
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -159,10 +160,10 @@ async def pump(
     resp: web.StreamResponse,
     source: AsyncIterator[T],
     encode: Callable[[T], Any],
-    on_error: Callable[[InferError], Any],
+    on_error: Callable[[ApiError], Any],
     interval: float = KEEPALIVE_S,
 ) -> bool:
-    """Write `encode(item)` for each item of `source`; an InferError becomes one `on_error` event.
+    """Write `encode(item)` for each item of `source`; an ApiError becomes one `on_error` event.
     Returns False when the client went away (the source is closed then, cancelling the request)."""
     def client_gone() -> bool:
         return isinstance(resp, SseResponse) and resp.client_gone
@@ -176,7 +177,7 @@ async def pump(
             frame = encode(item)
             if frame is not None:
                 await resp.write(sse_frame(frame))
-    except InferError as e:
+    except ApiError as e:
         try:
             await resp.write(sse_frame(on_error(e)))
         except ConnectionError:

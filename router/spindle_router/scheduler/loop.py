@@ -344,11 +344,13 @@ class Scheduler:
             parameters=pb.NextTokenChooserParameters(
                 temperature=s.temperature, top_k=s.top_k, top_p=s.top_p, typical_p=s.typical_p,
                 do_sample=s.do_sample, seed=s.seed, repetition_penalty=s.repetition_penalty,
-                frequency_penalty=s.frequency_penalty,
+                frequency_penalty=s.frequency_penalty, presence_penalty=s.presence_penalty, min_p=s.min_p,
+                logit_bias=dict(s.logit_bias),
             ),
             stopping_parameters=pb.StoppingCriteriaParameters(
                 max_new_tokens=st.max_new_tokens, stop_sequences=list(st.stop_sequences),
-                ignore_eos_token=st.ignore_eos_token,
+                ignore_eos_token=st.ignore_eos_token, min_new_tokens=st.min_new_tokens,
+                stop_token_ids=list(st.stop_token_ids),
             ),
             prefill_logprobs=r.prefill_logprobs,
             top_n_tokens=r.top_n_tokens,

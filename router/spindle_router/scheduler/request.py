@@ -33,10 +33,13 @@ class SamplingParams:
     seed: int = 0
     repetition_penalty: float = 1.0
     frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    min_p: float = 0.0  # 0.0: disabled
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias), OpenAI's -100..100
 
     @property
     def is_sampling(self) -> bool:
-        """True when the shard samples rather than taking the argmax (TGI's rule)."""
+        """True when the shard samples rather than taking the argmax (TGI's rule; min-p alone keeps the argmax)."""
         return (
             self.do_sample
             or self.temperature != 1.0
@@ -51,6 +54,8 @@ class StoppingParams:
     max_new_tokens: int
     stop_sequences: tuple[str, ...] = ()
     ignore_eos_token: bool = False
+    min_new_tokens: int = 0  # EOS and stop_token_ids held back until this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # finish (as EOS) on any of these
 
 
 @dataclass(frozen=True)

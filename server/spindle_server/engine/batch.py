@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import tokenizers
 from spindle_proto import generate_pb2
@@ -95,6 +95,13 @@ def request_from_proto(pb: generate_pb2.Request, ctx: BatchContext) -> RequestSt
         raise InvalidArgumentError(
             f"request {rid}: resumed with {len(generated)} generated tokens, max_new_tokens is {stop.max_new_tokens}"
         )
+    bad = [t for t in (*(t for t, _ in params.logit_bias), *stop.stop_token_ids) if t >= ctx.vocab_size]
+    if bad:
+        raise InvalidArgumentError(f"request {rid}: token id {bad[0]} outside the vocabulary ({ctx.vocab_size})")
+    if stop.min_new_tokens > stop.max_new_tokens:
+        raise InvalidArgumentError(f"request {rid}: min_new_tokens {stop.min_new_tokens} exceeds max_new_tokens")
+    banned = set(stop.stop_token_ids) | (set() if stop.ignore_eos_token else set(ctx.eos_token_ids))
+    params = replace(params, min_new_tokens=stop.min_new_tokens, min_tokens_banned_ids=tuple(sorted(banned)))
     if pb.top_n_tokens > ctx.vocab_size:
         raise InvalidArgumentError(f"request {rid}: top_n_tokens {pb.top_n_tokens} exceeds the vocabulary")
     if pb.cache_len > len(prompt) or pb.cache_len >= len(all_ids):
@@ -113,6 +120,8 @@ def request_from_proto(pb: generate_pb2.Request, ctx: BatchContext) -> RequestSt
         stop_sequences=list(stop.stop_sequences),
         eos_token_ids=ctx.eos_token_ids,
         ignore_eos_token=stop.ignore_eos_token,
+        min_new_tokens=stop.min_new_tokens,
+        stop_token_ids=stop.stop_token_ids,
     )
     detokenizer = IncrementalDetokenizer(ctx.tokenizer, prompt)
     for token in generated:  # bring stop-sequence text and detokenizer offsets up to date

@@ -1,8 +1,9 @@
 """Logits processors and warpers, applied in place to rows of scores.
 
 Semantics follow transformers' processors (which TGI uses): RepetitionPenaltyLogitsProcessor,
-TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper, all with
-min_tokens_to_keep = 1. Each function takes `scores` [n, V] float32 and returns the processed
+TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, MinPLogitsWarper, TypicalLogitsWarper, all
+with min_tokens_to_keep = 1; SequenceBiasLogitsProcessor for single-token biases (OpenAI's logit_bias);
+MinNewTokensLengthLogitsProcessor for min_tokens. The presence and frequency penalties are OpenAI's. Each function takes `scores` [n, V] float32 and returns the processed
 [n, V] tensor (possibly the same storage); filtered tokens get -inf.
 """
 
@@ -30,6 +31,26 @@ def apply_frequency_penalty(scores: torch.Tensor, history: torch.Tensor, penalty
     counts = torch.bincount(history, minlength=scores.shape[-1]).to(scores.dtype)
     scores -= penalty * counts
     return scores
+
+
+def apply_presence_penalty(scores: torch.Tensor, history: torch.Tensor, penalty: float) -> torch.Tensor:
+    """Subtract `penalty` once from every token present in `history` (OpenAI semantics)."""
+    scores[:, torch.unique(history)] -= penalty
+    return scores
+
+
+def apply_logit_bias(scores: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """Add each (token id, bias) to that token's score."""
+    ids = torch.tensor([t for t, _ in bias], dtype=torch.int64, device=scores.device)
+    scores[:, ids] += torch.tensor([b for _, b in bias], dtype=scores.dtype, device=scores.device)
+    return scores
+
+
+def apply_min_p(scores: torch.Tensor, min_p: float | Sequence[float]) -> torch.Tensor:
+    """Keep, per row, tokens whose probability is at least min_p x the best token's (the best survives)."""
+    probs = scores.softmax(dim=-1)
+    threshold = _column(min_p, scores) * probs.amax(dim=-1, keepdim=True)
+    return scores.masked_fill_(probs < threshold, _FILTERED)
 
 
 def _column(values: float | Sequence[float], scores: torch.Tensor) -> torch.Tensor:
@@ -82,15 +103,23 @@ def apply_temperature(scores: torch.Tensor, params: Sequence[SamplingParams]) ->
     return scores.div_(torch.tensor(temps, dtype=scores.dtype, device=scores.device).unsqueeze(1))
 
 
-def apply_penalties(scores: torch.Tensor, history: Sequence[int], params: SamplingParams) -> torch.Tensor:
-    """Repetition then frequency penalty on one row `scores` [1, V] (TGI's order)."""
-    if not history:
-        return scores
-    ids = torch.tensor(history, dtype=torch.int64, device=scores.device)
-    if params.repetition_penalty != 1.0:
-        scores = apply_repetition_penalty(scores, ids, params.repetition_penalty)
-    if params.frequency_penalty != 0.0:
-        scores = apply_frequency_penalty(scores, ids, params.frequency_penalty)
+def apply_penalties(
+    scores: torch.Tensor, history: Sequence[int], params: SamplingParams, num_generated: int
+) -> torch.Tensor:
+    """On one row `scores` [1, V]: repetition, frequency and presence penalty over `history` (TGI's order),
+    then the logit bias, then, while fewer than min_new_tokens were generated, the banned stop ids."""
+    if history:
+        ids = torch.tensor(history, dtype=torch.int64, device=scores.device)
+        if params.repetition_penalty != 1.0:
+            scores = apply_repetition_penalty(scores, ids, params.repetition_penalty)
+        if params.frequency_penalty != 0.0:
+            scores = apply_frequency_penalty(scores, ids, params.frequency_penalty)
+        if params.presence_penalty != 0.0:
+            scores = apply_presence_penalty(scores, ids, params.presence_penalty)
+    if params.logit_bias:
+        scores = apply_logit_bias(scores, params.logit_bias)
+    if num_generated < params.min_new_tokens and params.min_tokens_banned_ids:
+        scores[:, list(params.min_tokens_banned_ids)] = _FILTERED
     return scores
 
 
@@ -103,14 +132,17 @@ def _on_rows(scores: torch.Tensor, rows: list[int], apply, values: list) -> torc
 
 
 def apply_filters(scores: torch.Tensor, params: Sequence[SamplingParams]) -> torch.Tensor:
-    """top-k -> top-p -> typical-p on `scores` [B, V] (one params per row; temperature already
-    applied). Each filter is one batched op over the rows that use it."""
+    """top-k -> top-p -> min-p -> typical-p on `scores` [B, V] (one params per row; temperature already
+    applied; transformers' order). Each filter is one batched op over the rows that use it."""
     rows = [i for i, p in enumerate(params) if p.top_k != 0]
     if rows:
         scores = _on_rows(scores, rows, apply_top_k, [params[i].top_k for i in rows])
     rows = [i for i, p in enumerate(params) if p.top_p < 1.0]
     if rows:
         scores = _on_rows(scores, rows, apply_top_p, [params[i].top_p for i in rows])
+    rows = [i for i, p in enumerate(params) if p.min_p > 0.0]
+    if rows:
+        scores = _on_rows(scores, rows, apply_min_p, [params[i].min_p for i in rows])
     rows = [i for i, p in enumerate(params) if p.typical_p < 1.0]
     if rows:
         scores = _on_rows(scores, rows, apply_typical_p, [params[i].typical_p for i in rows])

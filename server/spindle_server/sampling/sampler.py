@@ -1,7 +1,7 @@
 """Turn a batch of logits into next tokens, their log-probs and top-n alternatives.
 
-Per row, in TGI's order: repetition penalty -> frequency penalty -> temperature -> top-k -> top-p
--> typical-p -> argmax (greedy) or a draw (sampling). Rows with default parameters cost nothing
+Per row, in TGI's order: repetition -> frequency -> presence penalty -> logit bias -> min-tokens mask
+-> temperature -> top-k -> top-p -> min-p -> typical-p -> argmax (greedy) or a draw (sampling). Rows with default parameters cost nothing
 beyond the batch-wide argmax and log_softmax; penalties, filters and draws run only for the rows
 that ask for them.
 """
@@ -74,7 +74,7 @@ def sample(
     if (penalized or warped) and scores is logits:
         scores = scores.clone()  # never write into the caller's logits
     for i in penalized:
-        apply_penalties(scores[i : i + 1], histories[i], params[i])
+        apply_penalties(scores[i : i + 1], histories[i], params[i], steps[i])
     if warped:
         scores = apply_filters(apply_temperature(scores, params), params)
 

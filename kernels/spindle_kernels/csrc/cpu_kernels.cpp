@@ -1,0 +1,378 @@
+// Paged decode attention for CPUs: one query token per sequence, read straight from the paged KV cache.
+//
+// The torch path (cpu.py) gathers every sequence's blocks into a contiguous copy before two bmm calls:
+// at long contexts that copy is most of the work. Here each (sequence, KV head) pair walks its block
+// table once for the scores and once for the values, in float32 (bf16 rows widened on the fly), with the
+// pair's query heads (GQA group) sharing every K/V row they read. Pairs are split over torch's own
+// intra-op thread pool (at::parallel_for), so no second OpenMP pool competes with the GEMMs.
+//
+// Built on first use by spindle_kernels/cpu_native.py for the host CPU (-march=native) and registered as
+// torch.ops.spindle_cpu.paged_decode_attention.
+
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+inline float to_float(float x) { return x; }
+
+// bf16 travels as its raw bits (uint16_t): loads of the c10::BFloat16 struct kept loops from vectorizing.
+using bf16 = uint16_t;
+
+inline float to_float(bf16 x) {
+  uint32_t bits = static_cast<uint32_t>(x) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline void from_float(float x, float* out) { *out = x; }
+
+// Round to nearest even, NaN kept NaN: c10::BFloat16's own conversion, in arithmetic the compiler vectorizes.
+inline uint16_t bf16_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  const uint32_t rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  return (u & 0x7fffffffu) > 0x7f800000u ? uint16_t(0x7fc0) : static_cast<uint16_t>(rounded);
+}
+
+inline void from_float(float x, bf16* out) { *out = bf16_bits(x); }
+
+// exp for the softmax, in plain arithmetic so the compiler vectorizes it (std::exp stays a scalar call,
+// which was most of the kernel's time at long contexts): exp(x) = 2^n * exp(r), |r| <= ln2/2, with a
+// degree-6 Taylor polynomial (relative error ~2e-7), for x in [-87, 87].
+inline float softmax_exp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 87.0f ? 87.0f : x);
+  // n = round(x / ln2) by the 1.5 * 2^23 trick: std::floor kept these loops scalar.
+  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// head_dim is a template constant: with a runtime length every inner loop (8 per cached token) paid
+// the vectorizer's prologue and remainder code, several times the arithmetic itself.
+inline bf16* BF(const at::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<c10::BFloat16>()); }
+
+template <typename T, int64_t head_dim>
+void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t* tables, const int32_t* lens,
+                   T* out, int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
+                   int64_t table_width, float scale) {
+  const int64_t group = num_heads / num_kv_heads;
+  const int64_t row_stride = num_kv_heads * head_dim;  // one token's K (or V) across heads
+  const int64_t block_stride = block_size * row_stride;
+  at::parallel_for(0, batch * num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf(group * head_dim), acc(group * head_dim), scores;
+    alignas(64) float row[head_dim];
+    for (int64_t pair = begin; pair < end; ++pair) {
+      const int64_t b = pair / num_kv_heads, h = pair % num_kv_heads;
+      const int64_t len = lens[b];
+      T* o = out + (b * num_heads + h * group) * head_dim;
+      if (len <= 0) {  // padding row: attends to nothing
+        for (int64_t i = 0; i < group * head_dim; ++i) from_float(0.0f, o + i);
+        continue;
+      }
+      const T* qp = q + (b * num_heads + h * group) * head_dim;
+      for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = to_float(qp[i]) * scale;
+      scores.resize(group * len);
+      const int32_t* table = tables + b * table_width;
+
+      for (int64_t start = 0; start < len; start += block_size) {
+        const T* block = k_cache + table[start / block_size] * block_stride + h * head_dim;
+        const int64_t stop = std::min(block_size, len - start);
+        for (int64_t j = 0; j < stop; ++j) {
+          const T* kp = block + j * row_stride;
+          float* r = row;
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) r[d] = to_float(kp[d]);
+          for (int64_t g = 0; g < group; ++g) {
+            const float* qg = qf.data() + g * head_dim;
+            float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+            for (int64_t d = 0; d < head_dim; ++d) s += qg[d] * r[d];
+            scores[g * len + start + j] = s;
+          }
+        }
+      }
+      for (int64_t g = 0; g < group; ++g) {
+        float* sg = scores.data() + g * len;
+        float top = -std::numeric_limits<float>::infinity();
+#pragma omp simd reduction(max : top)
+        for (int64_t t = 0; t < len; ++t) top = std::max(top, sg[t]);
+        float total = 0.0f;
+#pragma omp simd reduction(+ : total)
+        for (int64_t t = 0; t < len; ++t) {
+          sg[t] = softmax_exp(sg[t] - top);
+          total += sg[t];
+        }
+        const float inv = 1.0f / total;
+#pragma omp simd
+        for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+      }
+
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t start = 0; start < len; start += block_size) {
+        const T* block = v_cache + table[start / block_size] * block_stride + h * head_dim;
+        const int64_t stop = std::min(block_size, len - start);
+        for (int64_t j = 0; j < stop; ++j) {
+          const T* vp = block + j * row_stride;
+          float* r = row;
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) r[d] = to_float(vp[d]);
+          for (int64_t g = 0; g < group; ++g) {
+            const float p = scores[g * len + start + j];
+            float* ag = acc.data() + g * head_dim;
+#pragma omp simd
+            for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * r[d];
+          }
+        }
+      }
+      for (int64_t i = 0; i < group * head_dim; ++i) from_float(acc[i], o + i);
+    }
+  });
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+  TORCH_CHECK(q.dim() == 3, "q must be [batch, num_heads, head_dim]");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
+              "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim]");
+  TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV caches must be contiguous");
+  TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
+              "q and the KV caches must share a dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
+              "block_tables and context_lens must be int32");
+  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "head shapes do not match");
+  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == batch && context_lens.numel() == batch,
+              "block_tables must be [batch, width] and context_lens [batch]");
+  const at::Tensor qc = q.contiguous(), tables = block_tables.contiguous(), lens = context_lens.contiguous();
+  const int64_t width = tables.size(1);
+  const int32_t* len_ptr = lens.data_ptr<int32_t>();
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK(len_ptr[b] <= width * block_size, "a context is longer than its block table");
+  }
+  at::Tensor out = at::empty({batch, num_heads, head_dim}, q.options());
+  if (batch == 0) return out;
+  const auto s = static_cast<float>(scale);
+  const bool known = head_dim == 32 || head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128 ||
+                     head_dim == 256;
+  TORCH_CHECK(known, "paged_decode_attention (CPU) takes head_dim 32, 64, 80, 96, 128 or 256, got ", head_dim);
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
+              "paged_decode_attention (CPU) takes float32 or bfloat16, got ", q.scalar_type());
+  const bool is_bf16 = q.scalar_type() == at::kBFloat16;
+  const int32_t* table_ptr = tables.data_ptr<int32_t>();
+#define SPINDLE_DECODE(D)                                                                                  \
+  if (head_dim == D) {                                                                                     \
+    if (is_bf16) {                                                                                            \
+      decode_kernel<bf16, D>(BF(qc), BF(k_cache),     \
+                                      BF(v_cache), table_ptr, len_ptr,               \
+                                      BF(out), batch, num_heads, num_kv_heads,       \
+                                      block_size, width, s);                                               \
+    } else {                                                                                               \
+      decode_kernel<float, D>(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),  \
+                              table_ptr, len_ptr, out.data_ptr<float>(), batch, num_heads, num_kv_heads,   \
+                              block_size, width, s);                                                       \
+    }                                                                                                      \
+  }
+  SPINDLE_DECODE(32)
+  SPINDLE_DECODE(64)
+  SPINDLE_DECODE(80)
+  SPINDLE_DECODE(96)
+  SPINDLE_DECODE(128)
+  SPINDLE_DECODE(256)
+#undef SPINDLE_DECODE
+  return out;
+}
+
+// ---- Elementwise kernels: one op each where the torch path takes 6-12 (dtype round trips included),
+// which is most of a batch-1 step's overhead. They round where transformers rounds (bf16 results of
+// each torch op), so bf16 output matches the reference's to the last bit in most elements.
+
+inline float round_to(float x, float) { return x; }
+inline float round_to(float x, bf16) {
+  const uint32_t bits = static_cast<uint32_t>(bf16_bits(x)) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+// Rows of a 2-d tensor with a unit inner stride; grain keeps a batch-1 call on one thread.
+constexpr int64_t kRowGrain = 8;
+
+template <typename T>
+void rms_norm_kernel(const T* x, const T* residual, const T* weight, T* out, T* sum_out, int64_t rows, int64_t width,
+                     float eps) {
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    std::vector<float> storage(width);
+    float* buf = storage.data();
+    for (int64_t r = begin; r < end; ++r) {
+      const T* xr = x + r * width;
+      float ss = 0.0f;
+      if (residual != nullptr) {
+        const T* rr = residual + r * width;
+        T* so = sum_out + r * width;
+#pragma omp simd
+        for (int64_t i = 0; i < width; ++i) {
+          const float v = round_to(to_float(xr[i]) + to_float(rr[i]), T());  // x + residual in x's dtype
+          buf[i] = v;
+          from_float(v, so + i);
+        }
+      } else {
+#pragma omp simd
+        for (int64_t i = 0; i < width; ++i) buf[i] = to_float(xr[i]);
+      }
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < width; ++i) ss += buf[i] * buf[i];
+      const float scale = 1.0f / std::sqrt(ss / static_cast<float>(width) + eps);
+      T* o = out + r * width;
+#pragma omp simd
+      for (int64_t i = 0; i < width; ++i) {
+        from_float(round_to(buf[i] * scale, T()) * to_float(weight[i]), o + i);
+      }
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps,
+                                             const c10::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "rms_norm (CPU) takes float32 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type() && weight.dim() == 1 && weight.size(0) == x.size(-1),
+              "rms_norm: weight must be [hidden] in x's dtype");
+  const at::Tensor xc = x.contiguous(), wc = weight.contiguous();
+  const int64_t width = x.size(-1), rows = width == 0 ? 0 : x.numel() / width;
+  at::Tensor out = at::empty_like(xc);
+  at::Tensor sum = xc;
+  at::Tensor rc;
+  if (residual.has_value()) {
+    TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
+                "rms_norm: residual must match x");
+    rc = residual->contiguous();
+    sum = at::empty_like(xc);
+  }
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_kernel<float>(xc.data_ptr<float>(), rc.defined() ? rc.data_ptr<float>() : nullptr, wc.data_ptr<float>(),
+                           out.data_ptr<float>(), sum.data_ptr<float>(), rows, width, static_cast<float>(eps));
+  } else {
+    rms_norm_kernel<bf16>(BF(xc), rc.defined() ? BF(rc) : nullptr, BF(wc),
+                       BF(out), BF(sum), rows, width, static_cast<float>(eps));
+  }
+  return {out, sum};
+}
+
+template <typename T>
+void rotate(T* t, const float* cos, const float* sin, int64_t tokens, int64_t heads, int64_t half,
+            int64_t token_stride, int64_t head_stride) {
+  at::parallel_for(0, tokens, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float* c = cos + i * half;
+      const float* s = sin + i * half;
+      for (int64_t h = 0; h < heads; ++h) {
+        T* x = t + i * token_stride + h * head_stride;
+#pragma omp simd
+        for (int64_t j = 0; j < half; ++j) {
+          const float x1 = to_float(x[j]), x2 = to_float(x[j + half]);
+          from_float(x1 * c[j] - x2 * s[j], x + j);
+          from_float(x2 * c[j] + x1 * s[j], x + j + half);
+        }
+      }
+    }
+  });
+}
+
+void rotary_one(at::Tensor& t, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(t.dim() == 3 && t.stride(2) == 1, "rotary_embedding: q and k must be [T, heads, d] with unit stride in d");
+  const int64_t half = t.size(2) / 2;
+  TORCH_CHECK(cos.size(0) == t.size(0) && cos.size(1) == half, "rotary_embedding: cos/sin must be [T, d / 2]");
+  if (t.scalar_type() == at::kFloat) {
+    rotate<float>(t.data_ptr<float>(), cos.data_ptr<float>(), sin.data_ptr<float>(), t.size(0), t.size(1), half,
+                  t.stride(0), t.stride(1));
+  } else {
+    rotate<bf16>(BF(t), cos.data_ptr<float>(), sin.data_ptr<float>(), t.size(0),
+                          t.size(1), half, t.stride(0), t.stride(1));
+  }
+}
+
+// In place on q and k (views into the QKV projection's output); cos, sin float32.
+void rotary_embedding(at::Tensor q, at::Tensor k, const at::Tensor& cos, const at::Tensor& sin) {
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() &&
+                  (q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16),
+              "rotary_embedding (CPU) takes float32 or bfloat16 q and k");
+  const at::Tensor c = cos.to(at::kFloat).contiguous(), s = sin.to(at::kFloat).contiguous();
+  rotary_one(q, c, s);
+  rotary_one(k, c, s);
+}
+
+template <typename T>
+void silu_mul_row(const T* __restrict gate, const T* __restrict up, T* __restrict out, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const float g = to_float(gate[i]);
+    const float e = softmax_exp(-g);  // clamped to exp(+-87), where silu is g or 0 to float precision
+    const float act = round_to(g / (1.0f + e), T());
+    from_float(act * to_float(up[i]), out + i);
+  }
+}
+
+template <typename T>
+void silu_mul_kernel(const T* x, T* out, int64_t rows, int64_t inter, int64_t row_stride) {
+  at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      silu_mul_row(x + r * row_stride, x + r * row_stride + inter, out + r * inter, inter);
+    }
+  });
+}
+
+at::Tensor silu_and_mul(const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "silu_and_mul (CPU) takes float32 or bfloat16, got ", x.scalar_type());
+  const at::Tensor xc = x.contiguous();
+  const int64_t width = x.size(-1), inter = width / 2;
+  TORCH_CHECK(width % 2 == 0, "silu_and_mul: the last dimension must be even");
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = inter;
+  at::Tensor out = at::empty(shape, x.options());
+  const int64_t rows = width == 0 ? 0 : x.numel() / width;
+  if (x.scalar_type() == at::kFloat) {
+    silu_mul_kernel<float>(xc.data_ptr<float>(), out.data_ptr<float>(), rows, inter, width);
+  } else {
+    silu_mul_kernel<bf16>(BF(xc), BF(out), rows, inter, width);
+  }
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(spindle_cpu, m) {
+  m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
+        "Tensor context_lens, float scale) -> Tensor");
+  m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
+  m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual) -> (Tensor, Tensor)");
+  m.impl("rms_norm", c10::DispatchKey::CPU, TORCH_FN(rms_norm));
+  m.def("rotary_embedding(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
+  m.impl("rotary_embedding", c10::DispatchKey::CPU, TORCH_FN(rotary_embedding));
+  m.def("silu_and_mul(Tensor x) -> Tensor");
+  m.impl("silu_and_mul", c10::DispatchKey::CPU, TORCH_FN(silu_and_mul));
+}
