@@ -108,7 +108,7 @@ class ChatTemplate:
         flat = []
         for m in messages:
             item = {"role": m["role"], "content": _message_text(m)}
-            for key in ("name", "tool_call_id"):
+            for key in ("name", "tool_call_id", "tool_calls"):
                 if m.get(key) is not None:
                     item[key] = m[key]
             flat.append(item)

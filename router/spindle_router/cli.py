@@ -62,6 +62,7 @@ def config_from_args(ns: argparse.Namespace) -> RouterConfig:
             max_client_batch_size=ns.max_client_batch_size,
             payload_limit=ns.payload_limit,
             validation_workers=ns.validation_workers,
+            disable_grammar_support=ns.disable_grammar_support,
         ),
         scheduler=SchedulerConfig(
             max_batch_prefill_tokens=ns.max_batch_prefill_tokens,
@@ -100,6 +101,7 @@ def router_argv(config: RouterConfig, drain_timeout_s: float) -> list[str]:
         "max-client-batch-size": lim.max_client_batch_size,
         "payload-limit": lim.payload_limit,
         "validation-workers": lim.validation_workers,
+        "disable-grammar-support": str(lim.disable_grammar_support).lower(),
         "max-batch-prefill-tokens": s.max_batch_prefill_tokens,
         "max-decode-slowdown": s.max_decode_slowdown,
         "max-batch-total-tokens": s.max_batch_total_tokens,

@@ -76,8 +76,6 @@ TGI_COMPAT_FLAGS: tuple[CompatFlag, ...] = (
                "count of decode steps", cast=non_negative_int),
     CompatFlag("disable-custom-kernels", Status.NO_EFFECT,
                "Spindle picks its kernels per device at start-up; there are no optional custom kernels", switch=True),
-    CompatFlag("disable-grammar-support", Status.NO_EFFECT,
-               "grammar-constrained decoding is not available here: requests asking for it get 422", switch=True),
     CompatFlag("watermark-gamma", Status.NO_EFFECT,
                "watermarking is not supported: requests asking for it get 422", cast=float),
     CompatFlag("watermark-delta", Status.NO_EFFECT,

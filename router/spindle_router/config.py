@@ -24,6 +24,7 @@ class LimitsConfig:
     max_client_batch_size: int = 4
     payload_limit: int = 2_000_000  # bytes
     validation_workers: int = 2
+    disable_grammar_support: bool = False  # TGI's flag: `grammar`, `response_format` and `tools` answer 422
 
     def __post_init__(self) -> None:
         if self.max_concurrent_requests <= 0:

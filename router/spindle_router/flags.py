@@ -169,6 +169,8 @@ FLAGS: tuple[Flag, ...] = (
          "most inputs in one request (OpenAI completions prompts)", LIMITS),
     Flag("payload-limit", positive_int, _L.payload_limit, "largest request body in bytes", LIMITS),
     Flag("validation-workers", positive_int, _L.validation_workers, "tokenizer threads", LIMITS),
+    _bool_flag("disable-grammar-support", _L.disable_grammar_support,
+               "refuse `grammar`, `response_format` and `tools` (422 \"grammar is not supported\")", LIMITS),
     # -- batching
     Flag("max-batch-prefill-tokens", positive_int, _S.max_batch_prefill_tokens,
          "prompt tokens one forward may prefill (longer prompts are chunked)", BATCHING),

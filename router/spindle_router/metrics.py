@@ -11,6 +11,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.utils import floatToGoString
 
 # TGI: 35 geometric buckets 0.00015 s x 1.5^k for every *_duration metric.
+GRAMMAR_BUCKETS = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0)
 DURATION_BUCKETS = tuple(0.00015 * 1.5**k for k in range(35))
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
@@ -104,6 +105,16 @@ class Metrics:
             "spindle_prefix_cache_prompt_tokens", "Prompt tokens looked up in the prefix cache", registry=r
         )
         self.preemptions = Counter("spindle_preemptions", "Requests preempted for KV space", registry=r)
+        self.grammar_compile_duration = Histogram(
+            "spindle_grammar_compile_duration",
+            "Seconds a Prefill spent compiling grammars (compiled grammars are cached by grammar on the shard)",
+            buckets=GRAMMAR_BUCKETS, registry=r,
+        )
+        self.grammar_mask_duration = Histogram(
+            "spindle_grammar_mask_duration",
+            "Seconds a step spent computing token masks (on a worker thread, overlapping the forward)",
+            buckets=GRAMMAR_BUCKETS, registry=r,
+        )
 
     def exposition(self) -> bytes:
         """Prometheus text format with TGI's sample names.

@@ -8,6 +8,7 @@ prompt (tokenize, truncate) and the token budget.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import math
 import random
@@ -16,12 +17,13 @@ from typing import Any
 
 from spindle_router.config import LimitsConfig
 from spindle_router.errors import SchemaError, ValidationError
+from spindle_router.grammar import Grammar, GrammarChecker, GrammarError, parse_grammar
 from spindle_router.scheduler.request import SamplingParams, StoppingParams, ValidRequest
 from spindle_router.tokenizer import RouterTokenizer
 
 U32_MAX = 2**32 - 1
 U64_MAX = 2**64 - 1
-GRAMMAR_TYPES = ("json", "json_object", "regex", "json_schema")
+GRAMMAR_TYPES = ("json", "json_object", "regex", "json_schema", "lark")
 
 
 def _kind(value: Any) -> str:
@@ -312,9 +314,6 @@ def check_supported(params: GenerateParameters) -> None:
     """Features the shard contract cannot honour: a clear error, never a quietly different answer."""
     if params.adapter_id is not None:
         raise ValidationError(f"unknown adapter `{params.adapter_id}`: no LoRA adapters are loaded")
-    if params.grammar is not None:
-        # The shard contract carries no grammar: behave as TGI with --disable-grammar-support.
-        raise ValidationError("grammar is not supported")
     if params.watermark:
         raise ValidationError("watermark is not supported")
 
@@ -327,6 +326,21 @@ class Validator:
         self.max_input_tokens: int = limits.max_input_tokens
         self.max_total_tokens: int = limits.max_total_tokens
         self.tokenizer = tokenizer
+        self.grammars = None if limits.disable_grammar_support else GrammarChecker()
+
+    def check_grammar(self, raw: Any) -> Grammar | None:
+        """TGI §3.1 step 18: the request's grammar, checked (None: unconstrained); ValidationError otherwise."""
+        if raw is None:
+            return None
+        if self.grammars is None:
+            raise ValidationError("grammar is not supported")
+        try:
+            grammar = parse_grammar(raw)
+            if grammar is not None:
+                self.grammars.check(grammar)
+        except GrammarError as e:
+            raise ValidationError(e.detail) from None
+        return grammar
 
     def check_best_of(self, params: GenerateParameters) -> int:
         """The number of sequences a request runs (checked before it takes its permits)."""
@@ -388,6 +402,12 @@ class Validator:
                 f"`min_tokens` must be <= `max_new_tokens`. Given: {min_new_tokens} and {max_new_tokens}"
             )
         check_token_ids(params, self.tokenizer.vocab_size)
+        grammar = None
+        if params.grammar is not None:  # compiling a large schema takes milliseconds: off the event loop
+            grammar = await asyncio.get_running_loop().run_in_executor(None, self.check_grammar, params.grammar)
+            if min_new_tokens:
+                raise ValidationError("`min_tokens` cannot be used with a grammar: the grammar decides where "
+                                      "the output may end")
         check_supported(params)
         request = ValidRequest(
             input_ids=tuple(ids),
@@ -401,6 +421,7 @@ class Validator:
             ),
             top_n_tokens=top_n_tokens,
             prefill_logprobs=params.decoder_input_details,
+            grammar=grammar,
         )
         return ValidGenerate(
             request=request,

@@ -32,6 +32,7 @@ def _step_fields(outcome: StepOutcome) -> dict:
         decode_ns=outcome.decode_ns,
         total_ns=outcome.total_ns,
         concat_ns=outcome.concat_ns,
+        grammar_mask_ns=outcome.grammar_mask_ns,
     )
     if outcome.batch is not None:
         fields["batch"] = outcome.batch.to_proto()
@@ -102,7 +103,8 @@ class ShardService(generate_pb2_grpc.TextGenerationServiceServicer):
             updates = [RequestUpdate.from_proto(u) for u in request.updates]
             return self.engine.prefill(batch, cached_id, updates, expected)
 
-        return generate_pb2.PrefillResponse(**_step_fields(await self._serial(call)))
+        outcome = await self._serial(call)
+        return generate_pb2.PrefillResponse(**_step_fields(outcome), grammar_compile_ns=outcome.grammar_compile_ns)
 
     async def Decode(self, request: generate_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
         ids = [b.id for b in request.batches]

@@ -178,11 +178,11 @@ CASES = [
     ),
     (
         G,
-        p(grammar={"type": "regex", "value": "a+"}),
+        p(grammar={"type": "regex", "value": "[a-"}),
         "application/json",
         422,
         "validation",
-        V + "grammar is not supported",
+        V + "grammar is not valid: ",
     ),
     ("/generate_stream", p(top_k="a"), "application/json", 422, "validation", "parameters.top_k"),
     (
@@ -282,11 +282,12 @@ CASES = [
         {
             "messages": [{"role": "user", "content": "x"}],
             "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "g",
         },
         "application/json",
         422,
         "tool_error",
-        "Tool error",
+        "Tool error: Tool with name g not found",
     ),
 ]
 

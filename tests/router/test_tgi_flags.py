@@ -102,7 +102,7 @@ def test_no_effect_flags_log_one_line_each(model_dir, caplog, monkeypatch):
     no_effect = [c.name for c in TGI_COMPAT_FLAGS if c.status is Status.NO_EFFECT]
     with caplog.at_level(logging.INFO, logger="spindle_launcher"):
         parser_args = ["--trust-remote-code", "--max-waiting-tokens", "20", "--disable-custom-kernels",
-                       "--disable-grammar-support", "--watermark-gamma", "0.5", "--watermark-delta", "2",
+                       "--watermark-gamma", "0.5", "--watermark-delta", "2",
                        "--enable-prefill-logprobs"]
         _config(model_dir, *parser_args)
     lines = [r.getMessage() for r in caplog.records if "has no effect here" in r.getMessage()]
@@ -111,8 +111,10 @@ def test_no_effect_flags_log_one_line_each(model_dir, caplog, monkeypatch):
 
 def test_implemented_tgi_flags_take_effect(model_dir):
     c = _config(model_dir, "--max-input-length", "7", "--cuda-memory-fraction", "0.5", "-p", "8099",
-                "--num-shard", "2", "--sharded", "true")
+                "--num-shard", "2", "--sharded", "true", "--disable-grammar-support")
     assert c.router.limits.max_input_tokens == 7 and c.router.http.port == 8099 and c.router.num_shard == 2
+    assert c.router.limits.disable_grammar_support is True
+    assert _config(model_dir).router.limits.disable_grammar_support is False
     argv = launcher.Launcher(c)._shard_argv()
     assert argv[argv.index("--cuda-memory-fraction") + 1] == "0.5"
     with pytest.raises(SystemExit):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 from spindle_router.config import LimitsConfig
@@ -171,10 +172,15 @@ def test_sampling_detection_and_seed(validator):
 
 def test_empty_inputs_and_unsupported_features(validator):
     assert detail(validator, "") == "`inputs` cannot be empty"
-    assert (
-        detail(validator, grammar={"type": "regex", "value": "a"}, max_new_tokens=1)
-        == "grammar is not supported"
+    assert detail(validator, grammar={"type": "regex", "value": "[a-"}, max_new_tokens=1).startswith(
+        "grammar is not valid: "
     )
+    grammar = validate(validator, grammar={"type": "regex", "value": "a+"}, max_new_tokens=1).request.grammar
+    assert grammar is not None and grammar.value == "a+"
+    disabled = Validator(dataclasses.replace(LIMITS, disable_grammar_support=True), validator.tokenizer)
+    assert detail(disabled, grammar={"type": "regex", "value": "a"}, max_new_tokens=1) == "grammar is not supported"
+    assert "`min_tokens` cannot be used with a grammar" in detail(
+        validator, grammar={"type": "regex", "value": "a+"}, max_new_tokens=4, min_tokens=2)
     assert detail(validator, watermark=True, max_new_tokens=1) == "watermark is not supported"
 
 

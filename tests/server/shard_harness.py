@@ -142,6 +142,7 @@ class Req:
     top_n_tokens: int = 0
     ignore_eos: bool = True
     resumed: list[int] = field(default_factory=list)  # generated before a preemption, sent as generated_ids
+    grammar: pb.Grammar | None = None
     blocks: list[int] = field(default_factory=list)
     computed: int = 0
     generations: list[pb.Generation] = field(default_factory=list)
@@ -194,6 +195,8 @@ class MiniRouter:
         )
         if req.chunk is not None:
             msg.chunk_len = first
+        if req.grammar is not None:
+            msg.grammar.CopyFrom(req.grammar)
         return msg
 
     def _updates(self) -> list[pb.RequestUpdate]:

@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from spindle_router.api import schemas
+from spindle_router.api import schemas, tools
 from spindle_router.api.context import AppState, json_response, read_json, state
 from spindle_router.api.streaming import DONE_FRAME, open_accepted_sse, pump, sse_frame
 from spindle_router.chat_template import TemplateError
@@ -169,7 +169,7 @@ class ChatRequest:
     logprobs: bool
     stream: bool
     include_usage: bool
-    tools: list[dict[str, Any]] | None
+    tools: tools.ToolPlan | None  # None: no tool calling (none given, or tool_choice "none")
     n: int = 1
 
 
@@ -217,15 +217,9 @@ def parse_chat_request(body: Any) -> ChatRequest:
         raise ValidationError("`top_logprobs` requires `logprobs` to be true")
     grammar = f.raw("response_format")
     params = replace(params, top_n_tokens=top_logprobs if logprobs else None, grammar=grammar)
-    tools = f.raw("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise SchemaError("tools: invalid type, expected a sequence")
-    tool_choice = f.raw("tool_choice")
-    if tools and tool_choice != "none":
-        if grammar is not None:
-            raise ApiError(422, "tool_error", "Tool error: Grammar and tools are mutually exclusive")
-        # Tool calls need grammar-constrained decoding, which the shard contract does not carry.
-        raise ApiError(422, "tool_error", "Tool error: tool calling is not supported by this server")
+    plan = tools.plan_tools(f.raw("tools"), f.raw("tool_choice"), f.raw("tool_prompt"), grammar)
+    if plan is not None:
+        params = replace(params, grammar=plan.grammar)
     n = f.int("n")
     return ChatRequest(
         messages=messages,
@@ -233,7 +227,7 @@ def parse_chat_request(body: Any) -> ChatRequest:
         logprobs=logprobs,
         stream=bool(f.bool("stream", False)),
         include_usage=_include_usage(f),
-        tools=None,
+        tools=plan,
         n=1 if n is None else n,
     )
 
@@ -241,8 +235,12 @@ def parse_chat_request(body: Any) -> ChatRequest:
 def _render(st: AppState, chat: ChatRequest) -> str:
     if st.chat_template is None:
         raise ApiError(422, "template_error", "Template error: the model has no chat template")
+    messages, tool_list = chat.messages, None
+    if chat.tools is not None:
+        tool_list = chat.tools.tools
+        messages = tools.with_tool_prompt(messages, chat.tools, st.chat_template.uses_tools)
     try:
-        return st.chat_template.render(chat.messages, tools=chat.tools)
+        return st.chat_template.render(messages, tools=tool_list)
     except TemplateError as e:
         st.metrics.request_count.inc()
         st.metrics.request_failure.labels(err="template").inc()
@@ -273,15 +271,21 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await _chat_stream(request, st, chat, prompt)
     jobs = [(prompt, p) for p in _copies(chat.params, chat.n)]
     results = sorted(await _generate_all(st, jobs, add_special_tokens=False), key=lambda x: x[0])
-    choices = [
-        {
+    choices = []
+    for i, r in results:
+        message: dict[str, Any] = {"role": "assistant", "content": r.generated_text}
+        finish = _finish_reason(r.end.finish_reason)
+        if chat.tools is not None:
+            answer = tools.read_answer(r.generated_text)
+            message = tools.message_json(answer, tools.new_call_id())
+            if answer.name is not None:
+                finish = "tool_calls"
+        choices.append({
             "index": i,
-            "message": {"role": "assistant", "content": r.generated_text},
+            "message": message,
             "logprobs": _logprobs_json(r.tokens, r.top_tokens) if chat.logprobs else None,
-            "finish_reason": _finish_reason(r.end.finish_reason),
-        }
-        for i, r in results
-    ]
+            "finish_reason": finish,
+        })
     first = results[0][1]
     prompt_tokens = first.valid.input_length  # one prompt, however many choices
     body = {
@@ -299,20 +303,29 @@ async def _chat_stream(
     resp = await open_accepted_sse(request, schemas.stream_headers(st.compute_type, len(prompt)), streams)
     prompt_tokens: list[int] = []
     completion_tokens: list[int] = []
+    calls = {i: tools.ToolCallStream() for i in range(chat.n)} if chat.tools is not None else None
 
-    def encode(tagged: tuple[int, StreamItem]) -> dict[str, Any]:
+    def encode(tagged: tuple[int, StreamItem]) -> dict[str, Any] | None:
         i, item = tagged
         finish = None
+        text = "" if item.token.special else item.token.text
+        delta: dict[str, Any] | None = {"role": "assistant", "content": text}
+        if calls is not None:
+            delta = calls[i].feed(text, last=item.end is not None)
         if item.end is not None:
             finish = _finish_reason(item.end.finish_reason)
+            if calls is not None and calls[i].name not in (None, tools.NO_TOOL) and finish != "length":
+                finish = "tool_calls"
             prompt_tokens[:] = [item.valid.input_length]
             completion_tokens.append(item.end.generated_tokens)
+        elif delta is None:
+            return None  # held back until the tool call's name is known
         return {
             **_base(st, "chat.completion.chunk"),
             "choices": [
                 {
                     "index": i,
-                    "delta": {"role": "assistant", "content": "" if item.token.special else item.token.text},
+                    "delta": delta if delta is not None else {},
                     "logprobs": _logprobs_json([item.token], [item.top_tokens]) if chat.logprobs else None,
                     "finish_reason": finish,
                 }

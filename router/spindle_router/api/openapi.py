@@ -79,8 +79,37 @@ _SCHEMAS: dict[str, Any] = {
             },
             "return_full_text": _nullable("boolean"),
             "stop": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
-            "grammar": {"type": "object", "nullable": True, "description": "not supported: 422"},
+            "grammar": {"allOf": [{"$ref": "#/components/schemas/Grammar"}], "nullable": True},
             "adapter_id": _nullable("string", description="no adapters are loaded: any value is 422"),
+        },
+    },
+    "Grammar": {
+        "type": "object",
+        "description": "Constrains the generated text (see the README). TGI's shapes; response_format also takes "
+        "OpenAI's {type: json_schema, json_schema: {name, schema, strict}}, {type: json_object} and {type: text}.",
+        "required": ["type"],
+        "properties": {
+            "type": {"type": "string", "enum": ["json", "json_object", "json_schema", "regex", "lark", "text"]},
+            "value": {"description": "json/json_object: a JSON Schema (object or JSON string); json_schema: "
+                      "{name, schema}; regex: a regular expression the whole output matches; lark: a context-free "
+                      "grammar in llguidance's Lark dialect"},
+            "json_schema": {"type": "object", "description": "OpenAI's json_schema: {name, schema, strict}"},
+        },
+    },
+    "Tool": {
+        "type": "object",
+        "required": ["function"],
+        "properties": {
+            "type": {"type": "string", "enum": ["function"]},
+            "function": {
+                "type": "object",
+                "required": ["name"],
+                "properties": {
+                    "name": {"type": "string"},
+                    "description": {"type": "string"},
+                    "parameters": {"type": "object", "description": "JSON Schema of the arguments"},
+                },
+            },
         },
     },
     "GenerateRequest": {
@@ -107,10 +136,16 @@ _SCHEMAS: dict[str, Any] = {
             **_OPENAI_SAMPLING,
             "logprobs": _nullable("boolean"),
             "top_logprobs": _nullable("integer", minimum=0, description="at most --max-top-n-tokens"),
-            "response_format": {"type": "object", "nullable": True, "description": "not supported: 422"},
-            "tools": {"type": "array", "items": {"type": "object"}, "nullable": True,
-                      "description": "not supported unless tool_choice is \"none\": 422"},
-            "tool_choice": {"nullable": True},
+            "response_format": {"allOf": [{"$ref": "#/components/schemas/Grammar"}], "nullable": True},
+            "tools": {"type": "array", "items": {"$ref": "#/components/schemas/Tool"}, "nullable": True},
+            "tool_choice": {
+                "nullable": True,
+                "oneOf": [
+                    {"type": "string", "description": "auto | none | required | a tool's name"},
+                    {"type": "object", "description": "{type: function, function: {name}}"},
+                ],
+            },
+            "tool_prompt": _nullable("string", description="appended to the last message when tools are used"),
         },
     },
     "CompletionRequest": {

@@ -362,6 +362,9 @@ class Scheduler:
         if chunk is not None:
             msg.chunk_len = chunk
         sr.chunk_len_sent = chunk
+        if r.grammar is not None:
+            msg.grammar.type = int(r.grammar.type)
+            msg.grammar.value = r.grammar.value
         return msg
 
     def _update(self, sr: ScheduledRequest, new_blocks: list[int]) -> pb.RequestUpdate | None:
@@ -450,6 +453,10 @@ class Scheduler:
         m.batch_inference_duration.labels(method=method).observe(response.total_ns / 1e9)
         if response.concat_ns:
             m.batch_concat_duration.labels(method=method).observe(response.concat_ns / 1e9)
+        if method == "prefill" and response.grammar_compile_ns:
+            m.grammar_compile_duration.observe(response.grammar_compile_ns / 1e9)
+        if response.grammar_mask_ns:
+            m.grammar_mask_duration.observe(response.grammar_mask_ns / 1e9)
 
     def _learn_step_cost(self, plan: StepPlan, response: pb.PrefillResponse | pb.DecodeResponse) -> None:
         """Decode-only steps teach the stall-free budget what decode rows cost at today's context lengths."""

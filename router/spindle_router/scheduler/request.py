@@ -12,7 +12,10 @@ scheduler, which answers with a `RequestStream` of events:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from spindle_router.grammar import Grammar
 
 
 class TraceHook(Protocol):
@@ -67,6 +70,7 @@ class ValidRequest:
     stopping: StoppingParams
     top_n_tokens: int = 0
     prefill_logprobs: bool = False  # decoder_input_details: also bypasses the prefix cache
+    grammar: Grammar | None = None  # constrains every generated token (checked by validation)
     trace: TraceHook | None = field(default=None, compare=False)  # set when tracing is on
 
     @property

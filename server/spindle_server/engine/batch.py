@@ -7,14 +7,16 @@ update before changing any request. Both raise `InvalidArgumentError`, so a bad 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 import tokenizers
 from spindle_proto import generate_pb2
 
 from spindle_server.engine.errors import InvalidArgumentError
 from spindle_server.engine.request import RequestState
+from spindle_server.sampling import grammar as grammars
 from spindle_server.sampling.detokenizer import IncrementalDetokenizer
 from spindle_server.sampling.params import SamplingParams
 from spindle_server.sampling.stopping import StoppingCriteria
@@ -29,6 +31,8 @@ class BatchContext:
     vocab_size: int
     block_size: int
     num_blocks: int  # block ids must lie in [0, num_blocks)
+    # A fresh matcher for a grammar (ValueError when invalid); None: this shard takes no grammar.
+    grammar_matcher: Callable[[grammars.GrammarSpec], Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -115,6 +119,10 @@ def request_from_proto(pb: generate_pb2.Request, ctx: BatchContext) -> RequestSt
     first_len = chunk_len if chunk_len is not None else len(all_ids) - pb.cache_len
     _check_coverage(rid, len(pb.blocks), pb.cache_len + first_len, ctx.block_size)
 
+    if pb.HasField("grammar") and stop.min_new_tokens:
+        # min_new_tokens bans EOS where the grammar may force it: no token would be left to pick.
+        raise InvalidArgumentError(f"request {rid}: min_new_tokens cannot be combined with a grammar")
+    matcher = _grammar_matcher(pb, ctx, generated) if pb.HasField("grammar") else None
     stopping = StoppingCriteria(
         max_new_tokens=stop.max_new_tokens,
         stop_sequences=list(stop.stop_sequences),
@@ -144,7 +152,24 @@ def request_from_proto(pb: generate_pb2.Request, ctx: BatchContext) -> RequestSt
         prefill_logprobs=pb.prefill_logprobs,
         top_n_tokens=pb.top_n_tokens,
         prompt_logprobs=prompt_logprobs,
+        grammar=matcher,
     )
+
+
+def _grammar_matcher(pb: generate_pb2.Request, ctx: BatchContext, generated: list[int]) -> Any:
+    """The request's matcher, advanced over the tokens it was resumed with."""
+    if ctx.grammar_matcher is None:
+        raise InvalidArgumentError(f"request {pb.id}: this shard does not support grammars")
+    try:
+        spec = grammars.GrammarSpec(grammars.GrammarType(pb.grammar.type), pb.grammar.value)
+    except ValueError:
+        raise InvalidArgumentError(f"request {pb.id}: unknown grammar type {pb.grammar.type}") from None
+    try:
+        matcher = ctx.grammar_matcher(spec)
+        grammars.replay(matcher, generated)
+    except ValueError as exc:
+        raise InvalidArgumentError(f"request {pb.id}: {exc}") from None
+    return matcher
 
 
 class ShardBatch:

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    import llguidance
+
     from spindle_server.sampling.detokenizer import IncrementalDetokenizer
     from spindle_server.sampling.params import SamplingParams
     from spindle_server.sampling.stopping import StoppingCriteria
@@ -38,6 +40,8 @@ class RequestState:
     top_n_tokens: int
     # Log-prob of each prompt token given its predecessors, filled chunk by chunk; NaN where unknown.
     prompt_logprobs: list[float] = field(default_factory=list)
+    # Constrains every generated token (sampling/grammar.py); its state has consumed generated_ids.
+    grammar: llguidance.LLMatcher | None = None
 
     @property
     def generated_ids(self) -> list[int]:

@@ -19,6 +19,7 @@ from spindle_server.engine.generation import FinishedText, Generation, TokenList
 from spindle_server.engine.inputs import StepInputs, build_step_inputs
 from spindle_server.engine.request import RequestState
 from spindle_server.kv_cache import KVCache
+from spindle_server.sampling import grammar as grammars
 from spindle_server.sampling.detokenizer import decode_generated
 from spindle_server.sampling.sampler import sample
 
@@ -29,6 +30,7 @@ class StepResult:
     finished_ids: list[int]  # already removed from the batch
     forward_ns: int
     decode_ns: int
+    grammar_mask_ns: int = 0  # worker-thread time computing token masks (overlaps the forward)
 
 
 class ModelRunner:
@@ -58,6 +60,7 @@ class ModelRunner:
         start = time.perf_counter_ns()
         requests = list(batch.requests)
         inputs = build_step_inputs(requests, batch.block_size, self.device)
+        masks = self._start_masks(requests, inputs)  # on a worker thread, while the forward runs
         logits = self.forward(inputs, kv_cache)
         forward_ns = time.perf_counter_ns() - start
 
@@ -66,9 +69,20 @@ class ModelRunner:
         for r in requests:  # the chunk is in the cache now; the next chunk comes with the next call
             r.computed_len += r.next_len
             r.chunk_len = None
-        generations, finished = self._sample_and_stop(requests, inputs, logits)
+        generations, finished = self._sample_and_stop(requests, inputs, logits, masks)
         batch.remove(finished)
-        return StepResult(generations, finished, forward_ns, time.perf_counter_ns() - start)
+        mask_ns = masks.mask_ns if masks is not None else 0
+        return StepResult(generations, finished, forward_ns, time.perf_counter_ns() - start, mask_ns)
+
+    def _start_masks(self, requests: list[RequestState], inputs: StepInputs) -> grammars.MaskJob | None:
+        """Token masks for the rows that sample this step, one per sampling row in order (unconstrained rows
+        allow everything); None when no sampling row has a grammar."""
+        matchers = [r.grammar for r, row in zip(requests, inputs.sample_row) if row is not None]
+        if all(m is None for m in matchers):
+            return None
+        config = self.model.config
+        return grammars.MaskJob(matchers, config.vocab_size, config.eos_token_ids[0],
+                                host_bias=self.device.type == "cpu")
 
     def _record_prompt_logprobs(
         self, requests: list[RequestState], inputs: StepInputs, logits: torch.Tensor | None
@@ -91,15 +105,19 @@ class ModelRunner:
             r.prompt_logprobs.extend(picked.tolist())
 
     def _sample_and_stop(
-        self, requests: list[RequestState], inputs: StepInputs, logits: torch.Tensor | None
+        self, requests: list[RequestState], inputs: StepInputs, logits: torch.Tensor | None,
+        masks: grammars.MaskJob | None = None,
     ) -> tuple[list[Generation], list[int]]:
         chosen = [(r, row) for r, row in zip(requests, inputs.sample_row) if row is not None]
         if not chosen:
             return [], []
         assert logits is not None
         rows = torch.tensor([row for _, row in chosen], dtype=torch.int64, device=logits.device)
+        scores = logits.index_select(0, rows)
+        if masks is not None:  # before penalties and warpers: greedy and sampled rows both obey it
+            masks.apply(scores)
         out = sample(
-            logits.index_select(0, rows),
+            scores,
             [r.params for r, _ in chosen],
             [r.all_ids for r, _ in chosen],
             [r.num_generated for r, _ in chosen],
@@ -111,6 +129,8 @@ class ModelRunner:
             token = out.next_ids[i]
             prefill = self._prefill_tokens(r) if r.prefill_logprobs and r.num_generated == r.num_resumed else None
             r.all_ids.append(token)
+            if r.grammar is not None:
+                grammars.advance(r.grammar, token)
             text = r.detokenizer.step(token)
             reason = r.stopping(token, text)
             if reason is not None:  # no later token can complete a held-back character: send it now

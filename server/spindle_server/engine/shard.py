@@ -26,6 +26,7 @@ from spindle_server.engine.runner import ModelRunner
 from spindle_server.kv_cache import KVCache, KVCacheShape, agree_num_blocks, cache_budget_bytes
 from spindle_server.models.registry import ModelConfig
 from spindle_server.sampling.detokenizer import IncrementalDetokenizer
+from spindle_server.sampling.grammar import GrammarCompiler, GrammarSpec
 from spindle_server.sampling.params import SamplingParams
 from spindle_server.sampling.stopping import StoppingCriteria
 
@@ -92,6 +93,8 @@ class StepOutcome:
     decode_ns: int
     total_ns: int
     concat_ns: int
+    grammar_compile_ns: int = 0  # compiling grammars of requests admitted by this call (cache misses)
+    grammar_mask_ns: int = 0
 
 
 class ShardEngine:
@@ -128,6 +131,7 @@ class ShardEngine:
         )
         self.kv_cache: KVCache | None = None  # allocated by warmup
         self.batches: dict[int, ShardBatch] = {}
+        self._grammars: GrammarCompiler | None = None  # built on the first grammar (wraps the vocabulary once)
 
     # ---- static facts -------------------------------------------------------------------------
     def info(self) -> ShardInfo:
@@ -154,7 +158,13 @@ class ShardEngine:
             vocab_size=self.config.vocab_size,
             block_size=self.settings.block_size,
             num_blocks=self._cache().num_blocks,
+            grammar_matcher=self._grammar_matcher,
         )
+
+    def _grammar_matcher(self, spec: GrammarSpec):  # type: ignore[no-untyped-def]
+        if self._grammars is None:
+            self._grammars = GrammarCompiler(self.tokenizer, self.config.vocab_size, self.config.eos_token_ids)
+        return self._grammars.matcher(spec)
 
     def _cache(self) -> KVCache:
         if self.kv_cache is None:
@@ -337,6 +347,8 @@ class ShardEngine:
             decode_ns=result.decode_ns,
             total_ns=time.perf_counter_ns() - start,
             concat_ns=concat_ns,
+            grammar_compile_ns=self._grammars.take_compile_ns() if self._grammars is not None else 0,
+            grammar_mask_ns=result.grammar_mask_ns,
         )
 
     def filter(self, batch_id: int, keep_ids: Sequence[int]) -> ShardBatch | None:
