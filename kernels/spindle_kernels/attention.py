@@ -19,6 +19,13 @@ a program finds its sequence from `cu_tiles` (exclusive prefix sums of tiles per
 on the device without a host sync). It sweeps the context positions every query in the tile may
 see without a mask, then the diagonal tiles with the causal mask.
 
+Sliding window (WINDOW > 0; 0 = full attention): a query at position p sees p - WINDOW + 1 .. p. Decode
+starts its sweep at the first visible position; a prefill tile adds a masked sweep over the positions
+only some of its queries still see (the window's trailing edge) before the unmasked middle.
+
+Soft-capped logits (SOFTCAP > 0.0, Gemma 2): each score becomes SOFTCAP * tanh(score / SOFTCAP) before the
+softmax (`_scores`, tanh from a sigmoid: the interpreter and every backend have that).
+
 Importing this module imports triton; `spindle_kernels` only imports it when the Triton ops are used.
 """
 
@@ -31,8 +38,19 @@ import triton
 import triton.language as tl
 
 from spindle_kernels.checks import check_attention_inputs, check_ndim, check_scale
+from spindle_kernels.reference import check_softcap, check_window
 
 _LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _scores(qk, qk_scale_log2, SOFTCAP: tl.constexpr):
+    """q.k products -> logits in log2 units (scale folded in), soft-capped when SOFTCAP > 0."""
+    if SOFTCAP > 0:
+        x = qk * (qk_scale_log2 / 1.4426950408889634)  # the natural-log logit
+        capped = SOFTCAP * (2.0 * tl.sigmoid(2.0 * x / SOFTCAP) - 1.0)  # SOFTCAP * tanh(x / SOFTCAP)
+        return capped * 1.4426950408889634
+    return qk * qk_scale_log2
 
 
 @triton.jit
@@ -47,7 +65,7 @@ def _decode_kernel(
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
-    DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -55,6 +73,8 @@ def _decode_kernel(
     context_len = tl.load(ContextLens + b)
     start = split * SPLIT_TOKENS
     end = tl.minimum(context_len, start + SPLIT_TOKENS)
+    if WINDOW > 0:  # positions before the window weigh nothing: start the sweep at the first visible one
+        start = tl.maximum(start, context_len - WINDOW)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -78,7 +98,7 @@ def _decode_kernel(
         kv_off = page * stride_kb + (pos % PAGE_SIZE) * stride_kt + kv_head * stride_kh
         kv_mask = n_mask[:, None] & d_mask[None, :]
         k = tl.load(K + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2  # [G, N]
+        s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), qk_scale_log2, SOFTCAP)  # [G, N]
         s = tl.where(n_mask[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
@@ -123,6 +143,35 @@ def _merge_splits_kernel(
 
 
 @triton.jit
+def _masked_tile(
+    q, m_i, l_i, acc, n0, lo, hi, q_pos, table, K, V, kv_head_off, stride_kb, stride_kt, offs_n, offs_d, d_mask,
+    qk_scale_log2, PAGE_SIZE: tl.constexpr, WINDOW: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SOFTCAP: tl.constexpr,
+):
+    """One online-softmax step over positions n0 + offs_n, keeping those in [lo, hi) each row may see."""
+    pos = n0 + offs_n
+    n_mask = (pos >= lo) & (pos < hi)
+    page = tl.load(table + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
+    kv_off = page * stride_kb + (pos % PAGE_SIZE) * stride_kt + kv_head_off
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(K + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), qk_scale_log2, SOFTCAP)
+    visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
+    if WINDOW > 0:
+        visible = visible & (pos[None, :] > q_pos[:, None] - WINDOW)
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen nothing yet (a window's edge, a padding row) keeps m = -inf: shift by 0, not NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_safe[:, None])
+    alpha = tl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = tl.load(V + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def _prefill_kernel(
     Q, K, V, BlockTables, ContextLens, CuSeqlensQ, CuTiles, Out,
     qk_scale_log2, batch,
@@ -132,7 +181,7 @@ def _prefill_kernel(
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
@@ -163,22 +212,39 @@ def _prefill_kernel(
     )
 
     # Positions < first_q are visible to every query of the tile; the rest up to last_q need the mask.
+    # Under a window, [window_lo, full_lo) is seen by some queries of the tile only: masked too.
     first_q = prefix_len + tile_in_seq * BLOCK_M
     last_q = tl.minimum(first_q + BLOCK_M, context_len) - 1
     unmasked_end = tl.where(is_valid, (first_q // BLOCK_N) * BLOCK_N, 0)
     masked_end = tl.where(is_valid, last_q + 1, 0)
+    window_lo = 0
+    unmasked_start = 0
+    diagonal_start = unmasked_end
+    if WINDOW > 0:
+        window_lo = tl.maximum(first_q - WINDOW + 1, 0)  # the first position any query of the tile sees
+        full_lo = tl.minimum(tl.maximum(last_q - WINDOW + 1, 0), unmasked_end)  # every query sees from here
+        # whole tiles ending at unmasked_end, so the unmasked sweep never overshoots into the diagonal
+        unmasked_start = unmasked_end - ((unmasked_end - full_lo) // BLOCK_N) * BLOCK_N
+        diagonal_start = tl.maximum(unmasked_end, window_lo)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table = BlockTables + seq * stride_btb
     kv_head_off = kv_head * stride_kh
-    for n0 in range(0, unmasked_end, BLOCK_N):
+    if WINDOW > 0:
+        for n0 in range(window_lo, unmasked_start, BLOCK_N):
+            m_i, l_i, acc = _masked_tile(
+                q, m_i, l_i, acc, n0, window_lo, unmasked_start, q_pos, table, K, V, kv_head_off,
+                stride_kb, stride_kt, offs_n, offs_d, d_mask, qk_scale_log2, PAGE_SIZE, WINDOW, DOT_PRECISION,
+                SOFTCAP,
+            )
+    for n0 in range(unmasked_start, unmasked_end, BLOCK_N):
         pos = n0 + offs_n
         page = tl.load(table + pos // PAGE_SIZE).to(tl.int64)
         kv_off = page * stride_kb + (pos % PAGE_SIZE) * stride_kt + kv_head_off
         k = tl.load(K + kv_off[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
+        s = _scores(tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION), qk_scale_log2, SOFTCAP)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -186,24 +252,12 @@ def _prefill_kernel(
         v = tl.load(V + kv_off[:, None] + offs_d[None, :], mask=d_mask[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
-    for n0 in range(unmasked_end, masked_end, BLOCK_N):
-        pos = n0 + offs_n
-        n_mask = pos < context_len
-        page = tl.load(table + pos // PAGE_SIZE, mask=n_mask, other=0).to(tl.int64)
-        kv_off = page * stride_kb + (pos % PAGE_SIZE) * stride_kt + kv_head_off
-        kv_mask = n_mask[:, None] & d_mask[None, :]
-        k = tl.load(K + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale_log2
-        visible = (pos[None, :] <= q_pos[:, None]) & n_mask[None, :]
-        s = tl.where(visible, s, float("-inf"))
-        # Every row saw a visible position in the first tile it met, so m_new is finite here.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(V + kv_off[:, None] + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    for n0 in range(diagonal_start, masked_end, BLOCK_N):
+        m_i, l_i, acc = _masked_tile(
+            q, m_i, l_i, acc, n0, window_lo, context_len, q_pos, table, K, V, kv_head_off,
+            stride_kb, stride_kt, offs_n, offs_d, d_mask, qk_scale_log2, PAGE_SIZE, WINDOW, DOT_PRECISION,
+            SOFTCAP,
+        )
 
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = Out + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
@@ -238,10 +292,15 @@ def decode_attention_splits(
     scale: float,
     num_splits: int,
     block_n: int = 64,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """`paged_decode_attention` with the split count and tile length chosen by the caller (tests, tuning)."""
     batch, num_heads, num_kv_heads = check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
     scale = check_scale(scale)
+    check_window(window)
+    check_softcap(softcap)
     if q.shape[0] != batch:
         raise ValueError(f"q has {q.shape[0]} tokens but the batch has {batch} sequences (one query each)")
     if num_splits < 1 or block_n < 16 or block_n & (block_n - 1):
@@ -271,8 +330,8 @@ def decode_attention_splits(
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PAGE_SIZE=block_size, BLOCK_N=block_n, SPLIT_TOKENS=split_tokens,
-        DIRECT=direct, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
+        DIRECT=direct, DOT_PRECISION=_dot_precision(q.dtype), WINDOW=window or 0,
+        SOFTCAP=float(softcap or 0.0), num_warps=4,
     )
     if not direct:
         _merge_splits_kernel[(batch, num_heads)](
@@ -294,12 +353,16 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Triton version of `reference.paged_decode_attention`: q [batch, num_heads, head_dim] -> same shape."""
     check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
     max_context = block_tables.shape[1] * k_cache.shape[1]
     num_splits = _decode_num_splits(q.shape[0], k_cache.shape[2], max_context, q.device)
-    return decode_attention_splits(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits)
+    return decode_attention_splits(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, window=window,
+                                   softcap=softcap)
 
 
 def prefill_attention_tiles(
@@ -312,10 +375,15 @@ def prefill_attention_tiles(
     scale: float,
     block_m: int = 64,
     block_n: int = 64,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """`paged_attention` with the tile sizes chosen by the caller (tests, tuning)."""
     batch, num_heads, num_kv_heads = check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
     scale = check_scale(scale)
+    check_window(window)
+    check_softcap(softcap)
     check_ndim("cu_seqlens_q", cu_seqlens_q, 1, "[batch + 1]")
     if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.shape[0] != batch + 1:
         raise ValueError(
@@ -346,8 +414,8 @@ def prefill_attention_tiles(
         out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
         PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=triton.next_power_of_2(batch),
-        DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4, num_stages=2,
+        DOT_PRECISION=_dot_precision(q.dtype), WINDOW=window or 0,
+        SOFTCAP=float(softcap or 0.0), num_warps=4, num_stages=2,
     )
     return out
 
@@ -360,6 +428,10 @@ def paged_attention(
     context_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """Triton version of `reference.paged_attention` (varlen chunks, paged context, causal, GQA)."""
-    return prefill_attention_tiles(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+    """Triton version of `reference.paged_attention` (varlen chunks, paged context, causal, GQA, window)."""
+    return prefill_attention_tiles(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                                   window=window, softcap=softcap)

@@ -11,7 +11,8 @@ zeros cost kv_heads x the score FLOPs, which are tiny next to the gather: 1.8 ms
 
 With the C++ kernels loaded (`cpu_native`, compiled for the host on first use), decode attention reads
 the paged cache in place instead: no gather copy, no wasted columns, one op per layer (1.5-6x faster
-than the torch path here, most at long contexts and batch 1). The torch path stays for what the C++
+than the torch path here, most at long contexts and batch 1); a sliding window starts each row's sweep at
+its first visible position, and Gemma 2's soft cap is applied to the scores. The torch path stays for what the C++
 kernel does not take (other head sizes and dtypes) and when no compiler is available.
 
 RMSNorm (with its residual add), rotary and SiLU-and-mul are one C++ op each (a decode step at batch 1
@@ -42,18 +43,27 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """One query token per sequence, q [batch, num_heads, head_dim]; see `reference.paged_decode_attention`."""
+    reference.check_window(window)
+    reference.check_softcap(softcap)
     if q.dtype in NATIVE_DTYPES and q.shape[-1] in NATIVE_HEAD_DIMS and cpu_native.load():
-        return torch.ops.spindle_cpu.paged_decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return torch.ops.spindle_cpu.paged_decode_attention(
+            q, k_cache, v_cache, block_tables, context_lens, scale, window or 0, softcap or 0.0
+        )
     batch, num_heads, head_dim = q.shape
     if batch == 0:
         return torch.empty_like(q)
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
     num_blocks = (int(context_lens.max()) + block_size - 1) // block_size
-    length = num_blocks * block_size
-    index = block_tables[:, :num_blocks].reshape(-1).long()
+    # Under a window, blocks before the shortest sequence's window hold nothing any row sees: skip them.
+    first_block = 0 if window is None else max(int(context_lens.min()) - window, 0) // block_size
+    length = (num_blocks - first_block) * block_size
+    index = block_tables[:, first_block:num_blocks].reshape(-1).long()
     k = k_cache.index_select(0, index).view(batch, length, num_kv_heads * head_dim)
     v = v_cache.index_select(0, index).view(batch, length, num_kv_heads * head_dim)
 
@@ -62,8 +72,14 @@ def paged_decode_attention(
     q_diag[:, heads, :, heads, :] = q.view(batch, num_kv_heads, group, head_dim).transpose(0, 1)
     scores = torch.bmm(q_diag.view(batch, num_heads, num_kv_heads * head_dim), k.transpose(1, 2)).float()
     scores.mul_(scale)
-    past_end = torch.arange(length, device=q.device)[None, :] >= context_lens[:, None].to(q.device)
-    scores.masked_fill_(past_end[:, None, :], float("-inf"))
+    if softcap is not None:
+        scores = scores.div_(softcap).tanh_().mul_(softcap)
+    positions = torch.arange(first_block * block_size, num_blocks * block_size, device=q.device)[None, :]
+    lens = context_lens[:, None].to(q.device)
+    hidden = positions >= lens
+    if window is not None:
+        hidden |= positions < lens - window
+    scores.masked_fill_(hidden[:, None, :], float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     # A row with no context (padding) attends to nothing: zeros rather than NaN.
     probs = probs.nan_to_num_(0.0).to(q.dtype)
@@ -79,22 +95,36 @@ def paged_attention(
     context_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Varlen chunks over paged context; see `reference.paged_attention`. Decode rows take the path above."""
     return reference.varlen_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                                      paged_decode_attention, _chunk_attention)
+                                      paged_decode_attention, _chunk_attention, window=window, softcap=softcap)
 
 
-def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def _chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """q [q_len, heads, d] at the last q_len positions of k, v [ctx_len, kv_heads, d], causal, in q's dtype."""
     q_len, ctx_len = q.shape[0], k.shape[0]
+    if softcap is not None:  # SDPA has no soft cap: the reference's explicit scores
+        mask = reference.chunk_mask(q_len, ctx_len, window, q.device)
+        out = reference.masked_attention(*(t.transpose(0, 1) for t in (q, k, v)), mask, scale, softcap)
+        return out.transpose(0, 1).to(q.dtype)
     # 4-d [1, heads, len, d]: 3-d inputs take SDPA's math path on CPU (5x slower at 1500 tokens).
     qb, kb, vb = (t.transpose(0, 1)[None] for t in (q, k, v))
-    if q_len == ctx_len:  # nothing cached before the chunk: plain causal, no mask tensor
+    if q_len == ctx_len and (window is None or window >= ctx_len):
+        # nothing cached before the chunk and no window inside it: plain causal, no mask tensor
         attn = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
     else:  # the chunk's rows sit at the end of the context (bottom-right aligned causal mask)
-        q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-        mask = torch.arange(ctx_len, device=q.device)[None, :] <= q_pos[:, None]
+        mask = reference.chunk_mask(q_len, ctx_len, window, q.device)
         attn = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
     return attn[0].transpose(0, 1)
 

@@ -17,9 +17,22 @@ import torch
 from flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 
 from spindle_kernels.checks import check_attention_inputs, check_scale
+from spindle_kernels.reference import check_softcap, check_window
 
 PAGE_MULTIPLE = 256
 _DTYPES = (torch.float16, torch.bfloat16)
+
+
+def _window_size(window: int | None) -> tuple[int, int]:
+    """flash-attn's (left, right): a query at p sees p - left .. p + right; -1 is unbounded."""
+    check_window(window)
+    return (-1, -1) if window is None else (window - 1, 0)
+
+
+def _softcap(softcap: float | None) -> float:
+    """flash-attn's soft cap: 0.0 is off."""
+    check_softcap(softcap)
+    return 0.0 if softcap is None else float(softcap)
 
 
 def can_serve(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
@@ -35,11 +48,14 @@ def paged_attention(
     block_tables: torch.Tensor,
     scale: float,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
     fallback: Callable[..., torch.Tensor],
 ) -> torch.Tensor:
     """`reference.paged_attention` through flash_attn_varlen_func(block_table=...)."""
     if not can_serve(q, k_cache):
-        return fallback(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale)
+        return fallback(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
+                        window=window, softcap=softcap)
     batch, _, _ = check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
     scale = check_scale(scale)
     if cu_seqlens_q.shape != (batch + 1,) or cu_seqlens_q.dtype != torch.int32:
@@ -51,6 +67,7 @@ def paged_attention(
         q, k_cache, v_cache, cu_seqlens_q, cu_seqlens_k,
         q.shape[0], block_tables.shape[1] * k_cache.shape[1],
         softmax_scale=scale, causal=True, block_table=block_tables,
+        window_size=_window_size(window), softcap=_softcap(softcap),
     )
 
 
@@ -62,11 +79,13 @@ def paged_decode_attention(
     context_lens: torch.Tensor,
     scale: float,
     *,
+    window: int | None = None,
+    softcap: float | None = None,
     fallback: Callable[..., torch.Tensor],
 ) -> torch.Tensor:
     """`reference.paged_decode_attention` through flash_attn_with_kvcache(block_table=...)."""
     if not can_serve(q, k_cache):
-        return fallback(q, k_cache, v_cache, block_tables, context_lens, scale)
+        return fallback(q, k_cache, v_cache, block_tables, context_lens, scale, window=window, softcap=softcap)
     batch, _, _ = check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
     scale = check_scale(scale)
     if q.shape[0] != batch:
@@ -74,5 +93,6 @@ def paged_decode_attention(
     out = flash_attn_with_kvcache(
         q.unsqueeze(1), k_cache, v_cache,
         cache_seqlens=context_lens, block_table=block_tables, softmax_scale=scale, causal=True,
+        window_size=_window_size(window), softcap=_softcap(softcap),
     )
     return out.squeeze(1)

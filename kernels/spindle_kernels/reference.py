@@ -19,6 +19,11 @@ Varlen queries (prefill chunks and decodes flattened together):
                  | cached prefix (already in blocks) | chunk    |
                                                      |<- q_len ->|
     query i of the chunk sits at position context_lens[b] - q_len + i and attends to positions <= it.
+
+Sliding window (`window=W`, per layer; None = full attention): a query at position p attends to the W
+positions p - W + 1 .. p (itself included), as transformers' `sliding_window` masks do.
+
+Soft-capped logits (`softcap=c`, Gemma 2; None = off): scores = c * tanh(scale * q.k / c) before the mask.
 """
 
 from __future__ import annotations
@@ -67,6 +72,9 @@ def paged_attention(
     context_lens: torch.Tensor,
     block_tables: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """Causal attention of varlen query chunks over their paged context (see module docstring).
 
@@ -74,7 +82,34 @@ def paged_attention(
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
     return varlen_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                            _decode_attention, _chunk_attention)
+                            _decode_attention, _chunk_attention, window=window, softcap=softcap)
+
+
+def check_window(window: int | None) -> None:
+    """A sliding window is None (full attention) or a positive token count."""
+    if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ValueError(f"window must be None or a positive int, got {window!r}")
+
+
+def check_softcap(softcap: float | None) -> None:
+    """A logit soft cap is None (off) or a positive float."""
+    if softcap is not None and (isinstance(softcap, bool) or not isinstance(softcap, (int, float)) or not softcap > 0):
+        raise ValueError(f"softcap must be None or a positive float, got {softcap!r}")
+
+
+def masked_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, softcap: float | None
+) -> torch.Tensor:
+    """q [..., heads, q_len, d], k, v [..., kv_heads, len, d], mask broadcastable to the scores (True =
+    attend) -> [..., heads, q_len, d] float32; explicit scores, so the soft cap can be applied."""
+    group = q.shape[-3] // k.shape[-3]
+    k = k.float().repeat_interleave(group, dim=-3)
+    v = v.float().repeat_interleave(group, dim=-3)
+    scores = (q.float() @ k.transpose(-1, -2)) * scale
+    if softcap is not None:
+        scores = softcap * torch.tanh(scores / softcap)
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return probs.nan_to_num(0.0) @ v  # a row that sees nothing (padding) gives zeros
 
 
 def varlen_attention(
@@ -87,10 +122,17 @@ def varlen_attention(
     scale: float,
     decode: Callable[..., torch.Tensor],
     chunk: Callable[..., torch.Tensor],
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """The varlen split: sequences with one new token (decodes) attend together in one batched `decode`
-    call (q, k_cache, v_cache, block_tables, context_lens, scale); a chunk of several tokens attends on its
-    own with `chunk` (q [q_len, heads, d], k, v [ctx_len, kv_heads, d], scale) -> [q_len, heads, d]."""
+    call (q, k_cache, v_cache, block_tables, context_lens, scale, window=, softcap=); a chunk of several
+    tokens attends on its own with `chunk` (q [q_len, heads, d], k, v [n, kv_heads, d], scale, window=,
+    softcap=) ->
+    [q_len, heads, d], where k, v are the last n positions of the context: under a window, only those some
+    query of the chunk can see."""
+    check_window(window)
+    check_softcap(softcap)
     out = torch.empty_like(q)
     cu = cu_seqlens_q.tolist()
     lens = context_lens.tolist()
@@ -99,24 +141,44 @@ def varlen_attention(
         rows = torch.tensor([cu[b] for b in singles], device=q.device)
         index = torch.tensor(singles, device=q.device)
         out[rows] = decode(
-            q[rows], k_cache, v_cache, block_tables.index_select(0, index), context_lens.index_select(0, index), scale
+            q[rows], k_cache, v_cache, block_tables.index_select(0, index), context_lens.index_select(0, index), scale,
+            window=window, softcap=softcap,
         )
     for b in range(len(lens)):
         start, end = cu[b], cu[b + 1]
         if end - start <= 1:
             continue
-        k = _gather_context(k_cache, block_tables[b], lens[b])
-        v = _gather_context(v_cache, block_tables[b], lens[b])
-        out[start:end] = chunk(q[start:end], k, v, scale)
+        # Under a window the chunk's first query sees back to lens[b] - q_len - window + 1, no further.
+        first = 0 if window is None else max(lens[b] - (end - start) - window + 1, 0)
+        k = _gather_context(k_cache, block_tables[b], lens[b])[first:]
+        v = _gather_context(v_cache, block_tables[b], lens[b])[first:]
+        out[start:end] = chunk(q[start:end], k, v, scale, window=window, softcap=softcap)
     return out
 
 
-def _chunk_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+def chunk_mask(q_len: int, ctx_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[q_len, ctx_len] bool, True = attend: the queries are the last q_len of the ctx_len positions."""
+    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=device)
+    k_pos = torch.arange(ctx_len, device=device)
+    mask = k_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - window
+    return mask
+
+
+def _chunk_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
+) -> torch.Tensor:
     """q [q_len, heads, d] at the last q_len positions of k, v [ctx_len, kv_heads, d]: causal, float32."""
-    q_len, ctx_len = q.shape[0], k.shape[0]
-    q_pos = torch.arange(ctx_len - q_len, ctx_len, device=q.device)
-    k_pos = torch.arange(ctx_len, device=q.device)
-    mask = k_pos[None, :] <= q_pos[:, None]  # [q_len, ctx_len], True = attend
+    mask = chunk_mask(q.shape[0], k.shape[0], window, q.device)
+    if softcap is not None:
+        out = masked_attention(*(t.transpose(0, 1) for t in (q, k, v)), mask, scale, softcap)
+        return out.transpose(0, 1).to(q.dtype)
     attn = F.scaled_dot_product_attention(
         q.transpose(0, 1).float(),  # [heads, q_len, d]
         k.transpose(0, 1).float(),
@@ -135,6 +197,8 @@ def _decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
     """All sequences at once: gather every block table into [batch, max_len] and mask past each length."""
     batch, num_heads, head_dim = q.shape
@@ -147,6 +211,11 @@ def _decode_attention(
     v = v_cache[tables].flatten(1, 2).transpose(1, 2).float()
     positions = torch.arange(num_blocks * block_size, device=q.device)
     mask = positions[None, :] < context_lens[:, None].to(q.device)  # [batch, max_len]
+    if window is not None:
+        mask &= positions[None, :] >= context_lens[:, None].to(q.device) - window
+    if softcap is not None:
+        attn = masked_attention(q[:, :, None, :], k, v, mask[:, None, None, :], scale, softcap)
+        return attn.reshape(batch, num_heads, head_dim).to(q.dtype)
     attn = F.scaled_dot_product_attention(
         q.view(batch, num_kv_heads, group, head_dim).float(),  # the query heads sharing a KV head
         k,
@@ -166,11 +235,17 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     context_lens: torch.Tensor,
     scale: float,
+    *,
+    window: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor:
-    """One query token per sequence, q [batch, num_heads, head_dim], attending to all context_lens[b] tokens."""
+    """One query token per sequence, q [batch, num_heads, head_dim], attending to its context_lens[b] tokens
+    (the last `window` of them under a sliding window)."""
+    check_window(window)
+    check_softcap(softcap)
     if q.shape[0] == 0:
         return torch.empty_like(q)
-    return _decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale)
+    return _decode_attention(q, k_cache, v_cache, block_tables, context_lens, scale, window, softcap)
 
 
 def rms_norm(

@@ -147,6 +147,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag("master-port", positive_int, 29500, "torch.distributed rendezvous port", MODEL, Scope.LAUNCHER),
     Flag("huggingface-hub-cache", str, None, "Hugging Face cache a Hub --model-id is looked up in", MODEL,
          Scope.LAUNCHER, shown="huggingface_hub's"),
+    Flag("revision", str, None, "branch, tag or commit of a Hub --model-id (an error with a local directory); "
+         "the shards load the commit it resolves to", MODEL, Scope.LAUNCHER, shown="the default branch"),
     # -- HTTP. --hostname is not read from HOSTNAME: shells and container runtimes set it to the machine's name.
     Flag("hostname", str, _H.hostname, "address the router listens on", HTTP, from_env=False),
     Flag("port", positive_int, _H.port, "port the router listens on", HTTP, short="-p"),

@@ -68,6 +68,10 @@ class ShardOptions:
     master_port: int
     cuda_graphs: str | None = None  # "1,2,4" / "0" for the shards' --cuda-graphs; None: the shards' default
     cuda_memory_fraction: float | None = None  # None: the shards' default
+    # A Hub model: its id and the commit the launcher resolved, so every shard loads the router's snapshot
+    # (from --huggingface-hub-cache when given).
+    hub_model: tuple[str, str] | None = None
+    hub_cache: str | None = None
 
 
 @dataclass(frozen=True)
@@ -94,11 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve_model_dir(model_id: str, hub_cache: str | None = None) -> Path:
-    """A local directory as given; otherwise a Hub id looked up through huggingface_hub (its cache, and the
-    network unless HF_HUB_OFFLINE=1)."""
+# What the router and the shards read from a Hub snapshot: config and generation config, weights, tokenizer
+# files, chat templates (`chat_template.jinja` beside or instead of the one in tokenizer_config.json).
+HUB_FILE_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.jinja"]
+
+
+def resolve_model_dir(model_id: str, revision: str | None = None, hub_cache: str | None = None) -> Path:
+    """A local directory as given; otherwise a Hub id at `revision` looked up through huggingface_hub (its
+    cache, or `hub_cache`, and the network unless HF_HUB_OFFLINE=1). The snapshot directory's name is the
+    commit."""
     path = Path(model_id).expanduser()
     if path.is_dir():
+        if revision is not None:
+            raise ValueError(f"--revision {revision!r} applies to Hub ids; {model_id!r} is a local directory")
         if not (path / "config.json").is_file():
             raise ValueError(f"{path} has no config.json: not a Hugging Face model directory")
         return path.resolve()
@@ -108,11 +120,12 @@ def resolve_model_dir(model_id: str, hub_cache: str | None = None) -> Path:
         from huggingface_hub import snapshot_download
     except ImportError:
         raise ValueError(f"--model-id {model_id!r} is not a directory and huggingface_hub is not installed") from None
-    patterns = ["*.json", "*.safetensors", "tokenizer*"]
     try:
-        return Path(snapshot_download(model_id, allow_patterns=patterns, cache_dir=hub_cache))
-    except Exception as e:  # the hub raises a dozen types for offline / missing / gated
-        raise ValueError(f"--model-id {model_id!r}: not a local directory and not resolvable on the Hub ({e})") from e
+        return Path(snapshot_download(model_id, revision=revision, allow_patterns=HUB_FILE_PATTERNS,
+                                      cache_dir=hub_cache))
+    except Exception as e:  # the hub raises a dozen types for offline / missing / gated / unknown revision
+        at = f" at revision {revision!r}" if revision else ""
+        raise ValueError(f"--model-id {model_id!r}{at}: not a local directory and not resolvable on the Hub ({e})") from e
 
 
 def config_from_args(ns: argparse.Namespace) -> LauncherConfig:
@@ -122,13 +135,17 @@ def config_from_args(ns: argparse.Namespace) -> LauncherConfig:
         raise ValueError("--model-id is required (or MODEL_ID)")
     check_compat_flags(ns)
     _resolve_tgi_aliases(ns)
-    ns.model_dir = str(resolve_model_dir(ns.model_id, ns.huggingface_hub_cache))
+    model_dir = resolve_model_dir(ns.model_id, ns.revision, ns.huggingface_hub_cache)
+    ns.model_dir = str(model_dir)
+    is_local = Path(ns.model_id).expanduser().is_dir()
     router = router_config_from_args(ns)
     check_static_limits(router.limits, router.scheduler)
     return LauncherConfig(
         router=router,
         shard=ShardOptions(ns.dtype, ns.kv_cache_bytes, ns.master_addr, ns.master_port, ns.cuda_graphs,
-                           ns.cuda_memory_fraction),
+                           ns.cuda_memory_fraction,
+                           hub_model=None if is_local else (ns.model_id, model_dir.name),
+                           hub_cache=ns.huggingface_hub_cache),
         graceful_termination_timeout_s=ns.graceful_termination_timeout,
     )
 
@@ -263,6 +280,9 @@ class Launcher:
         c = self.config
         argv = [sys.executable, "-m", "spindle_server.cli", "serve", c.router.model_dir,
                 "--uds-path", c.router.shard_uds_path]
+        if c.shard.hub_model is not None:  # the shards resolve the id at the commit the router read
+            model_id, commit = c.shard.hub_model
+            argv[4:5] = [model_id, "--revision", commit]
         if c.shard.dtype:
             argv += ["--dtype", c.shard.dtype]
         if c.shard.kv_cache_bytes is not None:
@@ -288,6 +308,8 @@ class Launcher:
             MASTER_PORT=str(c.shard.master_port),
             PYTHONUNBUFFERED="1",
         )
+        if c.shard.hub_cache is not None:  # the shards look the Hub id up where the launcher found it
+            env["HF_HUB_CACHE"] = c.shard.hub_cache
         return env
 
     def claim_sockets(self) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -42,6 +43,7 @@ class ServeArgs:
     otlp_endpoint: str | None
     otlp_service_name: str = "spindle"
     cuda_graphs: tuple[int, ...] = ()  # decode batch sizes captured as CUDA graphs; (): off (always on CPU)
+    revision: str | None = None  # of a Hub id model_dir; None: its default branch
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_CHOICES:
@@ -65,7 +67,10 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     serve.add_argument("model_dir", metavar="MODEL_DIR", type=Path, help="directory with config.json, "
-                       "*.safetensors and tokenizer.json")
+                       "*.safetensors and tokenizer.json, or a Hub id (owner/name) in the Hugging Face cache")
+    serve.add_argument("--revision", default=None, metavar="REV",
+                       help="branch, tag or commit of a Hub id MODEL_DIR (default: its default branch); "
+                            "an error with a local directory")
     serve.add_argument("--uds-path", required=True, metavar="PREFIX",
                        help="unix socket prefix; this rank listens on PREFIX-RANK")
     serve.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
@@ -122,7 +127,14 @@ def build_engine(args: ServeArgs, device: torch.device):
 
     from spindle_server.distributed import init_distributed
     from spindle_server.engine.shard import CacheSettings, ShardEngine
+    from spindle_server.hub import resolve_model
     from spindle_server.models.registry import load_model, read_model_config
+
+    model_dir = resolve_model(str(args.model_dir), args.revision)
+    if model_dir != args.model_dir:
+        at = f" @ {args.revision}" if args.revision else ""
+        log.info("model %s%s resolved to %s", args.model_dir, at, model_dir)
+    args = dataclasses.replace(args, model_dir=model_dir, revision=None)
 
     settings = CacheSettings(
         block_size=args.block_size,
@@ -210,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         otlp_endpoint=ns.otlp_endpoint,
         otlp_service_name=ns.otlp_service_name,
         cuda_graphs=ns.cuda_graphs,
+        revision=ns.revision,
     )
     from spindle_proto.sockets import SocketInUse
 

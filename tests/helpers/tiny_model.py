@@ -40,7 +40,7 @@ def _corpus() -> list[str]:
 
 @dataclass
 class TinyModelSpec:
-    arch: str = "llama"  # llama | mistral | qwen2
+    arch: str = "llama"  # llama | mistral | qwen2 | qwen3 | gemma2 | gemma3_text | phi3
     num_layers: int = 2
     hidden_size: int = 64
     intermediate_size: int = 128
@@ -100,7 +100,18 @@ def _hf_config(spec: TinyModelSpec, vocab_size: int):
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "gemma2": transformers.Gemma2Config,
+        "gemma3_text": transformers.Gemma3TextConfig,
+        "phi3": transformers.Phi3Config,
     }[spec.arch]
+    if spec.arch in ("qwen3", "gemma2", "gemma3_text"):
+        # these take head_dim explicitly (their defaults are for real sizes)
+        common.setdefault("head_dim", spec.hidden_size // spec.num_heads)
+    if spec.arch in ("gemma2", "gemma3_text"):
+        common.setdefault("query_pre_attn_scalar", spec.hidden_size // spec.num_heads)
+    if spec.arch == "phi3":
+        common.setdefault("pad_token_id", 0)
     return cls(**common)
 
 
@@ -146,7 +157,7 @@ def load_reference(path: Path):
     import torch
     import transformers
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     model.eval()
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=str(Path(path) / "tokenizer.json"))
     return model, tokenizer

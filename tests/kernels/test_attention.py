@@ -154,3 +154,44 @@ def test_prefill_rejects_bad_cu_seqlens():
         _attention().paged_attention(
             c.q, c.k_cache, c.v_cache, c.cu_seqlens_q.long(), c.context_lens, c.block_tables, c.scale
         )
+
+
+# Windows: one token, shorter than a tile, a tile's edge inside a chunk, and longer than every context.
+WINDOWS = [1, 5, 16, 23, 100]
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_decode_with_sliding_window_matches_reference(window, num_splits):
+    c = _decode_case([1, 5, 17, 33, 70], (4, 2, 16), 4, seed=8)
+    softcap = 0.7 if window == 16 else None  # one window with Gemma 2's soft cap on top
+    got = _attention().decode_attention_splits(
+        c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale, num_splits=num_splits, block_n=16,
+        window=window, softcap=softcap,
+    )
+    want = reference.paged_decode_attention(
+        c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale, window=window, softcap=softcap
+    )
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("batch", PREFILL_BATCHES + [([70, 33, 1], [70, 90, 50])],
+                         ids=["one-prompt", "mixed", "long-chunks", "beyond-windows"])
+def test_prefill_with_sliding_window_matches_reference(window, batch):
+    q_lens, context_lens = batch
+    c = make_paged_case(q_lens, context_lens, num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=9)
+    args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
+    got = _attention().prefill_attention_tiles(*args, block_m=16, block_n=16, window=window)
+    torch.testing.assert_close(got, reference.paged_attention(*args, window=window), atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 23])
+def test_softcap_matches_reference(window):
+    c = make_paged_case([70, 33, 1, 5], [70, 90, 50, 5], num_heads=4, num_kv_heads=2, head_dim=16, block_size=4,
+                        seed=12)
+    args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
+    got = _attention().prefill_attention_tiles(*args, block_m=16, block_n=16, window=window, softcap=0.7)
+    want = reference.paged_attention(*args, window=window, softcap=0.7)
+    assert not torch.allclose(want, reference.paged_attention(*args, window=window), atol=1e-3)
+    torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)

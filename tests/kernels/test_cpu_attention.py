@@ -148,3 +148,78 @@ def test_rms_norm_matches_reference_on_3d_rows(dtype):
     alone, same = cpu.rms_norm(x, weight, 1e-5)
     assert same is x  # without a residual, x itself is the next residual
     torch.testing.assert_close(alone, reference.rms_norm(x, weight, 1e-5)[0], **TOLERANCE[dtype])
+
+
+def _naive_attention(c, window: int | None, softcap: float | None = None) -> torch.Tensor:
+    """Token by token over each sequence's gathered context: what every path must compute, float32."""
+    out = torch.empty_like(c.q, dtype=torch.float32)
+    num_heads, num_kv_heads = c.q.shape[1], c.k_cache.shape[2]
+    cu, lens = c.cu_seqlens_q.tolist(), c.context_lens.tolist()
+    for b, ctx in enumerate(lens):
+        q_len = cu[b + 1] - cu[b]
+        blocks = c.block_tables[b].long()
+        k = c.k_cache[blocks].flatten(0, 1)[:ctx].float()
+        v = c.v_cache[blocks].flatten(0, 1)[:ctx].float()
+        for i in range(q_len):
+            p = ctx - q_len + i
+            lo = 0 if window is None else max(p - window + 1, 0)
+            for h in range(num_heads):
+                kv = h // (num_heads // num_kv_heads)
+                scores = (k[lo : p + 1, kv] @ c.q[cu[b] + i, h].float()) * c.scale
+                if softcap is not None:
+                    scores = softcap * torch.tanh(scores / softcap)
+                out[cu[b] + i, h] = torch.softmax(scores, 0) @ v[lo : p + 1, kv]
+    return out
+
+
+# Windows shorter than the contexts, one block long, one token, and longer than every context.
+WINDOWS = [None, 1, 4, 7, 100]
+
+
+@pytest.mark.parametrize("softcap", [None, 0.5], ids=["no-cap", "softcap"])
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("impl", [reference, cpu], ids=["reference", "cpu"])
+def test_sliding_window_and_softcap_match_naive(impl, window, softcap):
+    c = make_paged_case([7, 1, 0, 19, 1], [7, 20, 6, 40, 13], num_heads=4, num_kv_heads=2, head_dim=16,
+                        block_size=4, seed=9)
+    args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
+    want = _naive_attention(c, window, softcap)
+    got = impl.paged_attention(*args, window=window, softcap=softcap)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    d = make_paged_case([1] * 4, [1, 5, 17, 33], num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=10)
+    got = impl.paged_decode_attention(d.q, d.k_cache, d.v_cache, d.block_tables, d.context_lens, d.scale,
+                                      window=window, softcap=softcap)
+    torch.testing.assert_close(got, _naive_attention(d, window, softcap), atol=2e-5, rtol=1e-5)
+
+
+def test_window_changes_the_answer_and_bad_windows_are_rejected():
+    c = make_paged_case([1, 1], [30, 9], num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=11)
+    args = (c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale)
+    full, windowed = cpu.paged_decode_attention(*args), cpu.paged_decode_attention(*args, window=10)
+    assert not torch.allclose(full[0], windowed[0])  # context 30 > window 10
+    torch.testing.assert_close(full[1], windowed[1])  # context 9 fits in the window
+    for bad in (0, -3, 2.5, True):
+        with pytest.raises(ValueError, match="window"):
+            cpu.paged_decode_attention(*args, window=bad)
+    capped = cpu.paged_decode_attention(*args, softcap=0.5)  # cap 0.5 on logits of size ~1: a real change
+    assert not torch.allclose(full, capped)
+    with pytest.raises(ValueError, match="softcap"):
+        cpu.paged_decode_attention(*args, softcap=0.0)
+
+
+@pytest.mark.parametrize("window", [1, 4, 9])
+def test_decode_skips_blocks_before_every_window(window):
+    # Every context is longer than the window: the CPU decode gathers only the blocks a window reaches.
+    d = make_paged_case([1] * 3, [20, 33, 41], num_heads=4, num_kv_heads=2, head_dim=16, block_size=4, seed=13)
+    got = cpu.paged_decode_attention(d.q, d.k_cache, d.v_cache, d.block_tables, d.context_lens, d.scale,
+                                     window=window, softcap=0.5 if window == 4 else None)
+    torch.testing.assert_close(got, _naive_attention(d, window, 0.5 if window == 4 else None), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("window", "softcap"), [(6, None), (None, 0.5), (6, 0.5), (1, None)])
+def test_windowed_decode_at_a_native_head_dim(window, softcap):
+    # head_dim 64 is one the C++ kernel takes: it applies the window and the soft cap itself.
+    d = make_paged_case([1] * 3, [20, 33, 3], num_heads=4, num_kv_heads=2, head_dim=64, block_size=4, seed=14)
+    got = cpu.paged_decode_attention(d.q, d.k_cache, d.v_cache, d.block_tables, d.context_lens, d.scale,
+                                     window=window, softcap=softcap)
+    torch.testing.assert_close(got, _naive_attention(d, window, softcap), atol=2e-5, rtol=1e-5)

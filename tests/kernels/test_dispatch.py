@@ -134,8 +134,8 @@ def test_flash_wrappers_pass_paged_arguments_and_fall_back(fake_flash, monkeypat
         KernelOps(
             name="fallback",
             reshape_and_cache=REFERENCE_OPS.reshape_and_cache,
-            paged_attention=lambda *a: calls.append("prefill") or "fallback",
-            paged_decode_attention=lambda *a: calls.append("decode") or "fallback",
+            paged_attention=lambda *a, window=None, softcap=None: calls.append(f"prefill {window}") or "fallback",
+            paged_decode_attention=lambda *a, window=None, softcap=None: calls.append(f"decode {window}") or "fallback",
             rms_norm=REFERENCE_OPS.rms_norm,
             rotary_embedding=REFERENCE_OPS.rotary_embedding,
             silu_and_mul=REFERENCE_OPS.silu_and_mul,
@@ -148,8 +148,8 @@ def test_flash_wrappers_pass_paged_arguments_and_fall_back(fake_flash, monkeypat
     tables = torch.tensor([[2, 0], [1, 0]], dtype=torch.int32)
     # fp32 CPU tensors are beyond flash-attn: the fallback answers.
     assert ops.paged_attention(q, k_cache, k_cache, cu, lens, tables, 0.25) == "fallback"
-    assert ops.paged_decode_attention(q[:2], k_cache, k_cache, tables, lens, 0.25) == "fallback"
-    assert calls == ["prefill", "decode"] and fake_flash.calls == []
+    assert ops.paged_decode_attention(q[:2], k_cache, k_cache, tables, lens, 0.25, window=8) == "fallback"
+    assert calls == ["prefill None", "decode 8"] and fake_flash.calls == []
 
     monkeypatch.setattr(flash, "can_serve", lambda q, k_cache: True)
     out = ops.paged_attention(q, k_cache, k_cache, cu, lens, tables, 0.25)
@@ -159,10 +159,17 @@ def test_flash_wrappers_pass_paged_arguments_and_fall_back(fake_flash, monkeypat
     assert args[2].tolist() == cu.tolist() and args[3].tolist() == [0, 300, 307]  # cu_seqlens_q, cu_seqlens_k
     assert args[5] == 2 * 256  # max_seqlen_k bound from the table width
     assert kwargs["causal"] is True and kwargs["block_table"] is tables and kwargs["softmax_scale"] == 0.25
+    assert kwargs["window_size"] == (-1, -1) and kwargs["softcap"] == 0.0
+    ops.paged_attention(q, k_cache, k_cache, cu, lens, tables, 0.25, window=64)
+    assert fake_flash.calls[-1][2]["window_size"] == (63, 0)  # flash-attn's left edge excludes the query
 
     out = ops.paged_decode_attention(q[:2], k_cache, k_cache, tables, lens, 0.25)
     assert out.shape == (2, 4, 16)
     name, args, kwargs = fake_flash.calls[-1]
     assert name == "kvcache" and kwargs["cache_seqlens"] is lens and kwargs["block_table"] is tables
+    ops.paged_decode_attention(q[:2], k_cache, k_cache, tables, lens, 0.25, window=5, softcap=50.0)
+    assert fake_flash.calls[-1][2]["window_size"] == (4, 0) and fake_flash.calls[-1][2]["softcap"] == 50.0
+    with pytest.raises(ValueError, match="window"):
+        ops.paged_decode_attention(q[:2], k_cache, k_cache, tables, lens, 0.25, window=0)
     with pytest.raises(ValueError, match="one query each"):
         ops.paged_decode_attention(q, k_cache, k_cache, tables, lens, 0.25)

@@ -141,3 +141,37 @@ def test_flash_attn_ops_match_reference(dtype):
 
 def test_ops_for_cuda_names_the_backend():
     assert ops_for("cuda", block_size=16).name == "triton"
+
+
+# Windows (Mistral 4096-style, Gemma 3's 512, one shorter than a tile) with Gemma 2's soft cap on one.
+WINDOW_CASES = [(37, None), (512, None), (4096, None), (512, 50.0)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize(("window", "softcap"), WINDOW_CASES)
+def test_windowed_attention(dtype, window, softcap):
+    from spindle_kernels.attention import paged_attention, paged_decode_attention
+
+    kw = {"window": window, "softcap": softcap}
+    c = _case([1] * 5, [1, 40, 700, 5000, 513], dtype, seed=3)
+    got = paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale, **kw)
+    want = reference.paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale, **kw)
+    torch.testing.assert_close(got, want, **TOLERANCE[dtype])
+    c = _case([1, 77, 600, 300], [900, 77, 5000, 300], dtype, seed=4)
+    args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
+    torch.testing.assert_close(paged_attention(*args, **kw), reference.paged_attention(*args, **kw), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize(("window", "softcap"), WINDOW_CASES)
+def test_flash_attn_windows_match_reference(window, softcap):
+    pytest.importorskip("flash_attn")
+    ops = ops_for("cuda", block_size=256)
+    kw = {"window": window, "softcap": softcap}
+    c = _case([1] * 3, [5, 600, 1300], torch.bfloat16, block_size=256)
+    got = ops.paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale, **kw)
+    want = reference.paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale, **kw)
+    torch.testing.assert_close(got, want, **TOLERANCE[torch.bfloat16])
+    c = _case([40, 1, 300], [300, 600, 300], torch.bfloat16, block_size=256)
+    args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
+    got = ops.paged_attention(*args, **kw)
+    torch.testing.assert_close(got, reference.paged_attention(*args, **kw), **TOLERANCE[torch.bfloat16])

@@ -100,3 +100,36 @@ def test_cuda_graphs_flag_reaches_the_shards(tmp_path: Path, monkeypatch):
     for bad in ("1,x", "-1", "0,4"):
         with pytest.raises(SystemExit):
             launcher.build_parser().parse_args([*base, "--cuda-graphs", bad])
+
+
+def test_revision_resolves_the_hub_id_and_reaches_the_shards_as_a_commit(tmp_path: Path, monkeypatch):
+    from tests.helpers.hub_cache import add_snapshot, use_offline_cache
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    (src / "chat_template.jinja").write_text("{{ messages }}")
+    add_snapshot(tmp_path / "cache", "org/tiny", "a" * 40, src, refs=("main",))
+    add_snapshot(tmp_path / "cache", "org/tiny", "b" * 40, src, refs=("v1",))
+    use_offline_cache(monkeypatch, tmp_path / "cache")
+    base = ["--model-id", "org/tiny", "--max-input-tokens", "10", "--max-total-tokens", "20"]
+
+    def config(*extra: str) -> launcher.LauncherConfig:
+        return launcher.config_from_args(launcher.build_parser().parse_args([*base, *extra]))
+
+    c = config("--revision", "v1")
+    assert Path(c.router.model_dir).name == "b" * 40 and (Path(c.router.model_dir) / "chat_template.jinja").is_file()
+    argv = launcher.Launcher(c)._shard_argv()
+    assert argv[4:7] == ["org/tiny", "--revision", "b" * 40]  # the commit, not the moving tag
+    argv = launcher.Launcher(config())._shard_argv()
+    assert argv[4:7] == ["org/tiny", "--revision", "a" * 40]
+    with pytest.raises(ValueError, match="at revision 'nope'"):
+        config("--revision", "nope")
+    with pytest.raises(ValueError, match="applies to Hub ids"):
+        launcher.resolve_model_dir(str(src), "v1")
+    local = launcher.Launcher(launcher.config_from_args(launcher.build_parser().parse_args(
+        ["--model-id", str(src), "--max-input-tokens", "10", "--max-total-tokens", "20"])))._shard_argv()
+    assert "--revision" not in local and local[4] == str(src.resolve())
+    # A cache given on the command line is where the shards look the id up too.
+    c = config("--revision", "v1", "--huggingface-hub-cache", str(tmp_path / "cache"))
+    assert launcher.Launcher(c)._shard_env(0)["HF_HUB_CACHE"] == str(tmp_path / "cache")

@@ -13,9 +13,9 @@ from spindle_router import cli, launcher
 from spindle_router.compat import TGI_COMPAT_FLAGS, Status
 from spindle_router.flags import FLAGS, Scope
 
-# text-generation-launcher's flags (launcher/src/main.rs, TGI v3). --revision is implemented with the loader.
+# text-generation-launcher's flags (launcher/src/main.rs, TGI v3).
 TGI_LAUNCHER_FLAGS = """
-model-id validation-workers sharded num-shard quantize speculate dtype kv-cache-dtype trust-remote-code
+model-id revision validation-workers sharded num-shard quantize speculate dtype kv-cache-dtype trust-remote-code
 max-concurrent-requests max-best-of max-stop-sequences max-top-n-tokens max-input-tokens max-input-length
 max-total-tokens waiting-served-ratio max-batch-prefill-tokens max-batch-total-tokens max-waiting-tokens
 max-batch-size cuda-graphs hostname port prometheus-port shard-uds-path master-addr master-port

@@ -76,7 +76,8 @@ def test_old_and_new_config_formats_agree() -> None:
 @pytest.mark.parametrize(
     ("cfg", "message"),
     [
-        ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
+        ({"rope_scaling": {"rope_type": "mrope", "factor": 4.0}}, "rope type 'mrope' is not supported"),
+        ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0]}}, "short_factor and long_factor"),
         ({"rope_parameters": {"rope_type": "default", "partial_rotary_factor": 0.5}}, "partial rotary"),
         ({"rope_parameters": {"rope_type": "linear", "factor": 0}}, "must be positive"),
     ],

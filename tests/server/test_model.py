@@ -1,8 +1,8 @@
-"""The Llama-family model against transformers, float32 on CPU, through the paged KV cache.
+"""Every dense family against transformers (eager, float32) on CPU, through the paged KV cache.
 
 Every scenario compares Spindle's logits with the reference's for the same positions: a whole prompt,
 the prompt in chunks of 7, two sequences of very different lengths in one varlen forward, and decode
-steps after a prefill.
+steps after a prefill. Windowed variants use windows (10-12 tokens) far shorter than the prompts (33-50).
 """
 
 from __future__ import annotations
@@ -31,6 +31,15 @@ LLAMA3_ROPE = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 64,
 }
+PHI3_CONFIG = {
+    "original_max_position_embeddings": 64,
+    "sliding_window": 12,
+    "rope_scaling": {
+        "rope_type": "longrope",
+        "short_factor": [1.0 + 0.1 * i for i in range(8)],
+        "long_factor": [2.0 + 0.3 * i for i in range(8)],
+    },
+}
 VARIANTS = {
     "llama3": TinyModelSpec(arch="llama", rope_scaling=LLAMA3_ROPE),
     "mistral": TinyModelSpec(arch="mistral", seed=1),
@@ -38,6 +47,34 @@ VARIANTS = {
     "tied": TinyModelSpec(arch="llama", tie_word_embeddings=True, seed=3),
     "sharded": TinyModelSpec(arch="llama", max_shard_size="100KB", seed=4),
     "linear": TinyModelSpec(arch="llama", rope_scaling={"rope_type": "linear", "factor": 2.0}, seed=5),
+    # Every layer slides (Mistral's rule).
+    "mistral_window": TinyModelSpec(arch="mistral", seed=6, extra_config={"sliding_window": 12}),
+    # q/k norms, an explicit head_dim (24, not 64 / 4), and only layers >= max_window_layers slide.
+    "qwen3": TinyModelSpec(
+        arch="qwen3", seed=8,
+        extra_config={"head_dim": 24, "use_sliding_window": True, "sliding_window": 10, "max_window_layers": 1},
+    ),
+    "yarn": TinyModelSpec(
+        arch="qwen2", seed=9, max_position_embeddings=128,
+        rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32},
+    ),
+    # Sliding and global layers alternate; soft-capped attention (50) and final logits (30).
+    "gemma2": TinyModelSpec(arch="gemma2", seed=10, tie_word_embeddings=True, extra_config={"sliding_window": 12}),
+    # q/k norms; the sliding layer has its own rope base, the global one a linear-scaled rope.
+    "gemma3": TinyModelSpec(
+        arch="gemma3_text", seed=11,
+        extra_config={
+            "sliding_window": 12,
+            "layer_types": ["sliding_attention", "full_attention"],
+            "rope_parameters": {
+                "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e6},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            },
+        },
+    ),
+    # Fused qkv_proj / gate_up_proj, a window, longrope (prompts stay under the original length here:
+    # test_longrope_past_the_original_length goes past it).
+    "phi3": TinyModelSpec(arch="phi3", seed=12, max_position_embeddings=128, extra_config=PHI3_CONFIG),
 }
 
 
@@ -200,7 +237,11 @@ def test_missing_tensor_is_named(models: Models, tmp_path: Path) -> None:
     [
         ("model_type", "gpt2", "model_type 'gpt2' is not supported"),
         ("hidden_act", "gelu", "hidden_act 'gelu' is not supported"),
-        ("rope_parameters", {"rope_type": "yarn", "factor": 2.0}, "rope type 'yarn' is not supported"),
+        ("rope_parameters", {"rope_type": "mrope", "factor": 2.0}, "rope type 'mrope' is not supported"),
+        ("model_type", "gpt_neox", r"model_type 'gpt_neox' .* Spindle serves: gemma2, gemma3_text, llama"),
+        ("layer_types", ["chunked_attention", "full_attention"], r"layer types \['chunked_attention'\]"),
+        ("sliding_window", -4, "sliding_window must be a positive integer"),
+        ("use_bidirectional_attention", True, "use_bidirectional_attention is not supported"),
     ],
 )
 def test_unsupported_config_is_rejected(models: Models, tmp_path: Path, field, value, message) -> None:
@@ -238,3 +279,93 @@ def test_weight_shape_disagreeing_with_config(models: Models, tmp_path: Path) ->
         ValueError, match=r"gate_proj\.weight' has shape \(128, 64\), the model config expects \(96, 64\)"
     ):
         load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+
+
+def test_windows_are_read_per_layer(models: Models) -> None:
+    assert read_model_config(models.get("mistral_window")[0]).layer_windows == (12, 12)
+    assert read_model_config(models.get("qwen3")[0]).layer_windows == (None, 10)
+    gemma2 = read_model_config(models.get("gemma2")[0])
+    assert gemma2.layer_windows == (12, None) and gemma2.attn_softcap == 50.0 and gemma2.final_logit_softcap == 30.0
+    gemma3 = read_model_config(models.get("gemma3")[0])
+    assert gemma3.rope_of(0).theta == 1e4 and gemma3.rope_of(1).rope_type == "linear"
+    assert read_model_config(models.get("mistral")[0]).layer_windows == (4096, 4096)  # transformers default
+    assert read_model_config(models.get("llama3")[0]).layer_windows == ()
+
+
+def test_mistral_window_greedy_past_the_window(models: Models) -> None:
+    """Greedy tokens past a 12-token window, prefilled in chunks of 7 then decoded, equal transformers'."""
+    from tests.helpers.tiny_model import reference_greedy
+
+    _, model, ref = models.get("mistral_window")
+    ids = prompt(30, model.config.vocab_size, seed=17)
+    expected = reference_greedy(ref, ids, 12)
+    runner = PagedRunner(model)
+    runner.add_sequence(0, len(ids) + 12)
+    for i in range(0, len(ids), 7):
+        (logits,) = runner.step([(0, ids[i : i + 7])])
+    tokens = [int(logits[-1].argmax())]
+    while len(tokens) < 12:
+        (logits,) = runner.step([(0, tokens[-1:])])
+        tokens.append(int(logits[-1].argmax()))
+    assert tokens == expected
+    # and the window matters: the same model attending fully predicts differently somewhere
+    full = load_model(models.get("mistral_window")[0], torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+    for layer in full.layers:
+        layer.self_attn.window = None
+    full_runner = PagedRunner(full)
+    full_runner.add_sequence(0, len(ids))
+    (full_logits,) = full_runner.step([(0, ids)])
+    assert not torch.allclose(full_logits, ref_logits(ref, ids), atol=1e-2)
+
+
+def test_longrope_past_the_original_length(tmp_path: Path) -> None:
+    """A prompt longer than longrope's original length (64) takes the long factors, then decodes."""
+    spec = TinyModelSpec(arch="phi3", seed=13, max_position_embeddings=128, extra_config=PHI3_CONFIG)
+    path = make_tiny_model(tmp_path / "phi3_long", spec)
+    model = load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+    ref, _ = load_reference(path)
+    ids = prompt(71, model.config.vocab_size, seed=18)
+    runner = PagedRunner(model)
+    runner.add_sequence(0, len(ids))
+    (prefill,) = runner.step([(0, ids[:-1])])
+    (decode,) = runner.step([(0, ids[-1:])])
+    with torch.no_grad():
+        first = ref(torch.tensor([ids[:-1]]), use_cache=True)
+        second = ref(torch.tensor([ids[-1:]]), past_key_values=first.past_key_values, use_cache=True)
+    assert_close(prefill, first.logits[0])
+    assert_close(decode, second.logits[0])
+
+
+@pytest.mark.parametrize(
+    ("variant", "extra", "expected"),
+    [
+        ("mistral_window", {}, (12, 12)),
+        ("qwen3", {"num_hidden_layers": 3, "max_window_layers": 1}, (None, 10, 10)),
+        ("qwen3", {"use_sliding_window": False}, ()),
+        ("gemma2", {"num_hidden_layers": 3}, (12, None, 12)),
+        ("gemma3", {"num_hidden_layers": 4, "sliding_window_pattern": 2}, (12, None, 12, None)),
+        ("gemma3", {"num_hidden_layers": 7}, (12, 12, 12, 12, 12, None, 12)),  # transformers' default of 6
+    ],
+)
+def test_window_rules_of_configs_without_layer_types(models: Models, tmp_path: Path, variant, extra, expected) -> None:
+    """Older config.json files list no layer_types: each family's own rule decides which layers slide."""
+    path = tmp_path / "m"
+    path.mkdir()
+    config = json.loads((models.get(variant)[0] / "config.json").read_text())
+    config.pop("layer_types", None)
+    config.update(extra)
+    (path / "config.json").write_text(json.dumps(config))
+    assert read_model_config(path).layer_windows == expected
+
+
+def test_phi3_reads_a_yarn_rope_type_as_longrope(models: Models, tmp_path: Path) -> None:
+    """transformers' Phi-3 maps rope types "su" and "yarn" to longrope; a yarn table would be different rope."""
+    path = tmp_path / "m"
+    path.mkdir()
+    config = json.loads((models.get("phi3")[0] / "config.json").read_text())
+    params = config.pop("rope_parameters")
+    config["rope_scaling"] = {**params, "type": "yarn"}
+    config["rope_scaling"].pop("rope_type")
+    (path / "config.json").write_text(json.dumps(config))
+    rope = read_model_config(path).rope
+    assert rope.rope_type == "longrope" and rope.short_factor == tuple(params["short_factor"])

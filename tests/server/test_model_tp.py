@@ -1,4 +1,7 @@
-"""Tensor parallelism end to end: 2 gloo ranks produce the same logits as 1 rank (and as transformers)."""
+"""Tensor parallelism end to end: 2 gloo ranks produce the same logits as 1 rank (and as transformers).
+
+One pair of rank processes loads every family in turn (process start-up is the expensive part).
+"""
 
 from __future__ import annotations
 
@@ -15,11 +18,22 @@ from spindle_server.models.registry import load_model
 from tests.helpers.paged_runner import PagedRunner
 from tests.helpers.tiny_model import TinyModelSpec, load_reference, make_tiny_model
 from tests.helpers.tp import free_port, set_rank_env
+from tests.server.test_model import VARIANTS
 
 CPU = torch.device("cpu")
 WORLD = 2
-# Qwen2 with tied embeddings: q/k/v biases, a vocabulary-parallel embedding shared with the LM head.
-SPEC = TinyModelSpec(arch="qwen2", tie_word_embeddings=True, seed=7)
+SPECS = {
+    # Qwen2 with tied embeddings: q/k/v biases, a vocabulary-parallel embedding shared with the LM head.
+    "qwen2": TinyModelSpec(arch="qwen2", tie_word_embeddings=True, seed=7),
+    # Per-head q/k norms on each rank's heads, explicit head_dim, a sliding layer (window 10 < prompts).
+    "qwen3": VARIANTS["qwen3"],
+    # Soft caps, sandwich norms, GeLU-tanh, alternating windows, tied embeddings.
+    "gemma2": VARIANTS["gemma2"],
+    # q/k norms, a local rope for sliding layers.
+    "gemma3": VARIANTS["gemma3"],
+    # Fused qkv_proj / gate_up_proj cut per part on each rank; longrope; a window.
+    "phi3": VARIANTS["phi3"],
+}
 
 
 def prompts(vocab_size: int) -> tuple[list[int], list[int]]:
@@ -42,15 +56,17 @@ def run_steps(model, world_size: int) -> list[torch.Tensor]:
     return out
 
 
-def _tp_worker(rank: int, port: int, model_dir: str, bad_dir: str, out: str) -> None:
+def _tp_worker(rank: int, port: int, root: str, bad_dir: str, out: str) -> None:
     set_rank_env(rank, WORLD, port)
     torch.set_num_threads(1)
     from spindle_server.distributed import init_distributed
 
     dist = init_distributed(CPU, timeout_s=60)
-    model = load_model(model_dir, torch.float32, CPU, dist, ops_for(CPU))
-    results: dict[str, object] = {"logits": run_steps(model, WORLD)}
-    results["kv_heads_per_rank"] = model.layers[0].self_attn.num_kv_heads
+    results: dict[str, object] = {}
+    for name in SPECS:
+        model = load_model(Path(root) / name, torch.float32, CPU, dist, ops_for(CPU))
+        kv_heads = model.layers[0].self_attn.num_kv_heads
+        results[name] = {"logits": run_steps(model, WORLD), "kv_heads_per_rank": kv_heads}
     try:
         load_model(bad_dir, torch.float32, CPU, dist, ops_for(CPU))
         results["bad_error"] = "loaded"
@@ -64,36 +80,39 @@ def _tp_worker(rank: int, port: int, model_dir: str, bad_dir: str, out: str) -> 
 @pytest.fixture(scope="module")
 def tp_results(tmp_path_factory):
     root = tmp_path_factory.mktemp("tp_model")
-    model_dir = make_tiny_model(root / "model", SPEC)
+    for name, spec in SPECS.items():
+        make_tiny_model(root / name, spec)
     # Same model but 1 KV head: fewer KV heads than ranks is rejected before any weight is read.
     bad_dir = root / "one_kv_head"
     bad_dir.mkdir()
-    config = json.loads((model_dir / "config.json").read_text())
+    config = json.loads((root / "qwen2" / "config.json").read_text())
     config["num_key_value_heads"] = 1
     (bad_dir / "config.json").write_text(json.dumps(config))
-    mp.spawn(_tp_worker, args=(free_port(), str(model_dir), str(bad_dir), str(root)), nprocs=WORLD, join=True)
-    return model_dir, [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
+    mp.spawn(_tp_worker, args=(free_port(), str(root), str(bad_dir), str(root)), nprocs=WORLD, join=True)
+    return root, [torch.load(root / f"rank{r}.pt") for r in range(WORLD)]
 
 
-def test_two_ranks_match_one_rank(tp_results) -> None:
-    model_dir, results = tp_results
-    single = load_model(model_dir, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_two_ranks_match_one_rank(tp_results, name) -> None:
+    root, results = tp_results
+    single = load_model(root / name, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
     expected = run_steps(single, 1)
     for r in results:
-        assert r["kv_heads_per_rank"] == 1
-        assert len(r["logits"]) == len(expected)
-        for ours, ref in zip(r["logits"], expected):
+        assert r[name]["kv_heads_per_rank"] == 1
+        assert len(r[name]["logits"]) == len(expected)
+        for ours, ref in zip(r[name]["logits"], expected):
             torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
 
 
-def test_two_ranks_match_transformers(tp_results) -> None:
-    model_dir, results = tp_results
-    ref, _ = load_reference(model_dir)
+@pytest.mark.parametrize("name", sorted(SPECS))
+def test_two_ranks_match_transformers(tp_results, name) -> None:
+    root, results = tp_results
+    ref, _ = load_reference(root / name)
     a, b = prompts(ref.config.vocab_size)
     with torch.no_grad():
         ref_a = ref(torch.tensor([a])).logits[0]
         ref_b = ref(torch.tensor([b])).logits[0]
-    logits = results[0]["logits"]  # [a[:-2], b[:7], a[-2], b[7:-1], a[-1], b[-1]]
+    logits = results[0][name]["logits"]  # [a[:-2], b[:7], a[-2], b[7:-1], a[-1], b[-1]]
     torch.testing.assert_close(torch.cat(logits[0::2]), ref_a, atol=1e-4, rtol=0)
     torch.testing.assert_close(torch.cat(logits[1::2]), ref_b, atol=1e-4, rtol=0)
 

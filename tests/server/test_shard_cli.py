@@ -73,3 +73,21 @@ def test_a_socket_another_process_listens_on_is_refused(tmp_path):
         if os.path.exists(f"{prefix}-0"):
             os.unlink(f"{prefix}-0")
         os.rmdir(live_dir)
+
+
+def test_hub_id_is_served_at_the_given_revision(tmp_path, monkeypatch):
+    """`serve owner/name --revision v1` loads that revision's snapshot from the Hugging Face cache."""
+    from tests.helpers.hub_cache import add_snapshot, use_offline_cache
+
+    cache = tmp_path / "cache"
+    llama = make_tiny_model(tmp_path / "llama", TinyModelSpec(num_layers=1, seed=3))
+    qwen2 = make_tiny_model(tmp_path / "qwen2", TinyModelSpec(arch="qwen2", num_layers=1, seed=4))
+    add_snapshot(cache, "org/tiny", "a" * 40, llama, refs=("main",))
+    add_snapshot(cache, "org/tiny", "b" * 40, qwen2, refs=("v1",))
+    use_offline_cache(monkeypatch, cache)
+    group = ShardGroup("org/tiny", extra_args=("--revision", "v1"))
+    try:
+        assert group.call("Info", pb.InfoRequest()).model_type == "qwen2"
+        assert "resolved to" in group.log_text() and "b" * 40 in group.log_text()
+    finally:
+        group.close()

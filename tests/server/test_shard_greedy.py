@@ -12,6 +12,7 @@ from spindle_proto import generate_pb2 as pb
 
 from tests.helpers.tiny_model import TinyModelSpec, load_reference, make_tiny_model, reference_greedy
 from tests.server.shard_harness import MiniRouter, Req, ShardGroup, warmup
+from tests.server.test_model import VARIANTS
 
 pytestmark = pytest.mark.slow
 
@@ -28,6 +29,10 @@ SPECS = {
                             seed=11),
     "mistral": TinyModelSpec(arch="mistral", seed=12),
     "qwen2": TinyModelSpec(arch="qwen2", seed=13),
+    # 12-token windows, shorter than most prompts here; Gemma 2 adds soft caps and alternating layers.
+    # (The other families are held to transformers at the model level: test_model.py, test_model_tp.py.)
+    "mistral_window": VARIANTS["mistral_window"],
+    "gemma2": VARIANTS["gemma2"],
 }
 NEW_TOKENS = 8
 
@@ -117,8 +122,9 @@ def test_request_joins_a_decoding_batch(served):
         assert r.tokens == s.ref(r.prompt), f"request {r.id}"
 
 
-def test_prompt_reusing_another_requests_cached_blocks(served):
-    s = served("llama3")
+@pytest.mark.parametrize("name", ["llama3", "gemma2"])
+def test_prompt_reusing_another_requests_cached_blocks(served, name):
+    s = served(name)
     base = prompts((40,))[0]
     router = s.router()
     owner = Req(0, base, NEW_TOKENS)

@@ -77,7 +77,7 @@ inline bf16* BF(const at::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr
 template <typename T, int64_t head_dim>
 void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t* tables, const int32_t* lens,
                    T* out, int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
-                   int64_t table_width, float scale) {
+                   int64_t table_width, float scale, int64_t window, float softcap) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t row_stride = num_kv_heads * head_dim;  // one token's K (or V) across heads
   const int64_t block_stride = block_size * row_stride;
@@ -94,13 +94,16 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
       }
       const T* qp = q + (b * num_heads + h * group) * head_dim;
       for (int64_t i = 0; i < group * head_dim; ++i) qf[i] = to_float(qp[i]) * scale;
-      scores.resize(group * len);
+      // A sliding window (> 0) sees the last `window` positions: [first, len); n of them.
+      const int64_t first = window > 0 ? std::max<int64_t>(len - window, 0) : 0;
+      const int64_t n = len - first;
+      scores.resize(group * n);
       const int32_t* table = tables + b * table_width;
 
-      for (int64_t start = 0; start < len; start += block_size) {
+      for (int64_t start = first - first % block_size; start < len; start += block_size) {
         const T* block = k_cache + table[start / block_size] * block_stride + h * head_dim;
         const int64_t stop = std::min(block_size, len - start);
-        for (int64_t j = 0; j < stop; ++j) {
+        for (int64_t j = std::max<int64_t>(first - start, 0); j < stop; ++j) {
           const T* kp = block + j * row_stride;
           float* r = row;
 #pragma omp simd
@@ -110,37 +113,38 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
             float s = 0.0f;
 #pragma omp simd reduction(+ : s)
             for (int64_t d = 0; d < head_dim; ++d) s += qg[d] * r[d];
-            scores[g * len + start + j] = s;
+            if (softcap > 0.0f) s = softcap * std::tanh(s / softcap);  // Gemma 2's soft-capped logits
+            scores[g * n + start + j - first] = s;
           }
         }
       }
       for (int64_t g = 0; g < group; ++g) {
-        float* sg = scores.data() + g * len;
+        float* sg = scores.data() + g * n;
         float top = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : top)
-        for (int64_t t = 0; t < len; ++t) top = std::max(top, sg[t]);
+        for (int64_t t = 0; t < n; ++t) top = std::max(top, sg[t]);
         float total = 0.0f;
 #pragma omp simd reduction(+ : total)
-        for (int64_t t = 0; t < len; ++t) {
+        for (int64_t t = 0; t < n; ++t) {
           sg[t] = softmax_exp(sg[t] - top);
           total += sg[t];
         }
         const float inv = 1.0f / total;
 #pragma omp simd
-        for (int64_t t = 0; t < len; ++t) sg[t] *= inv;
+        for (int64_t t = 0; t < n; ++t) sg[t] *= inv;
       }
 
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t start = 0; start < len; start += block_size) {
+      for (int64_t start = first - first % block_size; start < len; start += block_size) {
         const T* block = v_cache + table[start / block_size] * block_stride + h * head_dim;
         const int64_t stop = std::min(block_size, len - start);
-        for (int64_t j = 0; j < stop; ++j) {
+        for (int64_t j = std::max<int64_t>(first - start, 0); j < stop; ++j) {
           const T* vp = block + j * row_stride;
           float* r = row;
 #pragma omp simd
           for (int64_t d = 0; d < head_dim; ++d) r[d] = to_float(vp[d]);
           for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * len + start + j];
+            const float p = scores[g * n + start + j - first];
             float* ag = acc.data() + g * head_dim;
 #pragma omp simd
             for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * r[d];
@@ -153,7 +157,8 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
 }
 
 at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale) {
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t window, double softcap) {
   TORCH_CHECK(q.dim() == 3, "q must be [batch, num_heads, head_dim]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim]");
@@ -176,6 +181,8 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   at::Tensor out = at::empty({batch, num_heads, head_dim}, q.options());
   if (batch == 0) return out;
   const auto s = static_cast<float>(scale);
+  const auto cap = static_cast<float>(softcap);
+  TORCH_CHECK(window >= 0 && softcap >= 0.0, "window and softcap must be >= 0 (0: off)");
   const bool known = head_dim == 32 || head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128 ||
                      head_dim == 256;
   TORCH_CHECK(known, "paged_decode_attention (CPU) takes head_dim 32, 64, 80, 96, 128 or 256, got ", head_dim);
@@ -189,11 +196,11 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
       decode_kernel<bf16, D>(BF(qc), BF(k_cache),     \
                                       BF(v_cache), table_ptr, len_ptr,               \
                                       BF(out), batch, num_heads, num_kv_heads,       \
-                                      block_size, width, s);                                               \
+                                      block_size, width, s, window, cap);                                               \
     } else {                                                                                               \
       decode_kernel<float, D>(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),  \
                               table_ptr, len_ptr, out.data_ptr<float>(), batch, num_heads, num_kv_heads,   \
-                              block_size, width, s);                                                       \
+                              block_size, width, s, window, cap);                                                       \
     }                                                                                                      \
   }
   SPINDLE_DECODE(32)
@@ -367,7 +374,7 @@ at::Tensor silu_and_mul(const at::Tensor& x) {
 
 TORCH_LIBRARY(spindle_cpu, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
-        "Tensor context_lens, float scale) -> Tensor");
+        "Tensor context_lens, float scale, int window=0, float softcap=0.0) -> Tensor");
   m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual) -> (Tensor, Tensor)");
   m.impl("rms_norm", c10::DispatchKey::CPU, TORCH_FN(rms_norm));

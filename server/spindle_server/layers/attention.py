@@ -18,6 +18,7 @@ from spindle_kernels import KernelOps
 
 from spindle_server.distributed import Distributed
 from spindle_server.layers.linear import QKVParallelLinear, RowParallelLinear
+from spindle_server.layers.norm import RMSNorm
 from spindle_server.layers.rotary import RotaryEmbedding
 from spindle_server.weights import Weights
 
@@ -50,18 +51,27 @@ class PagedAttention(torch.nn.Module):
         o_bias: bool,
         dtype: torch.dtype,
         device: torch.device,
+        window: int | None = None,
+        scale: float | None = None,
+        softcap: float | None = None,
+        qk_norm_eps: float | None = None,
+        norm_weight_offset: float = 0.0,
     ) -> None:
+        """window: this layer's sliding window (a query sees its last `window` positions); None = full.
+        scale: of the attention logits (None: head_dim ** -0.5); softcap: logits = softcap * tanh(logits /
+        softcap) (Gemma 2); qk_norm_eps: RMSNorm each head of q and k before rotary (Qwen3, Gemma 3)."""
         super().__init__()
-        ws = dist.world_size
-        if num_heads % ws or num_kv_heads % ws:
-            raise ValueError(
-                f"tensor parallelism over {ws} ranks needs num_heads ({num_heads}) and num_kv_heads "
-                f"({num_kv_heads}) divisible by {ws}"
-            )
+        ws = dist.world_size  # divisibility: ModelConfig.check_world_size, and QKVParallelLinear below
         self.num_heads = num_heads // ws
         self.num_kv_heads = num_kv_heads // ws
         self.head_dim = head_dim
-        self.scale = head_dim**-0.5
+        self.scale = head_dim**-0.5 if scale is None else scale
+        self.window = window
+        self.softcap = softcap
+        self.q_norm = self.k_norm = None
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(head_dim, qk_norm_eps, ops, dtype, device, weight_offset=norm_weight_offset)
+            self.k_norm = RMSNorm(head_dim, qk_norm_eps, ops, dtype, device, weight_offset=norm_weight_offset)
         self.rotary = rotary
         self.ops = ops
         self.qkv_proj = QKVParallelLinear(
@@ -71,10 +81,17 @@ class PagedAttention(torch.nn.Module):
             num_heads * head_dim, hidden_size, dist, bias=o_bias, dtype=dtype, device=device
         )
 
-    def load(self, weights: Weights, prefix: str) -> None:
-        """prefix: e.g. "model.layers.3.self_attn" (q_proj, k_proj, v_proj, o_proj below it)."""
-        self.qkv_proj.load(weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
+    def load(self, weights: Weights, prefix: str, fused: bool = False) -> None:
+        """prefix: e.g. "model.layers.3.self_attn" (q_proj, k_proj, v_proj, o_proj below it; with `fused`,
+        one qkv_proj as Phi-3 stores it; q_norm, k_norm where the layer has them)."""
+        if fused:
+            self.qkv_proj.load_fused(weights, f"{prefix}.qkv_proj")
+        else:
+            self.qkv_proj.load(weights, [f"{prefix}.q_proj", f"{prefix}.k_proj", f"{prefix}.v_proj"])
         self.o_proj.load(weights, f"{prefix}.o_proj")
+        if self.q_norm is not None and self.k_norm is not None:
+            self.q_norm.load(weights, f"{prefix}.q_norm.weight")
+            self.k_norm.load(weights, f"{prefix}.k_norm.weight")
 
     def forward(
         self,
@@ -93,16 +110,22 @@ class PagedAttention(torch.nn.Module):
         q = q.reshape(num_tokens, self.num_heads, self.head_dim).contiguous()
         k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
         v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
+        if self.q_norm is not None and self.k_norm is not None:
+            # per head: the norms see [T * heads, head_dim] rows
+            q = self.q_norm(q.view(-1, self.head_dim))[0].view(num_tokens, self.num_heads, self.head_dim)
+            k = self.k_norm(k.view(-1, self.head_dim))[0].view(num_tokens, self.num_kv_heads, self.head_dim)
         self.rotary(positions, q, k, meta.cu_seqlens_q, meta.context_lens)
 
         k_cache, v_cache = kv_cache
         self.ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
             out = self.ops.paged_decode_attention(
-                q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale
+                q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,
+                window=self.window, softcap=self.softcap,
             )
         else:
             out = self.ops.paged_attention(
-                q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, self.scale
+                q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, self.scale,
+                window=self.window, softcap=self.softcap,
             )
         return self.o_proj(out.reshape(num_tokens, q_size))

@@ -6,7 +6,13 @@
         y_r = x @ W_r.T      (no communication)       y = all_reduce(sum_r x_r @ W_r.T) + b
 
 A merged column layer stacks several column-parallel matrices (q|k|v, gate|up) so one matmul serves them;
-each part is split across ranks on its own, so rank r holds [q_r | k_r | v_r].
+each part is split across ranks on its own, so rank r holds [q_r | k_r | v_r] -- whether the checkpoint
+stores the parts apart (Llama's q_proj, k_proj, v_proj) or stacked (Phi-3's qkv_proj: `load_fused`).
+
+Every layer is a `ParallelLinear`: one place creates the rank's parameters, loads checkpoint slices with
+shape checks, and packs weights for oneDNN; the subclasses only say which slice goes where. Whether a
+model's sizes divide by the world size is checked once, from its config, before any weight is read
+(`ModelConfig.check_world_size`); the layers' own checks only guard their direct use.
 
 On CPU, `pack_linear_weights` reorders every weight once into oneDNN's blocked layout (what inductor's
 `freezing` does): measured on 2 Zen 4 cores over the SmolLM2-135M shapes, float32 matmuls run 2.1x
@@ -42,14 +48,54 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
 
 
-class _PackableLinear(torch.nn.Module):
-    """A layer whose `weight` [out, in] can be swapped for its packed copy (`pack`), freeing the plain one."""
+class ParallelLinear(torch.nn.Module):
+    """The base of every tensor-parallel linear layer: it creates this rank's parameters, loads checkpoint
+    slices into them with shape checks, and computes y = x @ W.T (+ b), from a oneDNN-packed copy once
+    `pack` has run (CPU). Subclasses say which slice of which tensor goes where (`load`) and what follows
+    the matmul (`forward`).
 
-    weight: torch.nn.Parameter
-    bias: torch.nn.Parameter | None
+    weight [out_rows, in_cols] (this rank's share); bias [bias_size] or None.
+    """
+
     packed: torch.Tensor | None = None
 
+    def __init__(
+        self,
+        dist: Distributed,
+        out_rows: int,
+        in_cols: int,
+        bias_size: int | None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        self.dist = dist
+        self.weight = torch.nn.Parameter(
+            torch.empty(out_rows, in_cols, dtype=dtype, device=device), requires_grad=False
+        )
+        self.bias = (
+            torch.nn.Parameter(torch.empty(bias_size, dtype=dtype, device=device), requires_grad=False)
+            if bias_size is not None
+            else None
+        )
+
+    def _load_slice(
+        self,
+        weights: Weights,
+        name: str,
+        full_shape: tuple[int, ...],
+        dim: int,
+        start: int,
+        stop: int,
+        into: torch.Tensor,
+    ) -> None:
+        """Check that checkpoint tensor `name` has `full_shape`, then copy its [start:stop] along `dim` into
+        `into` (a view of one of this layer's parameters), checking that the shapes agree."""
+        _check_shape(weights, name, full_shape)
+        _copy_checked(into, weights.get_rows(name, dim, start, stop), name)
+
     def pack(self) -> None:
+        """Swap `weight` for its oneDNN-packed copy, freeing the plain one (CPU float32/bfloat16 only)."""
         if self.packed is None and can_pack(self.weight):
             self.packed = pack_weight(self.weight)
             self.weight.data = self.weight.data.new_empty(0)  # the packed copy is the weight from now on
@@ -86,7 +132,7 @@ def _copy_checked(param: torch.Tensor, value: torch.Tensor, name: str) -> None:
         param.copy_(value)
 
 
-class MergedColumnParallelLinear(_PackableLinear):
+class MergedColumnParallelLinear(ParallelLinear):
     """Several column-parallel linears sharing one input, computed as one matmul.
 
     Output on rank r: [part_0 slice r | part_1 slice r | ...], widths `output_sizes_per_rank`.
@@ -101,8 +147,6 @@ class MergedColumnParallelLinear(_PackableLinear):
         dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
     ) -> None:
-        super().__init__()
-        self.dist = dist
         self.in_features = in_features
         self.output_sizes = tuple(output_sizes)
         self.output_sizes_per_rank = tuple(
@@ -110,32 +154,33 @@ class MergedColumnParallelLinear(_PackableLinear):
             for i, size in enumerate(output_sizes)
         )
         out_per_rank = sum(self.output_sizes_per_rank)
-        self.weight = torch.nn.Parameter(
-            torch.empty(out_per_rank, in_features, dtype=dtype, device=device), requires_grad=False
-        )
-        self.bias = (
-            torch.nn.Parameter(torch.empty(out_per_rank, dtype=dtype, device=device), requires_grad=False)
-            if bias
-            else None
-        )
+        super().__init__(dist, out_per_rank, in_features, out_per_rank if bias else None, dtype, device)
 
     def load(self, weights: Weights, names: Sequence[str]) -> None:
         """names: one checkpoint prefix per part, e.g. ["...q_proj", "...k_proj", "...v_proj"]."""
         if len(names) != len(self.output_sizes):
             raise ValueError(f"expected {len(self.output_sizes)} weight names, got {list(names)}")
-        rank, ws = self.dist.rank, self.dist.world_size
-        offset = 0
-        for name, size, size_per_rank in zip(names, self.output_sizes, self.output_sizes_per_rank):
-            start, stop = shard_range(size, rank, ws)
-            rows = slice(offset, offset + size_per_rank)
-            w_name = f"{name}.weight"
-            _check_shape(weights, w_name, (size, self.in_features))
-            _copy_checked(self.weight[rows], weights.get_rows(w_name, 0, start, stop), w_name)
-            if self.bias is not None:
-                b_name = f"{name}.bias"
-                _check_shape(weights, b_name, (size,))
-                _copy_checked(self.bias[rows], weights.get_rows(b_name, 0, start, stop), b_name)
-            offset += size_per_rank
+        for part, name in enumerate(names):
+            self._load_part(weights, name, part, (self.output_sizes[part],), 0)
+
+    def load_fused(self, weights: Weights, name: str) -> None:
+        """name: one checkpoint prefix whose tensor stacks every part, e.g. Phi-3's "...qkv_proj" [q; k; v].
+
+        Each part is cut for this rank on its own, as if it were stored apart.
+        """
+        for part in range(len(self.output_sizes)):
+            self._load_part(weights, name, part, (sum(self.output_sizes),), sum(self.output_sizes[:part]))
+
+    def _load_part(self, weights: Weights, name: str, part: int, rows_in_tensor: tuple[int], first_row: int) -> None:
+        """This rank's rows of part `part`, which starts at `first_row` of checkpoint tensor `name`."""
+        start, stop = shard_range(self.output_sizes[part], self.dist.rank, self.dist.world_size)
+        offset = sum(self.output_sizes_per_rank[:part])
+        rows = slice(offset, offset + self.output_sizes_per_rank[part])
+        start, stop = first_row + start, first_row + stop
+        w_shape = (*rows_in_tensor, self.in_features)
+        self._load_slice(weights, f"{name}.weight", w_shape, 0, start, stop, self.weight[rows])
+        if self.bias is not None:
+            self._load_slice(weights, f"{name}.bias", rows_in_tensor, 0, start, stop, self.bias[rows])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.bias)
@@ -180,7 +225,7 @@ class QKVParallelLinear(MergedColumnParallelLinear):
         super().__init__(hidden_size, sizes, dist, bias=bias, dtype=dtype, device=device)
 
 
-class RowParallelLinear(_PackableLinear):
+class RowParallelLinear(ParallelLinear):
     """Input features split across ranks; partial products are summed with an all-reduce.
 
     The bias is replicated and added once, after the reduction.
@@ -195,29 +240,19 @@ class RowParallelLinear(_PackableLinear):
         dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
     ) -> None:
-        super().__init__()
-        self.dist = dist
         self.in_features = in_features
         self.out_features = out_features
         self.in_features_per_rank = _check_divisible("in_features", in_features, dist.world_size)
-        self.weight = torch.nn.Parameter(
-            torch.empty(out_features, self.in_features_per_rank, dtype=dtype, device=device),
-            requires_grad=False,
-        )
-        self.bias = (
-            torch.nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
-            if bias
-            else None
+        super().__init__(
+            dist, out_features, self.in_features_per_rank, out_features if bias else None, dtype, device
         )
 
     def load(self, weights: Weights, name: str) -> None:
-        w_name = f"{name}.weight"
-        _check_shape(weights, w_name, (self.out_features, self.in_features))
         start, stop = shard_range(self.in_features, self.dist.rank, self.dist.world_size)
-        _copy_checked(self.weight, weights.get_rows(w_name, 1, start, stop), w_name)
-        if self.bias is not None:
-            b_name = f"{name}.bias"
-            _copy_checked(self.bias, weights.get(b_name), b_name)
+        w_shape = (self.out_features, self.in_features)
+        self._load_slice(weights, f"{name}.weight", w_shape, 1, start, stop, self.weight)
+        if self.bias is not None:  # replicated: every rank reads it whole
+            self._load_slice(weights, f"{name}.bias", (self.out_features,), 0, 0, self.out_features, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [T, in_features / N] (this rank's slice) -> [T, out_features], identical on every rank."""

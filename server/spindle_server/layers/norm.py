@@ -1,4 +1,7 @@
-"""RMSNorm with the residual add fused in (one kernel call per norm)."""
+"""RMSNorm with the residual add fused in (one kernel call per norm).
+
+Gemma's norms scale by `1 + w`: `weight_offset=1.0` adds the one at load time, so the kernels stay the same.
+"""
 
 from __future__ import annotations
 
@@ -16,9 +19,11 @@ class RMSNorm(torch.nn.Module):
         ops: KernelOps,
         dtype: torch.dtype = torch.float32,
         device: torch.device | None = None,
+        weight_offset: float = 0.0,
     ) -> None:
         super().__init__()
         self.eps = eps
+        self.weight_offset = weight_offset
         self.ops = ops
         self.weight = torch.nn.Parameter(
             torch.ones(hidden_size, dtype=dtype, device=device), requires_grad=False
@@ -32,7 +37,8 @@ class RMSNorm(torch.nn.Module):
                 f"weight {name!r} has shape {tuple(value.shape)}, expected {tuple(self.weight.shape)}"
             )
         with torch.no_grad():
-            self.weight.copy_(value)
+            # the offset is added in float32 (as Gemma computes 1 + w), then cast
+            self.weight.copy_(value.float() + self.weight_offset if self.weight_offset else value)
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None

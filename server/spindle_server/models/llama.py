@@ -1,7 +1,14 @@
-"""The Llama family (Llama 2/3, Mistral, Qwen2) as one graph built from parallel layers.
+"""The dense decoder families (Llama 2/3, Mistral, Qwen2/3, Gemma 2/3, Phi-3) as one graph of parallel layers.
 
-Differences between them are config: q/k/v bias (Qwen2), rope scaling (Llama 3), tied embeddings.
-Mistral's sliding window is not applied (see ModelConfig.sliding_window).
+Differences between them are config (ModelConfig and its ArchTraits): q/k/v bias (Qwen2), q/k norms (Qwen3,
+Gemma 3), sliding windows per layer (Mistral, Qwen, Gemma), rope scaling (Llama 3, yarn, Phi-3's longrope),
+a local rope for sliding layers (Gemma 3), tied embeddings, fused checkpoint tensors (Phi-3), and Gemma's
+shape: `1 + w` norms, a norm after attention and after the MLP as well as before, embeddings scaled by
+sqrt(hidden), GeLU-tanh, soft-capped attention and final logits (Gemma 2).
+
+    Llama-style layer:                         Gemma-style layer (sandwich norms):
+      x = x + attn(norm(x))                      x = x + post_attn_norm(attn(norm(x)))
+      x = x + mlp(norm(x))                       x = x + post_ff_norm(mlp(pre_ff_norm(x)))
 """
 
 from __future__ import annotations
@@ -10,12 +17,12 @@ import torch
 from spindle_kernels import KernelOps
 
 from spindle_server.distributed import Distributed
-from spindle_server.layers.activation import SiluAndMul
+from spindle_server.layers.activation import gated_activation
 from spindle_server.layers.attention import AttentionMetadata, PagedAttention
 from spindle_server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from spindle_server.layers.linear import MergedColumnParallelLinear, RowParallelLinear
 from spindle_server.layers.norm import RMSNorm
-from spindle_server.layers.rotary import RotaryEmbedding
+from spindle_server.layers.rotary import RopeConfig, RotaryEmbedding
 from spindle_server.models.causal_lm import CausalLM
 from spindle_server.models.registry import ModelConfig
 from spindle_server.weights import Weights
@@ -30,13 +37,17 @@ class LlamaMLP(torch.nn.Module):
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [size, size], dist, bias=config.mlp_bias, dtype=dtype, device=device
         )
-        self.act = SiluAndMul(ops)
+        self.act = gated_activation(config.traits.hidden_act, ops)
         self.down_proj = RowParallelLinear(
             size, config.hidden_size, dist, bias=config.mlp_bias, dtype=dtype, device=device
         )
+        self.fused_checkpoint = config.traits.fused_checkpoint
 
     def load(self, weights: Weights, prefix: str) -> None:
-        self.gate_up_proj.load(weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"])
+        if self.fused_checkpoint:
+            self.gate_up_proj.load_fused(weights, f"{prefix}.gate_up_proj")
+        else:
+            self.gate_up_proj.load(weights, [f"{prefix}.gate_proj", f"{prefix}.up_proj"])
         self.down_proj.load(weights, f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -47,6 +58,7 @@ class LlamaDecoderLayer(torch.nn.Module):
     def __init__(
         self,
         config: ModelConfig,
+        layer: int,
         rotary: RotaryEmbedding,
         dist: Distributed,
         ops: KernelOps,
@@ -54,7 +66,14 @@ class LlamaDecoderLayer(torch.nn.Module):
         device: torch.device,
     ) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
+        traits = config.traits
+        offset = 1.0 if traits.gemma else 0.0
+        self.fused_checkpoint = traits.fused_checkpoint
+
+        def norm(size: int = config.hidden_size) -> RMSNorm:
+            return RMSNorm(size, config.rms_norm_eps, ops, dtype, device, weight_offset=offset)
+
+        self.input_layernorm = norm()
         self.self_attn = PagedAttention(
             config.hidden_size,
             config.num_heads,
@@ -67,14 +86,25 @@ class LlamaDecoderLayer(torch.nn.Module):
             o_bias=config.o_bias,
             dtype=dtype,
             device=device,
+            window=config.window_of(layer),
+            scale=config.attn_scale,
+            softcap=config.attn_softcap,
+            qk_norm_eps=config.rms_norm_eps if traits.qk_norm else None,
+            norm_weight_offset=offset,
         )
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
+        self.post_attention_layernorm = norm()
+        # Gemma: post_attention_layernorm norms the attention output; these two wrap the MLP.
+        self.pre_feedforward_layernorm = norm() if traits.gemma else None
+        self.post_feedforward_layernorm = norm() if traits.gemma else None
         self.mlp = LlamaMLP(config, dist, ops, dtype, device)
 
     def load(self, weights: Weights, prefix: str) -> None:
         self.input_layernorm.load(weights, f"{prefix}.input_layernorm.weight")
-        self.self_attn.load(weights, f"{prefix}.self_attn")
+        self.self_attn.load(weights, f"{prefix}.self_attn", fused=self.fused_checkpoint)
         self.post_attention_layernorm.load(weights, f"{prefix}.post_attention_layernorm.weight")
+        if self.pre_feedforward_layernorm is not None and self.post_feedforward_layernorm is not None:
+            self.pre_feedforward_layernorm.load(weights, f"{prefix}.pre_feedforward_layernorm.weight")
+            self.post_feedforward_layernorm.load(weights, f"{prefix}.post_feedforward_layernorm.weight")
         self.mlp.load(weights, f"{prefix}.mlp")
 
     def forward(
@@ -88,8 +118,13 @@ class LlamaDecoderLayer(torch.nn.Module):
         """Pre-norm block; the residual stream is carried separately so each norm fuses its add."""
         hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(positions, hidden, kv_cache, meta)
-        hidden, residual = self.post_attention_layernorm(hidden, residual)
-        return self.mlp(hidden), residual
+        if self.pre_feedforward_layernorm is None or self.post_feedforward_layernorm is None:
+            hidden, residual = self.post_attention_layernorm(hidden, residual)
+            return self.mlp(hidden), residual
+        hidden, _ = self.post_attention_layernorm(hidden)
+        hidden, residual = self.pre_feedforward_layernorm(hidden, residual)
+        hidden, _ = self.post_feedforward_layernorm(self.mlp(hidden))
+        return hidden, residual
 
 
 class LlamaForCausalLM(CausalLM):
@@ -106,11 +141,21 @@ class LlamaForCausalLM(CausalLM):
         device = device or torch.device("cpu")
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dist, dtype, device)
-        rotary = RotaryEmbedding(config.rope, config.head_dim, config.max_position_embeddings, ops, device)
-        self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(config, rotary, dist, ops, dtype, device) for _ in range(config.num_layers)
+        # Gemma scales embeddings by sqrt(hidden) rounded to the activations' dtype, as transformers does.
+        self.embed_scale = (
+            torch.tensor(config.hidden_size**0.5, dtype=dtype).item() if config.traits.gemma else None
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, ops, dtype, device)
+        rotaries: dict[RopeConfig, RotaryEmbedding] = {}  # one table per distinct rope (Gemma 3: two)
+        for rope in {config.rope_of(i) for i in range(config.num_layers)}:
+            rotaries[rope] = RotaryEmbedding(rope, config.head_dim, config.max_position_embeddings, ops, device)
+        self.layers = torch.nn.ModuleList(
+            LlamaDecoderLayer(config, i, rotaries[config.rope_of(i)], dist, ops, dtype, device)
+            for i in range(config.num_layers)
+        )
+        self.norm = RMSNorm(
+            config.hidden_size, config.rms_norm_eps, ops, dtype, device,
+            weight_offset=1.0 if config.traits.gemma else 0.0,
+        )
         self.lm_head = ParallelLMHead(
             config.vocab_size,
             config.hidden_size,
@@ -138,6 +183,8 @@ class LlamaForCausalLM(CausalLM):
         if len(kv_caches) != len(self.layers):
             raise ValueError(f"expected {len(self.layers)} per-layer KV caches, got {len(kv_caches)}")
         hidden = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            hidden = hidden * self.embed_scale
         residual = None
         for layer, kv_cache in zip(self.layers, kv_caches):
             hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
@@ -146,4 +193,8 @@ class LlamaForCausalLM(CausalLM):
 
     @torch.no_grad()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_head(hidden)
+        logits = self.lm_head(hidden)
+        cap = self.config.final_logit_softcap
+        if cap is not None:  # Gemma 2
+            logits = torch.tanh(logits / cap) * cap
+        return logits
