@@ -50,6 +50,7 @@ def config_from_args(ns: argparse.Namespace) -> RouterConfig:
         model_id=ns.model_id,
         model_dir=ns.model_dir or ns.model_id,
         shard_uds_path=ns.shard_uds_path,
+        shard_timeout_s=ns.shard_timeout,
         num_shard=ns.num_shard,
         limits=LimitsConfig(
             max_concurrent_requests=ns.max_concurrent_requests,
@@ -86,6 +87,7 @@ def router_argv(config: RouterConfig, drain_timeout_s: float) -> list[str]:
         "model-id": config.model_id,
         "model-dir": config.model_dir,
         "shard-uds-path": config.shard_uds_path,
+        "shard-timeout": config.shard_timeout_s,
         "num-shard": config.num_shard,
         "hostname": config.http.hostname,
         "port": config.http.port,

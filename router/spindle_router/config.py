@@ -80,6 +80,7 @@ class RouterConfig:
     model_dir: str  # local directory with tokenizer.json and tokenizer_config.json
     shard_uds_path: str = "/tmp/spindle-server"  # shard rank r listens on unix://{path}-{r}
     num_shard: int = 1
+    shard_timeout_s: float | None = None  # every shard call's deadline; None: derived from the step cost
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)

@@ -138,7 +138,11 @@ FLAGS: tuple[Flag, ...] = (
     Flag("cuda-graphs", cuda_graph_sizes, None,
          "CUDA only: decode batch sizes the shards capture as CUDA graphs, comma-separated; 0 disables", MODEL,
          Scope.LAUNCHER, shown="1,2,4,8,16,32,64,128,256"),
-    Flag("shard-uds-path", str, RouterConfig.shard_uds_path, "shard socket prefix: rank r listens on PREFIX-r", MODEL),
+    Flag("shard-uds-path", str, RouterConfig.shard_uds_path, "shard socket prefix: rank r listens on PREFIX-r "
+         "(two instances on one machine need two prefixes: a prefix a live process listens on is refused)", MODEL),
+    Flag("shard-timeout", positive_float, None,
+         "seconds any shard call may take before the shard counts as stalled: /health turns 503, open requests "
+         "fail and the server exits 1", MODEL, shown="10 x the call's cost as measured at warmup, at least 30"),
     Flag("master-addr", str, "127.0.0.1", "torch.distributed rendezvous address", MODEL, Scope.LAUNCHER),
     Flag("master-port", positive_int, 29500, "torch.distributed rendezvous port", MODEL, Scope.LAUNCHER),
     Flag("huggingface-hub-cache", str, None, "Hugging Face cache a Hub --model-id is looked up in", MODEL,

@@ -70,6 +70,13 @@ class Generation:
 
 
 @dataclass(frozen=True)
+class Accepted:
+    """The first item of `generate_stream`: the request passed validation and admission and is queued.
+    Whatever the stream raises before it is the client's error, which the routes answer as a 4xx JSON body
+    before any byte of the stream (api.streaming.accepted)."""
+
+
+@dataclass(frozen=True)
 class StreamItem:
     """One streamed token; `end` and `generated_text` are set on the last one only."""
 
@@ -206,11 +213,12 @@ class Infer:
         add_special_tokens: bool = True,
         default_return_full_text: bool = False,
         allow_prompt_logprobs: bool = False,
-    ) -> AsyncIterator[StreamItem]:
-        """Tokens as they come (with `allow_prompt_logprobs`, the first item carries the prompt's tokens when
-        decoder_input_details asks for them; TGI's streaming route refuses that). Raises ApiError (the route
-        turns it into an in-stream error event). Closing the iterator early (client gone) cancels the backend
-        request."""
+    ) -> AsyncIterator[Accepted | StreamItem]:
+        """Accepted once the request is valid and admitted, then tokens as they come (with
+        `allow_prompt_logprobs`, the first token item carries the prompt's tokens when decoder_input_details
+        asks for them; TGI's streaming route refuses that). Raises ApiError: before Accepted the route answers
+        it as a 4xx JSON body, after it as an in-stream error event. Closing the iterator early (client gone)
+        cancels the backend request."""
         start = time.monotonic()
         self.metrics.request_count.inc()
         done = False  # the final item went out: a late close is no failure
@@ -226,6 +234,7 @@ class Infer:
                     add_special_tokens=add_special_tokens,
                     default_return_full_text=default_return_full_text,
                 )
+                yield Accepted()
                 async for item in self._stream(valid, start):
                     if item.end is not None:
                         assert item.timings is not None

@@ -3,7 +3,8 @@
     spindle-launcher --model-id models/demo --num-shard 2 --port 8080
 
     1. resolve the model directory; check the flags (a clear error before anything starts)
-    2. per rank: remove a stale socket, spawn `spindle-server serve MODEL --uds-path P` in its own process
+    2. per rank: check its socket PREFIX-<rank>: one a live process listens on (another instance) is a clear
+       error and nothing starts; a stale one (its process died) is removed. Then spawn `spindle-server serve MODEL --uds-path P` in its own process
        group with RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; its output is re-logged with its rank
     3. wait until every socket P-<rank> exists (a shard that exits first aborts the start)
     4. spawn the router (`python -m spindle_router.cli`), which warms the shards up and serves HTTP
@@ -34,6 +35,8 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from spindle_proto.sockets import SocketInUse, is_listening, remove_stale_socket
 
 from spindle_router.cli import config_from_args as router_config_from_args
 from spindle_router.cli import router_argv
@@ -230,6 +233,8 @@ class Child:
     def signal(self, sig: int) -> None:
         try:
             os.killpg(self.proc.pid, sig)  # the whole group: a child's own children go too
+            if sig == signal.SIGTERM:  # a stopped (SIGSTOP) child acts on SIGTERM only once continued
+                os.killpg(self.proc.pid, signal.SIGCONT)
         except (ProcessLookupError, PermissionError):
             pass
 
@@ -307,14 +312,24 @@ class Launcher:
             env["HF_HUB_CACHE"] = c.shard.hub_cache
         return env
 
+    def claim_sockets(self) -> None:
+        """Remove the stale sockets of our paths; SocketInUse (nothing removed, nothing started) when a live
+        process listens on one: two instances on one prefix would end up talking to each other's shards."""
+        paths = [self.config.router.shard_path(r) for r in range(self.config.router.num_shard)]
+        for path in paths:
+            if is_listening(path):
+                raise SocketInUse(
+                    f"{path} is in use: another Spindle instance (or another program) listens on it; "
+                    "give this instance its own --shard-uds-path (or stop the other one)"
+                )
+        for path in paths:
+            if remove_stale_socket(path):
+                log.info("removed stale socket %s (no process listens on it)", path)
+
     def start_shards(self) -> None:
         n = self.config.router.num_shard
         log.info("starting %d shard(s) for %s", n, self.config.router.model_dir)
         for rank in range(n):
-            path = self.config.router.shard_path(rank)
-            if os.path.exists(path):
-                log.info("removing stale socket %s", path)
-                os.unlink(path)
             child = Child(f"shard {rank}", self._shard_argv(), self._shard_env(rank), rank, capture=True,
                           json_output=self.config.router.telemetry.json_output)
             log.info("shard %d started (pid %d)", rank, child.pid)
@@ -370,7 +385,7 @@ class Launcher:
                     self.teardown(FAILURE_GRACE_S)
                     return 1
             if self.router.poll() is not None:
-                log.error("router exited (%s)", self.router.describe_exit())
+                log.error("router exited (%s); its last log lines say why", self.router.describe_exit())
                 self.teardown(FAILURE_GRACE_S)
                 return 1
         log.info("stop requested: draining (up to %.0fs)", self.config.graceful_termination_timeout_s)
@@ -391,10 +406,17 @@ class Launcher:
             log.info("shard %d stopped (%s)", rank, child.describe_exit())
         for rank in range(len(self.shards)):
             path = self.config.router.shard_path(rank)
-            if os.path.exists(path):
-                os.unlink(path)
+            try:
+                remove_stale_socket(path)  # ours, left by a shard that was killed; never a live one
+            except (SocketInUse, FileExistsError) as e:
+                log.warning("leaving %s in place: %s", path, e)
 
     def run(self) -> int:
+        try:
+            self.claim_sockets()
+        except (SocketInUse, FileExistsError) as e:
+            log.error("%s", e)
+            return 2
         try:
             self.start_shards()
             if not self.wait_for_shards():

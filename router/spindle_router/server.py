@@ -9,6 +9,9 @@
                                   stop the scheduler, close the shards
       SIGUSR1                     the launcher saw a shard die: /health answers 503 from now on and the
                                   shard channels are closed so open streams end with an error event
+      a shard stalls              a call missed its deadline (shards.CallDeadlines): the scheduler failed
+                                  every request; /health answers 503 for STALL_LINGER_S, then the router
+                                  exits 1 (the launcher stops the shards and exits 1 too)
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ from spindle_router.scheduler.request import ValidRequest
 log = logging.getLogger("spindle_router.server")
 
 CONNECT_TIMEOUT_S = 60.0
+# After a shard stalled: how long /health keeps answering 503 (probes and load balancers see the failure as
+# such, open streams flush their error event) before the router exits.
+STALL_LINGER_S = 3.0
 
 
 class ConfigError(ValueError):
@@ -162,11 +168,11 @@ class SupervisedBackend:
 
 
 async def _connect_and_warm_up(config: RouterConfig) -> tuple[Any, Any, Any]:
-    from spindle_router.shards import ShardClient
+    from spindle_router.shards import CallDeadlines, ShardClient
 
     paths = [config.shard_path(r) for r in range(config.num_shard)]
     log.info("connecting to %d shard(s): %s", len(paths), ", ".join(paths))
-    shards = await ShardClient.connect(paths, CONNECT_TIMEOUT_S)
+    shards = await ShardClient.connect(paths, CONNECT_TIMEOUT_S, CallDeadlines(override_s=config.shard_timeout_s))
     try:
         info = await shards.info()
         log.info(
@@ -275,8 +281,19 @@ async def _run_http(app: web.Application, config: RouterConfig, scheduler: Any, 
         await site.start()
         log.info("Connected")
         log.info("listening on http://%s:%d", config.http.hostname, config.http.port)
-        await stop.wait()
-        log.info("shutting down: no new connections; draining in-flight requests (up to %.0fs)", drain_timeout_s)
+        stopped = asyncio.ensure_future(stop.wait())
+        failed = asyncio.ensure_future(scheduler.failed.wait())
+        try:
+            await asyncio.wait({stopped, failed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+            failed.cancel()
+        if scheduler.fatal_error is not None:
+            log.error("exiting in %.0fs: %s", STALL_LINGER_S, scheduler.fatal_error)
+            await asyncio.sleep(STALL_LINGER_S)
+        else:
+            log.info("shutting down: no new connections; draining in-flight requests (up to %.0fs)",
+                     drain_timeout_s)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             loop.remove_signal_handler(sig)
@@ -284,4 +301,8 @@ async def _run_http(app: web.Application, config: RouterConfig, scheduler: Any, 
         # scheduler keeps running them.
         await runner.cleanup()
         await scheduler.stop(drain_timeout_s=1.0)
+    if scheduler.fatal_error is not None:
+        from spindle_router.shards import ShardStalled
+
+        raise ShardStalled(scheduler.fatal_error)  # cli: logged, exit code 1
     log.info("router stopped")

@@ -160,6 +160,7 @@ def build_engine(args: ServeArgs, device: torch.device):
 async def serve(args: ServeArgs) -> None:
     import grpc
     from spindle_proto import generate_pb2_grpc
+    from spindle_proto.sockets import remove_stale_socket
 
     from spindle_server.interceptor import ErrorInterceptor
     from spindle_server.service import ShardService, engine_thread
@@ -174,8 +175,9 @@ async def serve(args: ServeArgs) -> None:
 
         tracer_provider = setup_tracing(args.otlp_endpoint, args.otlp_service_name, dist.rank)
     socket_path = f"{args.uds_path}-{dist.rank}"
-    if os.path.exists(socket_path):  # left by a previous run that died
-        os.unlink(socket_path)
+    # A stale socket (its shard died) goes; a live one (another instance's shard) is a clear error: grpc would
+    # silently take the path over and the other instance's router would reconnect to this shard.
+    remove_stale_socket(socket_path)
     server = grpc.aio.server(
         interceptors=[ErrorInterceptor(dist.rank, tracing=bool(args.otlp_endpoint))],
         options=[
@@ -222,8 +224,13 @@ def main(argv: list[str] | None = None) -> int:
         cuda_graphs=ns.cuda_graphs,
         revision=ns.revision,
     )
+    from spindle_proto.sockets import SocketInUse
+
     try:
         asyncio.run(serve(args))
+    except (SocketInUse, FileExistsError) as e:
+        log.error("%s", e)
+        return 1
     except Exception:
         log.exception("shard failed")
         return 1

@@ -294,3 +294,32 @@ def test_requests_sharing_a_prefix_in_prefill_compute_it_once(shard: Shard) -> N
     # The second and third waited for the first's stem instead of prefilling it beside it: 2 x 48 cached.
     assert value("spindle_prefix_cache_hit_tokens_total") == 2 * 48
     assert value("spindle_kv_blocks_used") == 0
+
+
+def test_a_reader_that_falls_behind_is_cancelled_and_its_blocks_freed(shard: Shard, monkeypatch) -> None:
+    """A stream whose events nobody reads holds at most MAX_BUFFERED_EVENTS; past it the request is cancelled,
+    the backlog replaced by one error event, its blocks freed; a stream read as it comes is unaffected."""
+    from spindle_router.scheduler import loop
+
+    monkeypatch.setattr(loop, "MAX_BUFFERED_EVENTS", 4)
+    unread_prompt, read_prompt = prompt(12, 31), prompt(14, 32)
+
+    async def main():
+        scheduler, client, metrics = await started(shard, SchedulerConfig(max_batch_prefill_tokens=64,
+                                                                          prefix_caching=False))
+        try:
+            unread = scheduler.submit(greedy(unread_prompt, 30))
+            result = await collect(scheduler.submit(greedy(read_prompt, 30)))  # runs beside it, read at once
+            await wait_idle(scheduler)
+            scheduler.check_integrity()
+            backlog = [e async for e in unread]
+            return result, backlog, metrics
+        finally:
+            await scheduler.stop(drain_timeout_s=5)
+            await client.close()
+
+    (tokens, end), backlog, metrics = asyncio.run(main())
+    assert isinstance(end, EndEvent) and tokens == shard.ref(tuple(read_prompt), 30)
+    assert len(backlog) == 1 and isinstance(backlog[0], ErrorEvent)
+    assert "read too slowly" in backlog[0].message
+    assert metrics.registry.get_sample_value("spindle_kv_blocks_used") == 0

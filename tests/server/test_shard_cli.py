@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 
@@ -36,8 +37,8 @@ def test_stale_socket_replaced_and_sigterm_stops_cleanly(tmp_path):
     path = make_tiny_model(tmp_path / "m", TinyModelSpec(num_layers=1, seed=3))
     stale_dir = tempfile.mkdtemp(prefix="spindle-stale-")
     prefix = os.path.join(stale_dir, "shard")
-    with open(f"{prefix}-0", "w") as f:
-        f.write("left over by a dead shard")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:  # left over by a dead shard: nobody listens
+        s.bind(f"{prefix}-0")
     group = ShardGroup(path, uds_prefix=prefix)
     try:
         assert group.call("Info", pb.InfoRequest()).model_type == "llama"
@@ -50,6 +51,28 @@ def test_stale_socket_replaced_and_sigterm_stops_cleanly(tmp_path):
     finally:
         group.close()
         os.rmdir(stale_dir)
+
+
+def test_a_socket_another_process_listens_on_is_refused(tmp_path):
+    """A second shard on a live prefix exits 1 with a clear error; the first one's socket stays."""
+    path = make_tiny_model(tmp_path / "m", TinyModelSpec(num_layers=1, seed=3))
+    live_dir = tempfile.mkdtemp(prefix="spindle-live-")
+    prefix = os.path.join(live_dir, "shard")
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1")
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+            live.bind(f"{prefix}-0")
+            live.listen(8)
+            out = subprocess.run(_server_command() + ["serve", str(path), "--uds-path", prefix],
+                                 capture_output=True, text=True, timeout=180, env=env)
+            assert out.returncode == 1, out.stderr[-2000:]
+            assert f"{prefix}-0 is in use" in out.stderr
+            assert os.path.exists(f"{prefix}-0")
+            assert "Traceback" not in out.stderr  # one clear line, not a crash
+    finally:
+        if os.path.exists(f"{prefix}-0"):
+            os.unlink(f"{prefix}-0")
+        os.rmdir(live_dir)
 
 
 def test_hub_id_is_served_at_the_given_revision(tmp_path, monkeypatch):

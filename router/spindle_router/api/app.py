@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 import logging
 import uuid
 
@@ -47,7 +48,7 @@ def route_table() -> list[Route]:
         Route(method="POST", path="/invocations", handler=_invocations, streams=True, **generate,
               summary="SageMaker: generate, chat or completions by body shape"),
         Route(method="POST", path="/tokenize", handler=r.tokenize, summary="Tokenize inputs", **generate),
-        Route(method="POST", path="/chat_tokenize", handler=oa.chat_tokenize, tag="TGI", protected=False,
+        Route(method="POST", path="/chat_tokenize", handler=oa.chat_tokenize, tag="TGI", protected=True,
               body="ChatRequest", summary="Apply the chat template and tokenize"),
         Route(method="GET", path="/", handler=r.health, tag="TGI", summary="Health check"),
         Route(method="GET", path="/health", handler=r.health, tag="TGI", summary="Health check"),
@@ -82,12 +83,13 @@ async def _openapi(request: web.Request) -> web.Response:
 
 
 def _auth_middleware(api_key: str | None, protected: set[tuple[str, str]]):
-    expected = f"Bearer {api_key}".lower() if api_key else None
+    expected = f"Bearer {api_key}".lower().encode() if api_key else None
 
     @web.middleware
     async def auth(request: web.Request, handler):
         if expected is not None and (request.method, request.path) in protected:
-            if request.headers.get("Authorization", "").lower() != expected:
+            given = request.headers.get("Authorization", "").lower().encode("utf-8", "surrogateescape")
+            if not hmac.compare_digest(given, expected):  # constant time: the key does not leak by timing
                 return error_response(request.path, 401, "unauthorized", "Unauthorized")
         return await handler(request)
 

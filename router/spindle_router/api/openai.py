@@ -22,7 +22,7 @@ from aiohttp import web
 
 from spindle_router.api import schemas, tools
 from spindle_router.api.context import AppState, json_response, read_json, state
-from spindle_router.api.streaming import DONE_FRAME, open_sse, pump, sse_frame
+from spindle_router.api.streaming import DONE_FRAME, open_accepted_sse, pump, sse_frame
 from spindle_router.chat_template import TemplateError
 from spindle_router.errors import ApiError, SchemaError, ValidationError
 from spindle_router.infer import GenerationResult, StreamItem, Timings
@@ -176,6 +176,8 @@ class ChatRequest:
 def _parse_messages(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list):
         raise SchemaError("messages: invalid type, expected a sequence")
+    if not raw:
+        raise SchemaError("messages: must hold at least one message")
     for i, m in enumerate(raw):
         f = Fields(m, f"messages[{i}]")
         f.str("role", optional=False)
@@ -297,8 +299,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def _chat_stream(
     request: web.Request, st: AppState, chat: ChatRequest, prompt: str
 ) -> web.StreamResponse:
-    resp = await open_sse(request, schemas.stream_headers(st.compute_type, len(prompt)))
     streams = [st.infer.generate_stream(prompt, p, add_special_tokens=False) for p in _copies(chat.params, chat.n)]
+    resp = await open_accepted_sse(request, schemas.stream_headers(st.compute_type, len(prompt)), streams)
     prompt_tokens: list[int] = []
     completion_tokens: list[int] = []
     calls = {i: tools.ToolCallStream() for i in range(chat.n)} if chat.tools is not None else None
@@ -500,9 +502,10 @@ async def _merge(streams: list[AsyncIterator[StreamItem]]) -> AsyncIterator[tupl
 async def _completions_stream(
     request: web.Request, st: AppState, req: CompletionRequest
 ) -> web.StreamResponse:
-    resp = await open_sse(request, schemas.stream_headers(st.compute_type, sum(len(p) for p in req.prompts)))
     jobs = _completion_jobs(req)
     streams = [st.infer.generate_stream(p, params, allow_prompt_logprobs=True) for p, params in jobs]
+    headers = schemas.stream_headers(st.compute_type, sum(len(p) for p in req.prompts))
+    resp = await open_accepted_sse(request, headers, streams)
     offsets = [0 if req.echo else len(p) for p, _ in jobs]  # text offset of each choice's next token
     prompt_tokens: dict[int, int] = {}
     completion_tokens: list[int] = []

@@ -129,7 +129,8 @@ _SCHEMAS: dict[str, Any] = {
                 "role": {"type": "string"},
                 "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "object"}}],
                             "nullable": True},
-                "tool_calls": {"type": "array", "items": {"type": "object"}, "nullable": True}}}},
+                "tool_calls": {"type": "array", "items": {"type": "object"}, "nullable": True}}},
+                "minItems": 1},
             "max_tokens": _nullable("integer", minimum=0),
             "max_completion_tokens": _nullable("integer", minimum=0, description="used when max_tokens is absent"),
             **_OPENAI_SAMPLING,
@@ -163,7 +164,11 @@ _SCHEMAS: dict[str, Any] = {
     "ErrorResponse": {
         "type": "object",
         "required": ["error", "error_type"],
-        "properties": {"error": {"type": "string"}, "error_type": {"type": "string"}},
+        "properties": {
+            # OpenAI routes nest the message: {"error": {"message", "type", "param", "code"}, "error_type"}
+            "error": {"oneOf": [{"type": "string"}, {"type": "object"}]},
+            "error_type": {"type": "string"},
+        },
     },
 }
 

@@ -7,7 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from spindle_router.api import schemas
 from spindle_router.api.context import VERSION, json_response, read_json, state
-from spindle_router.api.streaming import open_sse, pump
+from spindle_router.api.streaming import open_accepted_sse, pump
 from spindle_router.errors import ApiError, ValidationError
 from spindle_router.infer import StreamItem
 from spindle_router.validation import GenerateRequest, parse_generate_request
@@ -25,8 +25,8 @@ async def _answer(request: web.Request, req: GenerateRequest, *, as_list: bool) 
 async def _stream(request: web.Request, req: GenerateRequest, *, compat: bool) -> web.StreamResponse:
     st = state(request)
     details = req.parameters.details
-    resp = await open_sse(request, schemas.stream_headers(st.compute_type, len(req.inputs)))
     items = st.infer.generate_stream(req.inputs, req.parameters, default_return_full_text=compat)
+    resp = await open_accepted_sse(request, schemas.stream_headers(st.compute_type, len(req.inputs)), [items])
 
     def encode(item: StreamItem) -> dict:
         return schemas.stream_event(item, details)

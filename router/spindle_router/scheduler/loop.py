@@ -12,7 +12,14 @@ the blocks). A step:
     generations -> events; finished requests free their blocks; full prompts enter the prefix cache
 
 On a failed shard call every request in the batch gets an ErrorEvent, the shards' batches are cleared and
-`is_healthy` turns False (until a health check passes). Waiting requests stay queued.
+`is_healthy` turns False (until a health check passes). Waiting requests stay queued. A shard that misses a
+call's deadline (ShardStalled) is fatal instead: every request, running or waiting, gets an ErrorEvent, new
+ones are refused, `is_healthy` stays False and `failed` is set, so the server exits (the launcher, or
+Kubernetes, restarts the pod); nothing more is sent to the stalled shards.
+
+Each stream buffers at most MAX_BUFFERED_EVENTS events its client has not read yet: a client that reads
+slower than the model writes (or stopped reading without closing) is cancelled past it, with a logged reason,
+instead of growing the router's memory; its blocks are freed at the next step.
 """
 
 from __future__ import annotations
@@ -42,9 +49,12 @@ from spindle_router.scheduler.request import (
     TokenEvent,
     ValidRequest,
 )
-from spindle_router.shards import ShardClient, ShardError
+from spindle_router.shards import ShardClient, ShardError, ShardStalled
 
 log = logging.getLogger("spindle_router.scheduler")
+
+# Events a stream may hold unread (beyond what the socket buffers took): about 1 KB each with top tokens.
+MAX_BUFFERED_EVENTS = 1024
 
 _FINISH_REASONS = {
     pb.FINISH_REASON_LENGTH: "length",
@@ -65,8 +75,25 @@ class _Stream:
     def push(self, event: Event) -> None:
         if self.is_done:
             return
+        if self._events.qsize() >= MAX_BUFFERED_EVENTS and not isinstance(event, (EndEvent, ErrorEvent)):
+            self._drop_slow_reader()
+            return
         self._events.put_nowait(event)
         self.is_done = isinstance(event, (EndEvent, ErrorEvent))
+
+    def _drop_slow_reader(self) -> None:
+        """The client left MAX_BUFFERED_EVENTS events unread: cancel the request (its blocks go at the next
+        step) and replace the backlog by one error event, which is all the client still gets."""
+        log.warning(
+            "request %d cancelled: its client left %d events unread (it reads slower than the model writes)",
+            self.request_id, self._events.qsize(),
+        )
+        while not self._events.empty():
+            self._events.get_nowait()
+        self._events.put_nowait(
+            ErrorEvent(f"the client read too slowly: {MAX_BUFFERED_EVENTS} events were left unread")
+        )
+        self.cancel()
 
     async def __aiter__(self) -> AsyncIterator[Event]:
         while True:
@@ -120,6 +147,8 @@ class Scheduler:
         self._next_batch_id = 0
         self._healthy = True
         self._accepting = True
+        self.fatal_error: str | None = None  # set when a shard stalled: nothing more is sent to the shards
+        self.failed = asyncio.Event()  # set with fatal_error; the server exits on it
         self._idle = asyncio.Event()  # set while no accepted request is open (stop() waits for it)
         self._idle.set()
         self._task: asyncio.Task[None] | None = None
@@ -134,7 +163,9 @@ class Scheduler:
         stream = _Stream(self, rid)
         capacity = self.blocks.allocator.num_usable_blocks
         needed = self.blocks.blocks_for(request.input_length + request.stopping.max_new_tokens)
-        if not self._accepting:
+        if self.fatal_error is not None:
+            stream.push(ErrorEvent(self.fatal_error))
+        elif not self._accepting:
             stream.push(ErrorEvent("the server is shutting down"))
         elif needed > capacity:  # it could never run, even alone: refuse instead of thrashing
             stream.push(ErrorEvent(f"the request needs {needed} KV blocks, the shards hold {capacity}"))
@@ -150,6 +181,8 @@ class Scheduler:
         return self._healthy
 
     async def health_check(self) -> bool:
+        if self.fatal_error is not None:
+            return False
         try:
             await self.shards.health()
         except ShardError as exc:
@@ -182,10 +215,11 @@ class Scheduler:
         if self.running or self.waiting:
             self._fail(self.running + list(self.waiting), "the server is shutting down")
             self.waiting.clear()
-            try:
-                await self.shards.clear_cache()
-            except ShardError:
-                pass
+            if self.fatal_error is None:  # a stalled shard would only make us wait for another deadline
+                try:
+                    await self.shards.clear_cache()
+                except ShardError:
+                    pass
         self._update_gauges()
 
     def _post(self, message: _Submit | _Cancel) -> None:
@@ -207,6 +241,9 @@ class Scheduler:
                 await self._sync_shard_batch()
                 if not plan.is_empty:
                     await self._step(plan)
+            except ShardStalled as exc:
+                self._stalled(str(exc))
+                return
             except Exception as exc:  # a shard error, or a bug here: never leave streams hanging
                 if isinstance(exc, ShardError):
                     log.error("shard call failed: %s", exc)
@@ -223,6 +260,22 @@ class Scheduler:
             self._update_gauges()
             if plan.is_empty and not self.running and self.waiting:
                 self._handle(await self._inbox.get())  # nothing could be admitted: wait for news
+
+    def _stalled(self, message: str) -> None:
+        """A shard missed a deadline: fail every request, refuse new ones, and tell the server to exit."""
+        log.error("%s: failing %d running and %d waiting request(s); the server will exit",
+                  message, len(self.running), len(self.waiting))
+        self.fatal_error = message
+        self._healthy = False
+        self._fail(self.running + list(self.waiting), message)
+        self.waiting.clear()
+        self._cached = None
+        while not self._inbox.empty():  # requests submitted meanwhile
+            queued = self._inbox.get_nowait()
+            if isinstance(queued, _Submit):
+                self._fail([queued.sr], message)
+        self._update_gauges()
+        self.failed.set()
 
     def _handle(self, message: _Submit | _Cancel) -> None:
         if isinstance(message, _Submit):
