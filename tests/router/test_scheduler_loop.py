@@ -323,3 +323,26 @@ def test_a_reader_that_falls_behind_is_cancelled_and_its_blocks_freed(shard: Sha
     assert len(backlog) == 1 and isinstance(backlog[0], ErrorEvent)
     assert "read too slowly" in backlog[0].message
     assert metrics.registry.get_sample_value("spindle_kv_blocks_used") == 0
+
+
+def test_equal_chunks_inside_one_block_are_each_sent(shard: Shard) -> None:
+    # Budget 5 with block 16: the prompt goes in chunks of 5, the second and third inside the first block
+    # (no new blocks). The shard forgets a chunk after each step, so every chunk must be sent again; an
+    # unsent one made the shard compute the whole rest of the prompt while the router counted 5.
+    cases = [(prompt(23, 8), 6), (prompt(14, 9), 5)]
+    expected = [shard.ref(tuple(p), n) for p, n in cases]
+
+    async def main():
+        config = SchedulerConfig(max_batch_prefill_tokens=5, prefix_caching=False)
+        scheduler, client, metrics = await started(shard, config)
+        try:
+            results = [await collect(scheduler.submit(greedy(p, n))) for p, n in cases]
+            await wait_idle(scheduler)
+            scheduler.check_integrity()
+            return results
+        finally:
+            await scheduler.stop(drain_timeout_s=5)
+            await client.close()
+
+    results = asyncio.run(main())
+    assert [tokens for tokens, _ in results] == expected

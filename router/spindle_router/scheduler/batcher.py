@@ -184,7 +184,6 @@ def _admit(sr: ScheduledRequest, spare_tokens: int, blocks: BlockManager) -> boo
         reset_progress(sr)
         return False
     sr.resumed_len = sr.num_generated
-    sr.chunk_len_sent = None
     return True
 
 
@@ -203,4 +202,3 @@ def _preempt(
 def reset_progress(sr: ScheduledRequest) -> None:
     """Back to "nothing on the shards" (what it generated stays: it is resent as generated_ids)."""
     sr.cached_tokens = sr.computed_tokens = sr.scheduled_tokens = 0
-    sr.chunk_len_sent = None

@@ -361,21 +361,23 @@ class Scheduler:
         chunk = _chunk_len(sr)
         if chunk is not None:
             msg.chunk_len = chunk
-        sr.chunk_len_sent = chunk
         if r.grammar is not None:
             msg.grammar.type = int(r.grammar.type)
             msg.grammar.value = r.grammar.value
         return msg
 
     def _update(self, sr: ScheduledRequest, new_blocks: list[int]) -> pb.RequestUpdate | None:
-        """Only what changed: appended blocks, and the next chunk when it differs from what the shard holds."""
+        """Appended blocks, and the next chunk whenever the step computes less than all the request has left.
+
+        The shard forgets a chunk once it is computed (no chunk = everything left), so a chunk equal to the
+        last one is sent again: skipping it made the shard compute the rest of the prompt while the router
+        counted one chunk."""
         chunk = _chunk_len(sr)
-        if not new_blocks and chunk == sr.chunk_len_sent:
+        if not new_blocks and chunk is None:
             return None
         update = pb.RequestUpdate(request_id=sr.id, blocks=new_blocks)
         if chunk is not None:
             update.chunk_len = chunk
-        sr.chunk_len_sent = chunk
         return update
 
     def _absorb(self, plan: StepPlan, response: pb.PrefillResponse | pb.DecodeResponse) -> None:

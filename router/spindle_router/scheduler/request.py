@@ -141,7 +141,6 @@ class ScheduledRequest:
     computed_tokens: int = 0  # leading context tokens whose K/V are on the shards
     scheduled_tokens: int = 0  # tokens the step being planned computes
     resumed_len: int = 0  # generated tokens it was last admitted with (sent as generated_ids)
-    chunk_len_sent: int | None = None  # chunk_len the shard holds for it (None: everything remaining)
     prefix_node: object | None = None  # radix_cache.PrefixNode it keeps locked, if any
     prompt_cached: bool = False  # its full prompt blocks were inserted into the prefix cache
     prefill_event_sent: bool = False
