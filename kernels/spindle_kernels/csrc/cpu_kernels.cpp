@@ -1,13 +1,14 @@
-// Paged decode attention for CPUs: one query token per sequence, read straight from the paged KV cache.
+// Spindle's C++ CPU kernels: paged decode attention, RMSNorm (+ residual), rotary, SiLU-and-mul.
 //
-// The torch path (cpu.py) gathers every sequence's blocks into a contiguous copy before two bmm calls:
-// at long contexts that copy is most of the work. Here each (sequence, KV head) pair walks its block
-// table once for the scores and once for the values, in float32 (bf16 rows widened on the fly), with the
-// pair's query heads (GQA group) sharing every K/V row they read. Pairs are split over torch's own
-// intra-op thread pool (at::parallel_for), so no second OpenMP pool competes with the GEMMs.
+// Decode attention (one query token per sequence) reads straight from the paged KV cache. The torch
+// path (cpu.py) gathers every sequence's blocks into a contiguous copy before two bmm calls: at long
+// contexts that copy is most of the work. Here each (sequence, KV head) pair walks its block table once
+// for the scores and once for the values, in float32 (bf16 rows widened on the fly), with the pair's
+// query heads (GQA group) sharing every K/V row they read. Work is split over torch's own intra-op
+// thread pool (at::parallel_for), so no second OpenMP pool competes with the GEMMs.
 //
 // Built on first use by spindle_kernels/cpu_native.py for the host CPU (-march=native) and registered as
-// torch.ops.spindle_cpu.paged_decode_attention.
+// torch.ops.spindle_cpu.{paged_decode_attention, rms_norm, rotary_embedding, silu_and_mul}.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
