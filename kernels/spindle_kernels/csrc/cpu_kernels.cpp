@@ -101,24 +101,30 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
       scores.resize(group * n);
       const int32_t* table = tables + b * table_width;
 
-      for (int64_t start = first - first % block_size; start < len; start += block_size) {
-        const T* block = k_cache + table[start / block_size] * block_stride + h * head_dim;
-        const int64_t stop = std::min(block_size, len - start);
-        for (int64_t j = std::max<int64_t>(first - start, 0); j < stop; ++j) {
-          const T* kp = block + j * row_stride;
-          float* r = row;
+      // Each cached row of KV head h in [first, len), widened to float32 into `row`: f(its index from first).
+      auto for_each_row = [&](const T* cache, auto&& f) {
+        for (int64_t start = first - first % block_size; start < len; start += block_size) {
+          const T* block = cache + table[start / block_size] * block_stride + h * head_dim;
+          const int64_t stop = std::min(block_size, len - start);
+          for (int64_t j = std::max<int64_t>(first - start, 0); j < stop; ++j) {
+            const T* src = block + j * row_stride;
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) r[d] = to_float(kp[d]);
-          for (int64_t g = 0; g < group; ++g) {
-            const float* qg = qf.data() + g * head_dim;
-            float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < head_dim; ++d) s += qg[d] * r[d];
-            if (softcap > 0.0f) s = softcap * std::tanh(s / softcap);  // Gemma 2's soft-capped logits
-            scores[g * n + start + j - first] = s;
+            for (int64_t d = 0; d < head_dim; ++d) row[d] = to_float(src[d]);
+            f(start + j - first);
           }
         }
-      }
+      };
+
+      for_each_row(k_cache, [&](int64_t t) {
+        for (int64_t g = 0; g < group; ++g) {
+          const float* qg = qf.data() + g * head_dim;
+          float s = 0.0f;
+#pragma omp simd reduction(+ : s)
+          for (int64_t d = 0; d < head_dim; ++d) s += qg[d] * row[d];
+          if (softcap > 0.0f) s = softcap * std::tanh(s / softcap);  // Gemma 2's soft-capped logits
+          scores[g * n + t] = s;
+        }
+      });
       for (int64_t g = 0; g < group; ++g) {
         float* sg = scores.data() + g * n;
         float top = -std::numeric_limits<float>::infinity();
@@ -136,22 +142,14 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
       }
 
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for (int64_t start = first - first % block_size; start < len; start += block_size) {
-        const T* block = v_cache + table[start / block_size] * block_stride + h * head_dim;
-        const int64_t stop = std::min(block_size, len - start);
-        for (int64_t j = std::max<int64_t>(first - start, 0); j < stop; ++j) {
-          const T* vp = block + j * row_stride;
-          float* r = row;
+      for_each_row(v_cache, [&](int64_t t) {
+        for (int64_t g = 0; g < group; ++g) {
+          const float p = scores[g * n + t];
+          float* ag = acc.data() + g * head_dim;
 #pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) r[d] = to_float(vp[d]);
-          for (int64_t g = 0; g < group; ++g) {
-            const float p = scores[g * n + start + j - first];
-            float* ag = acc.data() + g * head_dim;
-#pragma omp simd
-            for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * r[d];
-          }
+          for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * row[d];
         }
-      }
+      });
       for (int64_t i = 0; i < group * head_dim; ++i) from_float(acc[i], o + i);
     }
   });
