@@ -115,9 +115,7 @@ def _chunk_attention(
     """q [q_len, heads, d] at the last q_len positions of k, v [ctx_len, kv_heads, d], causal, in q's dtype."""
     q_len, ctx_len = q.shape[0], k.shape[0]
     if softcap is not None:  # SDPA has no soft cap: the reference's explicit scores
-        mask = reference.chunk_mask(q_len, ctx_len, window, q.device)
-        out = reference.masked_attention(*(t.transpose(0, 1) for t in (q, k, v)), mask, scale, softcap)
-        return out.transpose(0, 1).to(q.dtype)
+        return reference.chunk_attention(q, k, v, scale, window, softcap)
     # 4-d [1, heads, len, d]: 3-d inputs take SDPA's math path on CPU (5x slower at 1500 tokens).
     qb, kb, vb = (t.transpose(0, 1)[None] for t in (q, k, v))
     if q_len == ctx_len and (window is None or window >= ctx_len):

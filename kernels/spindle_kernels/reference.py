@@ -82,7 +82,7 @@ def paged_attention(
     Returns [num_tokens, num_heads, head_dim] in q's dtype.
     """
     return varlen_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
-                            _decode_attention, _chunk_attention, window=window, softcap=softcap)
+                            _decode_attention, chunk_attention, window=window, softcap=softcap)
 
 
 def check_window(window: int | None) -> None:
@@ -166,7 +166,7 @@ def chunk_mask(q_len: int, ctx_len: int, window: int | None, device: torch.devic
     return mask
 
 
-def _chunk_attention(
+def chunk_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
