@@ -203,14 +203,9 @@ def test_tied_model_has_no_lm_head_tensor(models: Models) -> None:
     assert "lm_head.weight" not in load_file(str(path / "model.safetensors"))
 
 
-def test_dynamic_rope_beyond_trained_length(tmp_path: Path) -> None:
-    """Dynamic NTK rescales with the sequence length: a prompt longer than max_position_embeddings, then a
-    decode step, against transformers with its own KV cache (its keys keep the scale they were made with)."""
-    spec = TinyModelSpec(max_position_embeddings=32, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
-    path = make_tiny_model(tmp_path / "dynamic", spec)
-    model = load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
-    ref, _ = load_reference(path)
-    ids = prompt(41, model.config.vocab_size, seed=16)
+def assert_prefill_then_decode_match(model, ref, ids: list[int]) -> None:
+    """All but the last token as one prefill, then the last as a decode step, against transformers with its
+    own KV cache (its keys keep the positions' scaling they were made with)."""
     runner = PagedRunner(model)
     runner.add_sequence(0, len(ids))
     (prefill,) = runner.step([(0, ids[:-1])])
@@ -220,6 +215,17 @@ def test_dynamic_rope_beyond_trained_length(tmp_path: Path) -> None:
         second = ref(torch.tensor([ids[-1:]]), past_key_values=first.past_key_values, use_cache=True)
     assert_close(prefill, first.logits[0])
     assert_close(decode, second.logits[0])
+
+
+def test_dynamic_rope_beyond_trained_length(tmp_path: Path) -> None:
+    """Dynamic NTK rescales with the sequence length: a prompt longer than max_position_embeddings, then a
+    decode step, against transformers with its own KV cache (its keys keep the scale they were made with)."""
+    spec = TinyModelSpec(max_position_embeddings=32, rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    path = make_tiny_model(tmp_path / "dynamic", spec)
+    model = load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
+    ref, _ = load_reference(path)
+    ids = prompt(41, model.config.vocab_size, seed=16)
+    assert_prefill_then_decode_match(model, ref, ids)
 
 
 def test_heads_not_divisible_by_world_size(models: Models) -> None:
@@ -351,15 +357,7 @@ def test_longrope_past_the_original_length(tmp_path: Path) -> None:
     model = load_model(path, torch.float32, CPU, Distributed(0, 1, None), ops_for(CPU))
     ref, _ = load_reference(path)
     ids = prompt(71, model.config.vocab_size, seed=18)
-    runner = PagedRunner(model)
-    runner.add_sequence(0, len(ids))
-    (prefill,) = runner.step([(0, ids[:-1])])
-    (decode,) = runner.step([(0, ids[-1:])])
-    with torch.no_grad():
-        first = ref(torch.tensor([ids[:-1]]), use_cache=True)
-        second = ref(torch.tensor([ids[-1:]]), past_key_values=first.past_key_values, use_cache=True)
-    assert_close(prefill, first.logits[0])
-    assert_close(decode, second.logits[0])
+    assert_prefill_then_decode_match(model, ref, ids)
 
 
 @pytest.mark.parametrize(

@@ -19,31 +19,20 @@ from transformers.generation.logits_process import (
     TopPLogitsWarper,
 )
 
-VOCAB = 300
-
-
-def _logits(rows: int, seed: int, scale: float = 3.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, VOCAB, generator=g) * scale
-
-
-def _same(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
-    finite = ~torch.isinf(ref)
-    torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-6, atol=1e-6)
+from tests.helpers.logits import VOCAB, assert_same_filtering, random_logits
 
 
 @pytest.mark.parametrize("min_p", [0.05, 0.2, 0.6])
 def test_min_p_matches_transformers(min_p: float) -> None:
-    scores = _logits(4, 11)
+    scores = random_logits(4, 11)
     ref = MinPLogitsWarper(min_p)(None, scores.clone())
     ours = apply_min_p(scores.clone(), min_p)
-    _same(ours, ref)
+    assert_same_filtering(ours, ref)
     assert torch.isinf(ours).any()
 
 
 def test_min_p_in_the_chain_follows_top_p_like_transformers() -> None:
-    scores = _logits(2, 12)
+    scores = random_logits(2, 12)
     params = [SamplingParams(temperature=0.7, top_p=0.9, min_p=0.1, seed=1), SamplingParams(min_p=0.3)]
     out = sample(scores, params, [[], []], [0, 0], [VOCAB, VOCAB])
     for row, (t, p, m) in enumerate([(0.7, 0.9, 0.1), (1.0, 1.0, 0.3)]):
@@ -59,15 +48,15 @@ def test_min_p_in_the_chain_follows_top_p_like_transformers() -> None:
 
 
 def test_logit_bias_matches_transformers_sequence_bias() -> None:
-    scores = _logits(1, 13)
+    scores = random_logits(1, 13)
     bias = ((3, 5.0), (40, -100.0), (299, 0.5))
     ref = SequenceBiasLogitsProcessor({(t,): b for t, b in bias})(torch.tensor([[1, 2]]), scores.clone())
     ours = apply_penalties(scores.clone(), [], SamplingParams(logit_bias=bias), 0)
-    _same(ours, ref)
+    assert_same_filtering(ours, ref)
 
 
 def test_logit_bias_of_100_forces_its_token_greedily() -> None:
-    scores = _logits(1, 14)
+    scores = random_logits(1, 14)
     loser = int(scores[0].argmin())
     out = sample(scores, [SamplingParams(logit_bias=((loser, 100.0),))], [[1]], [0], [0])
     assert out.next_ids == [loser]
@@ -75,18 +64,18 @@ def test_logit_bias_of_100_forces_its_token_greedily() -> None:
 
 @pytest.mark.parametrize("min_new_tokens, step", [(3, 0), (3, 2), (3, 3)])
 def test_min_tokens_masks_stop_ids_like_transformers(min_new_tokens: int, step: int) -> None:
-    scores = _logits(1, 15)
+    scores = random_logits(1, 15)
     eos = [7, 8]
     prompt = [1, 2, 3]
     ids = torch.tensor([prompt + [9] * step])
     ref = MinNewTokensLengthLogitsProcessor(len(prompt), min_new_tokens, eos)(ids, scores.clone())
     params = SamplingParams(min_new_tokens=min_new_tokens, min_tokens_banned_ids=tuple(eos))
     ours = apply_penalties(scores.clone(), prompt + [9] * step, params, step)
-    _same(ours, ref)
+    assert_same_filtering(ours, ref)
 
 
 def test_presence_penalty_is_additive_once_per_present_token() -> None:
-    scores = _logits(1, 16)
+    scores = random_logits(1, 16)
     history = [5, 5, 5, 9, 299]
     ours = apply_presence_penalty(scores.clone(), torch.tensor(history), 0.75)
     expected = scores.clone()
@@ -96,7 +85,7 @@ def test_presence_penalty_is_additive_once_per_present_token() -> None:
 
 
 def test_presence_and_frequency_penalties_add_up() -> None:
-    scores = _logits(1, 17)
+    scores = random_logits(1, 17)
     history = [4, 4, 6]
     params = SamplingParams(frequency_penalty=0.5, presence_penalty=1.0)
     ours = apply_penalties(scores.clone(), history, params, 0)

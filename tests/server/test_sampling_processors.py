@@ -26,37 +26,25 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
-VOCAB = 300
-
-
-def _logits(rows: int, seed: int, scale: float = 3.0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(rows, VOCAB, generator=g) * scale
-
-
-def _same(ours: torch.Tensor, ref: torch.Tensor) -> None:
-    """Same filtered set, and equal finite values."""
-    assert torch.equal(torch.isinf(ours), torch.isinf(ref))
-    finite = ~torch.isinf(ref)
-    torch.testing.assert_close(ours[finite], ref[finite], rtol=1e-6, atol=1e-6)
+from tests.helpers.logits import VOCAB, assert_same_filtering, random_logits
 
 
 @pytest.mark.parametrize("penalty", [0.5, 1.3, 2.0])
 def test_repetition_penalty_matches_transformers(penalty: float) -> None:
-    scores = _logits(4, 1)
+    scores = random_logits(4, 1)
     g = torch.Generator().manual_seed(2)
     history = torch.randint(0, VOCAB, (4, 40), generator=g)  # duplicates included
     ref = RepetitionPenaltyLogitsProcessor(penalty)(history, scores.clone())
     ours = scores.clone()
     for i in range(4):
         apply_repetition_penalty(ours[i : i + 1], history[i], penalty)
-    _same(ours, ref)
+    assert_same_filtering(ours, ref)
     assert not torch.equal(ours, scores)
 
 
 @pytest.mark.parametrize("penalty", [-2.0, -0.5, 0.7, 2.0])
 def test_frequency_penalty_subtracts_per_occurrence(penalty: float) -> None:
-    scores = _logits(1, 3)
+    scores = random_logits(1, 3)
     history = [5, 5, 5, 9, 17, 17, 299]
     ours = apply_frequency_penalty(scores.clone(), torch.tensor(history), penalty)
     expected = scores.clone()
@@ -67,27 +55,27 @@ def test_frequency_penalty_subtracts_per_occurrence(penalty: float) -> None:
 
 @pytest.mark.parametrize("temperature", [0.3, 0.7, 1.5])
 def test_temperature_matches_transformers(temperature: float) -> None:
-    scores = _logits(3, 4)
+    scores = random_logits(3, 4)
     ref = TemperatureLogitsWarper(temperature)(None, scores.clone())
     ours = apply_temperature(scores.clone(), [SamplingParams(temperature=temperature)] * 3)
-    _same(ours, ref)
+    assert_same_filtering(ours, ref)
 
 
 def test_temperature_is_per_row_and_leaves_unit_rows_untouched() -> None:
-    scores = _logits(3, 5)
+    scores = random_logits(3, 5)
     temps = [0.5, 1.0, 2.0]
     ours = apply_temperature(scores.clone(), [SamplingParams(temperature=t) for t in temps])
     for i, t in enumerate(temps):
-        _same(ours[i : i + 1], TemperatureLogitsWarper(t)(None, scores[i : i + 1].clone()))
+        assert_same_filtering(ours[i : i + 1], TemperatureLogitsWarper(t)(None, scores[i : i + 1].clone()))
     assert torch.equal(ours[1], scores[1])
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 17, VOCAB, VOCAB + 10])
 def test_top_k_matches_transformers(top_k: int) -> None:
-    scores = _logits(4, 6)
+    scores = random_logits(4, 6)
     ref = TopKLogitsWarper(top_k)(None, scores.clone())
     ours = apply_top_k(scores.clone(), top_k)
-    _same(ours, ref)
+    assert_same_filtering(ours, ref)
     kept = (~torch.isinf(ours)).sum(-1)
     assert torch.all(kept == min(top_k, VOCAB))
 
@@ -95,35 +83,35 @@ def test_top_k_matches_transformers(top_k: int) -> None:
 def test_top_k_keeps_ties_at_the_boundary_like_transformers() -> None:
     scores = torch.tensor([[3.0, 2.0, 2.0, 2.0, 1.0]])
     ours = apply_top_k(scores.clone(), 2)
-    _same(ours, TopKLogitsWarper(2)(None, scores.clone()))
+    assert_same_filtering(ours, TopKLogitsWarper(2)(None, scores.clone()))
     assert (~torch.isinf(ours)).sum() == 4
 
 
 @pytest.mark.parametrize("top_p", [0.01, 0.3, 0.9, 0.999])
 @pytest.mark.parametrize("scale", [0.5, 4.0])
 def test_top_p_matches_transformers(top_p: float, scale: float) -> None:
-    scores = _logits(4, 7, scale)
+    scores = random_logits(4, 7, scale)
     ref = TopPLogitsWarper(top_p)(None, scores.clone())
     ours = apply_top_p(scores.clone(), top_p)
-    _same(ours, ref)
+    assert_same_filtering(ours, ref)
     assert torch.all((~torch.isinf(ours)).sum(-1) >= 1)
 
 
 @pytest.mark.parametrize("mass", [0.01, 0.2, 0.9, 0.99])
 @pytest.mark.parametrize("scale", [0.5, 4.0])
 def test_typical_p_matches_transformers(mass: float, scale: float) -> None:
-    scores = _logits(4, 8, scale)
+    scores = random_logits(4, 8, scale)
     ref = TypicalLogitsWarper(mass)(None, scores.clone())
     ours = apply_typical_p(scores.clone(), mass)
-    _same(ours, ref)
+    assert_same_filtering(ours, ref)
     assert torch.all((~torch.isinf(ours)).sum(-1) >= 1)
 
 
 def test_filters_run_top_k_then_top_p_then_typical() -> None:
-    scores = _logits(1, 9)
+    scores = random_logits(1, 9)
     params = SamplingParams(top_k=40, top_p=0.8, typical_p=0.9)
     chain = LogitsProcessorList([TopKLogitsWarper(40), TopPLogitsWarper(0.8), TypicalLogitsWarper(0.9)])
-    _same(apply_filters(scores.clone(), [params]), chain(None, scores.clone()))
+    assert_same_filtering(apply_filters(scores.clone(), [params]), chain(None, scores.clone()))
 
 
 def test_filters_batched_over_rows_with_different_parameters() -> None:
@@ -135,7 +123,7 @@ def test_filters_batched_over_rows_with_different_parameters() -> None:
         SamplingParams(typical_p=0.3),
         SamplingParams(top_k=1, top_p=0.2, typical_p=0.9),
     ]
-    scores = _logits(len(params), 12)
+    scores = random_logits(len(params), 12)
     ours = apply_filters(scores.clone(), params)
     for i, p in enumerate(params):
         chain = LogitsProcessorList()
@@ -145,7 +133,7 @@ def test_filters_batched_over_rows_with_different_parameters() -> None:
             chain.append(TopPLogitsWarper(p.top_p))
         if p.typical_p < 1.0:
             chain.append(TypicalLogitsWarper(p.typical_p))
-        _same(ours[i : i + 1], chain(None, scores[i : i + 1].clone()))
+        assert_same_filtering(ours[i : i + 1], chain(None, scores[i : i + 1].clone()))
     assert torch.equal(ours[1], scores[1])
 
 
@@ -189,7 +177,7 @@ def _reference_scores(scores: torch.Tensor, history: list[int], p: SamplingParam
 
 
 def test_whole_chain_logprobs_match_transformers_per_row_of_a_mixed_batch() -> None:
-    logits = _logits(len(CHAIN_CASES) + 1, 10)
+    logits = random_logits(len(CHAIN_CASES) + 1, 10)
     params = [*CHAIN_CASES, SamplingParams()]
     g = torch.Generator().manual_seed(11)
     histories = [torch.randint(0, VOCAB, (30,), generator=g).tolist() for _ in params]
