@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from spindle_kernels import cpu, reference
+from spindle_kernels import cpu, cpu_native, reference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +88,7 @@ def ops_for(device: torch.device | str, *, block_size: int | None = None) -> Ker
     """
     device = torch.device(device)
     if device.type != "cuda":
-        cpu.load_native()
+        cpu_native.load()
         return CPU_OPS
     try:
         base = triton_ops()

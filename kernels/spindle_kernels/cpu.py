@@ -31,11 +31,6 @@ NATIVE_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
-def load_native() -> bool:
-    """Builds and loads the C++ kernels (once per host and source; seconds); False when they cannot load."""
-    return cpu_native.load()
-
-
 def paged_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
