@@ -196,10 +196,60 @@ def test_randomized_budgets_fifo_and_accounting(seed: int) -> None:
 
 def test_step_cost_budget_follows_the_slowdown() -> None:
     cost = StepCost(base_ns=30_000_000, token_ns=1_000_000)  # 30 ms + 1 ms per further token
-    # Four decodes take 33 ms alone; 1.5x is 49.5 ms: 20 tokens in all.
-    assert cost.max_tokens(decodes=4, slowdown=1.5) == 20
-    assert cost.max_tokens(decodes=4, slowdown=1.0) == 4  # no slowdown: room for the decodes only
-    assert StepCost(30, 0).max_tokens(4, 1.5) >= 2**30  # no per-token cost measured: no limit
+    # Four decodes take 33 ms alone; 1.5x is 49.5 ms: 16.5 ms for prefill tokens, 16 of them.
+    assert cost.decode_only_ns(4) == 33_000_000
+    assert cost.max_chunk(start=0, limit=1000, spare_ns=0.5 * cost.decode_only_ns(4)) == 16
+    assert cost.max_chunk(start=5000, limit=1000, spare_ns=16.5e6) == 16  # no context term: position is free
+    assert cost.max_chunk(0, 10, spare_ns=0) == 0  # no slowdown: room for the decodes only
+    assert StepCost(30, 0).max_chunk(0, 2**30, spare_ns=0) == 2**30  # no per-token cost measured: no limit
+
+
+def test_a_chunk_costs_its_tokens_and_the_context_they_attend() -> None:
+    cost = StepCost(base_ns=30_000_000, token_ns=1_000_000, context_ns=500)
+    # 100 tokens from position 0: 100 x 1 ms + the 4950 pairs among themselves x 0.5 us.
+    assert cost.chunk_ns(100, 0) == 100_000_000 + 500 * 4950
+    # The same 100 tokens after 2000 positions also attend to those: 200,000 pairs more.
+    assert cost.chunk_ns(100, 2000) == cost.chunk_ns(100, 0) + 500 * 100 * 2000
+    assert cost.chunk_ns(0, 2000) == 0 and cost.chunk_ns(1, 0) == 1_000_000
+    spare = 50e6
+    early, late = cost.max_chunk(0, 10_000, spare), cost.max_chunk(4000, 10_000, spare)
+    assert cost.chunk_ns(early, 0) <= spare < cost.chunk_ns(early + 1, 0)  # the longest that fits
+    assert cost.chunk_ns(late, 4000) <= spare < cost.chunk_ns(late + 1, 4000)
+    assert early == 49 and late == 16  # 1 ms + 2 ms of context per token at position 4000
+    assert cost.max_chunk(4000, 10, spare) == 10  # capped by what is asked
+
+
+def test_long_prompt_chunks_shrink_as_its_context_grows_and_every_step_keeps_the_pace() -> None:
+    """With a context term, each step beside decodes stays within the slowdown at every position (the old
+    position-free price let late chunks run over), and the early chunks are as large as before."""
+    slowdown = 2.0
+    flat = StepCost(base_ns=30_000_000, token_ns=100_000)
+    deep = StepCost(base_ns=30_000_000, token_ns=100_000, context_ns=50)  # a token at 2000 costs 2x one at 0
+    chunks: dict[float, list[tuple[int, int]]] = {}
+    for cost in (flat, deep):
+        blocks = BlockManager(1024, BS, prefix_caching=False)
+        limits = StepLimits(max_prefill_tokens=4096, step_cost=cost, max_decode_slowdown=slowdown)
+        running: list[ScheduledRequest] = []
+        waiting = deque([req(i, 3, max_new=10_000) for i in range(16)])
+        finish_step(plan_step(running, waiting, blocks, limits), running, blocks)  # 16 decoding
+        long = req(99, 2000, max_new=1)
+        waiting.append(long)
+        chunks[cost.context_ns] = []
+        while long.computed_tokens < long.prompt_len:
+            plan = plan_step(running, waiting, blocks, limits)
+            if long in plan.running + plan.admitted:
+                chunks[cost.context_ns].append((long.computed_tokens, long.scheduled_tokens))
+                # The true (deep) cost of this step's prefill stays within the slowdown when priced by it.
+                if cost is deep:
+                    assert deep.chunk_ns(long.scheduled_tokens, long.computed_tokens) <= (
+                        (slowdown - 1) * deep.decode_only_ns(16))
+            finish_step(plan, running, blocks)
+    sizes = [n for _, n in chunks[50]]
+    assert sizes == sorted(sizes, reverse=True) and sizes[0] > 1.6 * sizes[-2]  # shrink with the context
+    assert sizes[0] >= 0.9 * chunks[0][0][1]  # the first chunk is about what the flat price gives
+    # The flat price would have run the late chunks over: its chunk at the end costs well past the slowdown.
+    start, n = chunks[0][-2]
+    assert deep.chunk_ns(n, start) > 1.5 * (slowdown - 1) * deep.decode_only_ns(16)
 
 
 def test_stall_free_budget_chunks_a_long_prompt_beside_decodes() -> None:
@@ -248,7 +298,7 @@ def test_a_prefix_being_prefilled_is_waited_for_not_computed_twice() -> None:
         plan = plan_step(running, waiting, blocks, limits)
         for sr in plan.running + plan.admitted:
             computed_by[sr.id] = computed_by.get(sr.id, 0) + sr.scheduled_tokens
-        if 0 in {sr.id for sr in running} and not running[0].prompt_cached:
+        if 0 in {sr.id for sr in running} and running[0].computed_tokens < 40:
             assert [sr.id for sr in plan.admitted] in ([0], [])  # 1 (and 2 behind it, FIFO) wait for 0's prefix
         finish_step(plan, running, blocks)
         blocks.check_integrity(running + list(waiting))
@@ -278,9 +328,10 @@ def test_decode_rows_learned_from_decode_steps_widen_the_budget() -> None:
     for _ in range(40):
         learned = learned.observe_decode_step(4, 53_000_000)
     assert abs(learned.decode_row_ns - 5_000_000) < 50_000
-    # Decode-only is 53 ms; at 2x, 106 ms: 30 + 4 x 5 leaves 56 ms of token cost, 57 tokens in all.
-    assert StepCost(30_000_000, 1_000_000, decode_row_ns=5_000_000).max_tokens(4, 2.0) == 57
-    assert cost.max_tokens(4, 2.0) == 37  # without what it learned: 2 x 33 ms
+    # Decode-only is 53 ms; at 2x, 53 ms more for prefill tokens: 53 of them (33 without what it learned).
+    rows = StepCost(30_000_000, 1_000_000, decode_row_ns=5_000_000)
+    assert rows.decode_only_ns(4) == 53_000_000 and rows.max_chunk(0, 1000, rows.decode_only_ns(4)) == 53
+    assert cost.max_chunk(0, 1000, cost.decode_only_ns(4)) == 33
     assert cost.observe_decode_step(0, 10**9) is cost
 
 
@@ -294,6 +345,6 @@ def test_a_long_queue_lifts_the_stall_free_cap() -> None:
     waiting.append(req(9, 400))  # one waiting for four running: 0.25 < 0.3, capped
     assert plan_step(running, waiting, blocks, limits).num_tokens == 20
     waiting.extend([req(10, 400), req(11, 400)])  # two waiting for five running (9 joined): 0.4, full rate
-    assert limits.step_tokens(running, len(waiting)) == 512
-    assert StepLimits(max_prefill_tokens=512, step_cost=cost, max_decode_slowdown=1.5).step_tokens(
-        running, len(waiting)) < 512  # ratio 0: never lifted
+    assert limits.budget(running, len(waiting)).spare_ns is None  # no time limit: 512 tokens
+    assert StepLimits(max_prefill_tokens=512, step_cost=cost, max_decode_slowdown=1.5).budget(
+        running, len(waiting)).spare_ns is not None  # ratio 0: never lifted

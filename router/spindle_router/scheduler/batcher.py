@@ -9,10 +9,11 @@ Policy (continuous batching with chunked prefill, one mixed forward per step):
   split: its chunk rides along with the decodes and continues next step.
 * Stall-free budget (Sarathi-Serve). While requests are decoding, a step that also carries prefill chunks
   may take at most `max_decode_slowdown` times a decode-only step, by a step cost model (`StepCost`: a
-  fixed cost and a cost per token, measured by the shards at warmup, plus what a decode row costs beyond a
-  token, learned from the decode-only steps the scheduler sees). A long prompt then arrives in chunks small
-  enough that the streams already running keep their pace; with nothing decoding, prompts get the whole
-  `max_prefill_tokens`. When the queue is long (waiting >= `waiting_served_ratio` x running, TGI's
+  fixed cost, a cost per token and a cost per (token, earlier position) pair a chunk attends, measured by
+  the shards at warmup, plus what a decode row costs beyond a token, learned from the decode-only steps the
+  scheduler sees). Chunks are priced where they sit: a long prompt arrives in chunks small enough that the
+  streams already running keep their pace, large at its start and smaller as its context grows; with
+  nothing decoding, prompts get the whole `max_prefill_tokens`. When the queue is long (waiting >= `waiting_served_ratio` x running, TGI's
   flag and meaning), the cap is lifted for that step: the queue is served at full rate, as TGI serves it,
   instead of trickling in beside half-empty batches (the running streams take one long step; a lone long
   prompt beside many streams stays capped).
@@ -21,9 +22,11 @@ Policy (continuous batching with chunked prefill, one mixed forward per step):
   not worst cases: blocks are allocated on demand, so the batch may later grow past what was held at
   admission; the blocks the shards hold bound that growth (preemption). `max_batch_size` caps how many
   requests run at once.
-* In-flight prefix sharing. A waiting request whose prompt starts with full blocks that a running request
-  is still prefilling (not yet in the prefix cache) waits until they are cached, instead of computing
-  them a second time beside the first: 8 requests sharing a 1500-token prefix prefill it once, not 8x.
+* In-flight prefix sharing. Full prompt blocks enter the prefix cache as soon as they are computed. A
+  waiting request whose prompt starts with full blocks that a running request is still prefilling (not
+  yet in the prefix cache) waits until they are cached, instead of computing them a second time beside
+  the first: 8 requests sharing a 1500-token prefix prefill it once, not 8x. If that request leaves
+  first (cancelled, preempted), the waiter takes what it computed from the cache and computes the rest.
 * Admission is strict FIFO: the first waiting request that does not fit (or waits for a prefix) stops
   admission, so nobody is overtaken (head-of-line blocking by design, as in TGI). With chunking a waiting
   request never needs to pause the decodes, so it is admitted every step it fits: TGI's
@@ -45,24 +48,41 @@ from spindle_router.scheduler.request import ScheduledRequest
 
 @dataclass(frozen=True)
 class StepCost:
-    """A forward of n tokens, d of them decode rows, takes about base_ns + (n - 1) * token_ns + d * decode_row_ns.
+    """A forward takes about base_ns + (n - 1) * token_ns + d * decode_row_ns + context_ns * pairs.
 
-    base_ns and token_ns are measured by the shards at warmup (a fresh one-token forward, a prefill probe);
-    decode_row_ns, what a decode row costs beyond a prefill token (its attention over a long context), is
-    learned from the decode-only steps the scheduler sees (`observe_decode_step`).
+    n tokens, d of them decode rows; `pairs` counts what the prefill chunks attend beyond a fresh token: a
+    chunk of c tokens from context position p has c * p + c * (c - 1) / 2 (token, earlier position) pairs,
+    so a late chunk of a long prompt, which attends to everything before it, costs more than an early one.
+    base_ns, token_ns and context_ns are measured by the shards at warmup (a one-token forward, a prefill
+    probe from position 0, the same probe deep into a context); decode_row_ns, what a decode row costs
+    beyond a token (its attention over its context), is learned from the decode-only steps the scheduler
+    sees (`observe_decode_step`).
     """
 
     base_ns: int
     token_ns: int
     decode_row_ns: float = 0.0
+    context_ns: float = 0.0
 
-    def max_tokens(self, decodes: int, slowdown: float) -> int:
-        """Most tokens a step holding `decodes` decode rows may carry and take <= slowdown x a decode-only step."""
-        if self.token_ns <= 0:
-            return 2**31
-        rows = decodes * self.decode_row_ns
-        decode_only = self.base_ns + max(0, decodes - 1) * self.token_ns + rows
-        return 1 + int((slowdown * decode_only - self.base_ns - rows) // self.token_ns)
+    def decode_only_ns(self, decodes: int) -> float:
+        """A step of `decodes` decode rows and nothing else."""
+        return self.base_ns + max(0, decodes - 1) * self.token_ns + decodes * self.decode_row_ns
+
+    def chunk_ns(self, num_tokens: int, start: int) -> float:
+        """What a prefill chunk of `num_tokens` from context position `start` adds to a forward."""
+        pairs = num_tokens * start + num_tokens * (num_tokens - 1) // 2
+        return num_tokens * self.token_ns + self.context_ns * pairs
+
+    def max_chunk(self, start: int, limit: int, spare_ns: float) -> int:
+        """The longest chunk from `start`, at most `limit` tokens, that adds at most `spare_ns`."""
+        lo, hi = 0, max(0, limit)  # chunk_ns grows with the length: bisect
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            if self.chunk_ns(mid, start) <= spare_ns:
+                lo = mid
+            else:
+                hi = mid - 1
+        return lo
 
     def observe_decode_step(self, decodes: int, forward_ns: int, weight: float = 0.2) -> StepCost:
         """This cost with decode_row_ns moved towards what a decode-only step of `decodes` rows just took."""
@@ -70,6 +90,40 @@ class StepCost:
             return self
         row = max(0.0, (forward_ns - self.base_ns - (decodes - 1) * self.token_ns) / decodes)
         return replace(self, decode_row_ns=(1 - weight) * self.decode_row_ns + weight * row)
+
+
+@dataclass
+class StepBudget:
+    """What the forward being planned may still carry: `tokens`, and under the stall-free rule `spare_ns`,
+    the time its prefill chunks may add to the decode-only step (None: no time limit).
+
+    Every running request computes at least one token a step, so the planner reserves those tokens first
+    (`reserve`); chunks then take what they may (`take`), priced by their position when a cost is given.
+    """
+
+    tokens: int
+    spare_ns: float | None = None
+    cost: StepCost | None = None
+    has_chunk: bool = False  # a prefill chunk got tokens this step
+
+    def reserve(self, num_tokens: int) -> None:
+        self.tokens -= num_tokens
+
+    def take(self, start: int, want: int, reserved: int = 0) -> int:
+        """Tokens for a prefill chunk from context position `start`, at most `want`, taken from the budget.
+
+        `reserved` of them were set aside by `reserve` and are granted whatever they cost. The step's first
+        chunk gets at least one token too, so a prompt always advances beside any number of decodes.
+        """
+        limit = min(want, reserved + max(0, self.tokens))
+        num = limit
+        if self.spare_ns is not None and self.cost is not None:
+            num = self.cost.max_chunk(start, limit, self.spare_ns)
+            num = max(num, reserved, 0 if self.has_chunk else min(1, limit))
+            self.spare_ns -= self.cost.chunk_ns(num, start)
+        self.tokens -= num - reserved
+        self.has_chunk = self.has_chunk or num > 0
+        return num
 
 
 @dataclass(frozen=True)
@@ -89,16 +143,16 @@ class StepLimits:
         if self.max_decode_slowdown and self.max_decode_slowdown < 1:
             raise ValueError("max_decode_slowdown must be 0 (off) or >= 1")
 
-    def step_tokens(self, running: list[ScheduledRequest], num_waiting: int = 0) -> int:
-        """Tokens the next forward may carry, given the requests already running and how many wait."""
+    def budget(self, running: list[ScheduledRequest], num_waiting: int = 0) -> StepBudget:
+        """What the next forward may carry, given the requests already running and how many wait."""
         decodes = sum(sr.remaining_tokens == 1 for sr in running)
-        if not decodes or self.step_cost is None or not self.max_decode_slowdown:
-            return self.max_prefill_tokens
+        cost = self.step_cost
+        if not decodes or cost is None or not self.max_decode_slowdown:
+            return StepBudget(self.max_prefill_tokens)
         if self.waiting_served_ratio and num_waiting >= self.waiting_served_ratio * len(running):
-            return self.max_prefill_tokens
-        # At least one prefill token beside the decodes, so a prompt always advances.
-        stall_free = max(len(running) + 1, self.step_cost.max_tokens(decodes, self.max_decode_slowdown))
-        return min(self.max_prefill_tokens, stall_free)
+            return StepBudget(self.max_prefill_tokens)
+        spare_ns = (self.max_decode_slowdown - 1) * cost.decode_only_ns(decodes)
+        return StepBudget(self.max_prefill_tokens, spare_ns=spare_ns, cost=cost)
 
 
 @dataclass
@@ -124,13 +178,12 @@ def plan_step(
 ) -> StepPlan:
     """Plan one step, updating `running` (admission order) and `waiting` (FIFO) in place."""
     plan = StepPlan()
-    budget = limits.step_tokens(running, len(waiting))
+    budget = limits.budget(running, len(waiting))
     # 1. Tokens for the running batch: one each, then prefill chunks oldest first.
-    spare = budget - len(running)
+    budget.reserve(len(running))
     for sr in running:
-        extra = max(0, min(sr.remaining_tokens - 1, spare))
-        sr.scheduled_tokens = 1 + extra
-        spare -= extra
+        prefilling = sr.remaining_tokens > 1
+        sr.scheduled_tokens = budget.take(sr.computed_tokens, sr.remaining_tokens, reserved=1) if prefilling else 1
     # 2. Blocks for the running batch, oldest first; preempt the youngest when they run out.
     for sr in list(running):
         if sr not in running:
@@ -146,25 +199,23 @@ def plan_step(
             plan.new_blocks[sr.id] = new
     plan.running = list(running)
     # 3. Admit waiting requests in order while every budget allows.
-    spare = budget - plan.num_tokens
-    while waiting and not plan.preempted and _has_room(waiting[0], running, spare, limits, blocks.block_size):
+    while waiting and not plan.preempted and _has_room(waiting[0], running, budget, limits, blocks.block_size):
         sr = waiting[0]
         if blocks.waits_for_prefix(sr, running):
             break
-        if not _admit(sr, spare, blocks):
+        if not _admit(sr, budget, blocks):
             break
         waiting.popleft()
         running.append(sr)
         plan.admitted.append(sr)
-        spare -= sr.scheduled_tokens
     return plan
 
 
 def _has_room(
-    sr: ScheduledRequest, running: list[ScheduledRequest], spare_tokens: int, limits: StepLimits, block_size: int
+    sr: ScheduledRequest, running: list[ScheduledRequest], budget: StepBudget, limits: StepLimits, block_size: int
 ) -> bool:
     """Token, batch-size and capacity budgets (an empty batch always takes one request, or nothing runs)."""
-    if spare_tokens < 1:
+    if budget.tokens < 1:
         return False
     if limits.max_batch_size is not None and len(running) >= limits.max_batch_size:
         return False
@@ -175,11 +226,11 @@ def _has_room(
     return True
 
 
-def _admit(sr: ScheduledRequest, spare_tokens: int, blocks: BlockManager) -> bool:
+def _admit(sr: ScheduledRequest, budget: StepBudget, blocks: BlockManager) -> bool:
     """Give `sr` its cached prefix, a first chunk and the blocks for it; False (nothing held) if no room."""
     blocks.attach_prefix(sr)
-    sr.scheduled_tokens = min(sr.remaining_tokens, spare_tokens)
-    if blocks.grow(sr, sr.computed_tokens + sr.scheduled_tokens) is None:
+    sr.scheduled_tokens = budget.take(sr.computed_tokens, sr.remaining_tokens)
+    if sr.scheduled_tokens == 0 or blocks.grow(sr, sr.computed_tokens + sr.scheduled_tokens) is None:
         blocks.release(sr)
         reset_progress(sr)
         return False

@@ -58,20 +58,24 @@ class BlockManager:
         self.allocator.incref(blocks)
         sr.prefix_node = node
         sr.blocks = blocks
+        sr.shared_blocks = len(blocks)
         sr.cached_tokens = sr.computed_tokens = len(blocks) * self.block_size
 
     def waits_for_prefix(self, sr: ScheduledRequest, running: Iterable[ScheduledRequest]) -> bool:
-        """True when a running request is still prefilling full blocks of `sr`'s prompt that the cache does
-        not hold yet: admitted now, `sr` would compute them a second time; a step or a few later it finds
-        them cached (they enter the cache when that prompt completes)."""
+        """True when a running request is still computing full blocks of `sr`'s prompt that the cache does
+        not hold yet: admitted now, `sr` would compute them a second time. Blocks enter the cache as soon
+        as they are computed (`cache_prompt` after every step), so `sr` starts once the blocks it shares
+        are in, while the other request may still be prefilling the rest of its own prompt. A request
+        that leaves (finished, cancelled, preempted) is no longer waited for: what it computed is cached,
+        and `sr` computes the rest itself."""
         if self.cache is None or sr.request.prefill_logprobs:
             return False
         ids, bs = sr.request.input_ids, self.block_size
         usable = (sr.context_len - 1) // bs  # attach_prefix leaves at least one token to compute
         shared = 0
         for r in running:
-            if r.prompt_cached:
-                continue
+            if r.shared_blocks >= r.prompt_len // bs:
+                continue  # every full block of its prompt is cached already
             other = r.request.input_ids
             limit = min(usable, r.prompt_len // bs)
             n = 0
@@ -99,18 +103,24 @@ class BlockManager:
         return new
 
     def cache_prompt(self, sr: ScheduledRequest) -> None:
-        """Share the full prompt blocks of `sr` once its prompt is computed (and keep them locked)."""
-        if self.cache is None or sr.prompt_cached or sr.computed_tokens < sr.prompt_len:
+        """Share the full prompt blocks `sr` has computed so far (and keep them locked while it runs).
+
+        Called after every step, so a block is shared as soon as its K/V are on the shards, not when the
+        whole prompt is: a request waiting for that prefix starts earlier, and a request cancelled or
+        preempted half-way through its prompt leaves what it computed to its waiters (and to itself when
+        it resumes). Never a block still being computed: `computed_tokens` counts finished steps only.
+        """
+        if self.cache is None:
             return
-        num_full = sr.prompt_len // self.block_size
-        sr.prompt_cached = True
-        if num_full == 0:
+        num_full = min(sr.computed_tokens, sr.prompt_len) // self.block_size
+        if num_full <= sr.shared_blocks:
             return
         node = self.cache.insert(sr.request.input_ids, sr.blocks[:num_full])
         self.cache.lock(node)  # lock the new path before dropping the old lock: nothing becomes evictable
         if isinstance(sr.prefix_node, PrefixNode):
             self.cache.unlock(sr.prefix_node)
         sr.prefix_node = node
+        sr.shared_blocks = num_full
 
     def release(self, sr: ScheduledRequest) -> None:
         """Drop every block reference and prefix lock `sr` holds (cached blocks stay in the cache)."""
@@ -119,7 +129,7 @@ class BlockManager:
         self.allocator.decref(sr.blocks)
         sr.blocks = []
         sr.prefix_node = None
-        sr.prompt_cached = False
+        sr.shared_blocks = 0
 
     def num_request_blocks(self, requests: Iterable[ScheduledRequest]) -> int:
         """Distinct blocks held by `requests` (shared prefix blocks counted once)."""

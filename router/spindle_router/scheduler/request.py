@@ -142,7 +142,7 @@ class ScheduledRequest:
     scheduled_tokens: int = 0  # tokens the step being planned computes
     resumed_len: int = 0  # generated tokens it was last admitted with (sent as generated_ids)
     prefix_node: object | None = None  # radix_cache.PrefixNode it keeps locked, if any
-    prompt_cached: bool = False  # its full prompt blocks were inserted into the prefix cache
+    shared_blocks: int = 0  # leading prompt blocks in the prefix cache (found there or put there), locked
     prefill_event_sent: bool = False
 
     @property

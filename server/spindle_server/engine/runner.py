@@ -42,6 +42,9 @@ class ModelRunner:
         self.device = device
         # Set by the shard's Warmup once the KV cache exists; decode steps they can serve replay a graph.
         self.decode_graphs: DecodeGraphs | None = None
+        # Prompt tokens whose K/V the forwards computed (prefix-cache hits are not): what in-flight prefix
+        # sharing saves, counted where the work happens.
+        self.num_prompt_tokens_computed = 0
 
     @torch.inference_mode()
     def forward(self, inputs: StepInputs, kv_cache: KVCache) -> torch.Tensor | None:
@@ -67,6 +70,8 @@ class ModelRunner:
         start = time.perf_counter_ns()
         self._record_prompt_logprobs(requests, inputs, logits)
         for r in requests:  # the chunk is in the cache now; the next chunk comes with the next call
+            end = min(r.computed_len + r.next_len, r.prompt_len)
+            self.num_prompt_tokens_computed += max(0, end - r.computed_len)
             r.computed_len += r.next_len
             r.chunk_len = None
         generations, finished = self._sample_and_stop(requests, inputs, logits, masks)
