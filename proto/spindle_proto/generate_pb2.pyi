@@ -78,18 +78,20 @@ class WarmupRequest(_message.Message):
     def __init__(self, max_input_tokens: _Optional[int] = ..., max_prefill_tokens: _Optional[int] = ..., max_total_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ...) -> None: ...
 
 class WarmupResponse(_message.Message):
-    __slots__ = ("num_blocks", "block_size", "max_supported_total_tokens", "forward_base_ns", "forward_token_ns")
+    __slots__ = ("num_blocks", "block_size", "max_supported_total_tokens", "forward_base_ns", "forward_token_ns", "forward_context_ns")
     NUM_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     BLOCK_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_SUPPORTED_TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_BASE_NS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_TOKEN_NS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_CONTEXT_NS_FIELD_NUMBER: _ClassVar[int]
     num_blocks: int
     block_size: int
     max_supported_total_tokens: int
     forward_base_ns: int
     forward_token_ns: int
-    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_supported_total_tokens: _Optional[int] = ..., forward_base_ns: _Optional[int] = ..., forward_token_ns: _Optional[int] = ...) -> None: ...
+    forward_context_ns: float
+    def __init__(self, num_blocks: _Optional[int] = ..., block_size: _Optional[int] = ..., max_supported_total_tokens: _Optional[int] = ..., forward_base_ns: _Optional[int] = ..., forward_token_ns: _Optional[int] = ..., forward_context_ns: _Optional[float] = ...) -> None: ...
 
 class NextTokenChooserParameters(_message.Message):
     __slots__ = ("temperature", "top_k", "top_p", "typical_p", "do_sample", "seed", "repetition_penalty", "frequency_penalty", "presence_penalty", "min_p", "logit_bias")

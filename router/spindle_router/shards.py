@@ -110,6 +110,7 @@ class WarmupResult:
     num_blocks: int  # KV blocks every rank holds (the smallest rank's count)
     forward_base_ns: int  # a one-token forward, on the slowest rank
     forward_token_ns: int  # each further prefill token, on the slowest rank
+    forward_context_ns: float = 0.0  # each (prefill token, earlier position) pair, on the slowest rank
 
 
 Metadata = Sequence[tuple[str, str]]  # sent with a call: W3C trace context, when the caller traces
@@ -211,6 +212,7 @@ class ShardClient:
             num_blocks=min(r.num_blocks for r in answers),
             forward_base_ns=max(r.forward_base_ns for r in answers),
             forward_token_ns=max(r.forward_token_ns for r in answers),
+            forward_context_ns=max(r.forward_context_ns for r in answers),
         )
         # From now on each call's deadline follows its work.
         self.deadlines = replace(self.deadlines, base_ns=result.forward_base_ns, token_ns=result.forward_token_ns)

@@ -92,6 +92,7 @@ class ShardService(generate_pb2_grpc.TextGenerationServiceServicer):
             max_supported_total_tokens=result.max_supported_total_tokens,
             forward_base_ns=result.forward_base_ns,
             forward_token_ns=result.forward_token_ns,
+            forward_context_ns=result.forward_context_ns,
         )
 
     async def Prefill(self, request: generate_pb2.PrefillRequest, context: grpc.aio.ServicerContext):

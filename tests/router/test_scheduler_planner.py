@@ -308,6 +308,78 @@ def test_a_prefix_being_prefilled_is_waited_for_not_computed_twice() -> None:
     assert computed_by[2] == 6 + 3
 
 
+def test_a_waiter_starts_once_its_shared_blocks_are_computed_not_the_whole_prompt() -> None:
+    blocks = BlockManager(64, BS)
+    stem = list(range(500, 520))  # 5 full blocks
+    leader, waiter = req(0, stem + [1] * 24, max_new=2), req(1, stem + [2, 2], max_new=2)
+    running: list[ScheduledRequest] = []
+    waiting = deque([leader, waiter])
+    limits = StepLimits(max_prefill_tokens=12)
+    admitted_at = None
+    for step in range(8):
+        plan = plan_step(running, waiting, blocks, limits)
+        if waiter in plan.admitted:
+            admitted_at = (step, leader.computed_tokens)
+        finish_step(plan, running, blocks)
+        blocks.check_integrity(running + list(waiting))
+    # The leader takes the whole budget (oldest first) for 36 of its 44 tokens; the stem is cached after
+    # step 1. At step 3 the waiter joins beside the leader's last chunk, with the stem from the cache: it no
+    # longer waits for the step after the leader's whole prompt.
+    assert admitted_at == (3, 36) and waiter.cached_tokens == 20
+
+
+def test_a_cancelled_leader_leaves_what_it_computed_to_its_waiter() -> None:
+    blocks = BlockManager(64, BS)
+    stem = list(range(500, 540))  # 10 full blocks
+    leader, waiter = req(0, stem + [1] * 4, max_new=3), req(1, stem + [2, 2, 2], max_new=3)
+    running: list[ScheduledRequest] = []
+    waiting = deque([leader, waiter])
+    limits = StepLimits(max_prefill_tokens=14)
+    for _ in range(2):
+        plan = plan_step(running, waiting, blocks, limits)
+        assert plan.admitted in ([leader], [])  # the waiter waits for the stem
+        finish_step(plan, running, blocks)
+    assert leader.computed_tokens == 28 and list(waiting) == [waiter]
+    running.remove(leader)  # cancelled (the loop's _handle): its computed blocks stay cached, unlocked
+    blocks.release(leader)
+    blocks.check_integrity(running + list(waiting))
+    plan = plan_step(running, waiting, blocks, limits)
+    # The waiter takes the 7 blocks the leader computed and computes the rest of the stem and its suffix.
+    assert plan.admitted == [waiter] and waiter.cached_tokens == 28 and waiter.scheduled_tokens == 14
+    while running:
+        finish_step(plan, running, blocks)
+        plan = plan_step(running, waiting, blocks, limits)
+    assert blocks.num_request_blocks(running) == 0 and blocks.allocator.num_free_blocks + blocks.num_cached_blocks == 63
+
+
+def test_a_preempted_leader_resumes_from_what_it_computed_and_its_waiter_still_waits() -> None:
+    blocks = BlockManager(10, BS)  # 9 usable blocks: the leader cannot finish its prompt beside the decode
+    stem = list(range(500, 524))  # 6 full blocks
+    decode, leader, waiter = req(0, 4, max_new=8), req(1, stem + [1] * 8, max_new=2), req(2, stem + [2] * 3, 2)
+    running: list[ScheduledRequest] = []
+    waiting = deque([decode, leader, waiter])
+    limits = StepLimits(max_prefill_tokens=8)
+    computed_by = {0: 0, 1: 0, 2: 0}
+    preempted_at = None
+    while running or waiting:
+        plan = plan_step(running, waiting, blocks, limits)
+        if leader in plan.preempted:
+            preempted_at = leader_progress
+            assert blocks.cache is not None and len(blocks.cache.match(leader.request.input_ids).blocks) == 6
+        if leader in plan.admitted and preempted_at is not None:
+            assert leader.cached_tokens == 24  # its own stem blocks, from the cache
+        assert waiter not in plan.admitted or leader.computed_tokens >= 24 or leader not in running
+        for sr in plan.running + plan.admitted:
+            computed_by[sr.id] += sr.scheduled_tokens
+        leader_progress = leader.computed_tokens + leader.scheduled_tokens
+        finish_step(plan, running, blocks)
+        blocks.check_integrity(running + list(waiting))
+    assert preempted_at == 25  # half-way through its prompt
+    assert waiter.cached_tokens == 24 and computed_by[2] == 3 + 1  # only its suffix (and one decode)
+    assert computed_by[1] == 25 + 8 + 1  # after preemption: the rest of its prompt from block 6 on, then a decode
+    assert blocks.num_request_blocks(running) == 0
+
+
 def test_a_request_asking_prompt_logprobs_does_not_wait_for_a_prefix() -> None:
     blocks = BlockManager(64, BS, prefix_caching=True)
     first, second = req(0, list(range(40))), req(1, list(range(40)))
@@ -348,3 +420,79 @@ def test_a_long_queue_lifts_the_stall_free_cap() -> None:
     assert limits.budget(running, len(waiting)).spare_ns is None  # no time limit: 512 tokens
     assert StepLimits(max_prefill_tokens=512, step_cost=cost, max_decode_slowdown=1.5).budget(
         running, len(waiting)).spare_ns is not None  # ratio 0: never lifted
+
+
+class ShardKV:
+    """What the shards' KV blocks hold, as the token prefix each full block was computed for: catches a
+    request reading a cached block that was never computed (or computed for other tokens)."""
+
+    def __init__(self) -> None:
+        self.held: dict[int, tuple[int, ...]] = {}
+        self.computed: list[tuple[int, ...]] = []  # full prompt blocks computed (by their prefix) that the
+        # request could have read from the cache instead
+
+    def check_reads(self, sr: ScheduledRequest) -> None:
+        ids = sr.request.input_ids
+        for i in range(sr.cached_tokens // BS):
+            assert self.held.get(sr.blocks[i]) == ids[: (i + 1) * BS], f"request {sr.id} read block {i} unwritten"
+
+    def write(self, sr: ScheduledRequest) -> None:
+        """`sr` computes its scheduled tokens: the blocks they complete now hold their prefix."""
+        context = sr.request.input_ids + tuple(sr.generated_ids)
+        start, end = sr.computed_tokens, sr.computed_tokens + sr.scheduled_tokens
+        for i in range(start // BS, end // BS):
+            self.held[sr.blocks[i]] = context[: (i + 1) * BS]
+            if (i + 1) * BS < sr.prompt_len:  # a block holding the last prompt token is always computed
+                self.computed.append(context[: (i + 1) * BS])
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_randomized_in_flight_sharing_with_cancels_and_preemption(seed: int) -> None:
+    """Requests sharing stems arrive while others prefill them, some are cancelled (leaders too), blocks are
+    scarce: every cached block a request reads holds exactly its prefix, nobody is stranded, nothing leaks.
+    With no cancellation and no preemption, no full prompt block is computed twice."""
+    rng = random.Random(1000 + seed)
+    calm = seed % 2 == 0  # no cancellations, blocks to spare: each shared block is computed once
+    num_blocks = 400 if calm else rng.randint(14, 40)
+    blocks = BlockManager(num_blocks, BS)
+    cost = StepCost(base_ns=30_000, token_ns=rng.choice([100, 1000]), context_ns=rng.choice([0, 5, 50]))
+    limits = StepLimits(max_prefill_tokens=rng.randint(6, 40), step_cost=cost, max_decode_slowdown=1.5)
+    capacity = (num_blocks - 1) * BS
+    bursts: list[list[ScheduledRequest]] = []  # requests sharing a fresh stem, arriving together
+    for _ in range(8):
+        stem = [rng.randint(0, 3) for _ in range(rng.randint(6, 60))]
+        bursts.append([])
+        for _ in range(rng.randint(2, 4)):
+            max_new = rng.randint(1, 6)
+            prompt = stem + [rng.randint(0, 9) for _ in range(rng.randint(1, 20))]
+            bursts[-1].append(req(sum(map(len, bursts)), prompt[: capacity - max_new], max_new=max_new))
+    total = sum(map(len, bursts))
+    waiting: deque[ScheduledRequest] = deque()
+    running: list[ScheduledRequest] = []
+    kv, done, cancelled, preempted = ShardKV(), [], [], 0
+    for _ in range(5000):
+        if not (bursts or waiting or running):
+            break
+        if bursts and rng.random() < 0.4:
+            waiting.extend(bursts.pop(0))
+        if not calm and running and rng.random() < 0.08:  # the loop's _handle for a cancelled request
+            victim = rng.choice(running)
+            running.remove(victim)
+            blocks.release(victim)
+            cancelled.append(victim)
+        plan = plan_step(running, waiting, blocks, limits)
+        preempted += len(plan.preempted)
+        for sr in plan.admitted:
+            kv.check_reads(sr)
+        for sr in plan.running + plan.admitted:
+            kv.write(sr)
+        done += finish_step(plan, running, blocks)
+        blocks.check_integrity(running + list(waiting))
+    else:
+        raise AssertionError("no progress")
+    assert sorted(s.id for s in done + cancelled) == list(range(total))
+    assert blocks.num_request_blocks(running) == 0
+    assert blocks.allocator.num_free_blocks + blocks.num_cached_blocks == blocks.allocator.num_usable_blocks
+    if calm:
+        assert preempted == 0
+        assert len(kv.computed) == len(set(kv.computed)), "a shared prompt block was computed twice"

@@ -79,6 +79,7 @@ class WarmupResult:
     block_size: int
     forward_base_ns: int = 0  # a one-token forward
     forward_token_ns: int = 0  # each further token of a prefill forward
+    forward_context_ns: float = 0.0  # each (prefill token, earlier position) pair it attends
 
     @property
     def max_supported_total_tokens(self) -> int:
@@ -186,8 +187,9 @@ class ShardEngine:
         batch = ShardBatch(0, self._dummy_requests(lengths), bs)
         try:
             self.runner.step(batch, temp)
-            probe = PROBE_TOKENS[self.device.type == "cuda"]
-            base_ns, token_ns = self._measure_step_cost(temp, min(probe, spec.max_prefill_tokens, seq_cap))
+            probe = min(PROBE_TOKENS[self.device.type == "cuda"], spec.max_prefill_tokens, seq_cap)
+            depth = min(seq_cap, temp.num_blocks * bs) - probe  # as deep as the temporary cache holds
+            base_ns, token_ns, context_ns = self._measure_step_cost(temp, probe, depth)
         except torch.OutOfMemoryError as exc:
             raise RuntimeError(
                 f"not enough memory to handle {spec.max_prefill_tokens} prefill tokens: decrease "
@@ -218,15 +220,18 @@ class ShardEngine:
         except BaseException:
             self.kv_cache = None  # a failed Warmup leaves the shard not ready
             raise
-        return WarmupResult(num_blocks=num_blocks, block_size=bs, forward_base_ns=base_ns, forward_token_ns=token_ns)
+        return WarmupResult(num_blocks=num_blocks, block_size=bs, forward_base_ns=base_ns, forward_token_ns=token_ns,
+                            forward_context_ns=context_ns)
 
-    def _measure_step_cost(self, kv_cache: KVCache, probe: int) -> tuple[int, int]:
-        """(ns of a one-token forward, ns per further token) from the best of a few timed forwards."""
+    def _measure_step_cost(self, kv_cache: KVCache, probe: int, depth: int) -> tuple[int, int, float]:
+        """(ns of a one-token forward, ns per further token, ns per (token, earlier position) pair) from the
+        best of a few timed forwards: one token, `probe` tokens from position 0, and the same `probe` tokens
+        after `depth` cached positions (the price of a late chunk of a long prompt; 0 when depth < probe)."""
 
-        def best_ns(n: int) -> int:
+        def best_ns(n: int, start: int = 0) -> int:
             times = []
             for _ in range(3):
-                batch = ShardBatch(0, self._dummy_requests([n]), self.settings.block_size)
+                batch = ShardBatch(0, self._dummy_requests([n], start), self.settings.block_size)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 start = time.perf_counter_ns()
@@ -236,12 +241,18 @@ class ShardEngine:
                 times.append(time.perf_counter_ns() - start)
             return min(times)
 
-        base = best_ns(1)
-        token = max(0, best_ns(probe) - base) // max(1, probe - 1) if probe > 1 else 0
-        base, token = self.dist.agree([base, token], "max", self.device)  # every rank: the slowest rank's
-        log.info("step cost: %.1f ms for one token, +%.3f ms per prefill token (probe of %d)",
-                 base / 1e6, token / 1e6, probe)
-        return base, token
+        if probe <= 1:
+            return self.dist.agree([best_ns(1)], "max", self.device)[0], 0, 0.0
+        deep = depth >= probe
+        timed = [best_ns(1), best_ns(probe), best_ns(probe, depth) if deep else 0]
+        base, shallow, late = self.dist.agree(timed, "max", self.device)  # every rank: the slowest rank's
+        context = max(0.0, (late - shallow) / (probe * depth)) if deep else 0.0
+        # The probe from position 0 attends probe * (probe - 1) / 2 pairs among its own tokens.
+        token = max(0, int(shallow - base - context * probe * (probe - 1) / 2)) // (probe - 1)
+        log.info("step cost: %.1f ms for one token, +%.3f ms per prefill token, +%.3f us per token for each "
+                 "1000 positions of context (probes of %d tokens at 0 and %d)",
+                 base / 1e6, token / 1e6, context * 1000 / 1e3, probe, max(depth, 0))
+        return base, token, context
 
     def _decode_graphs(self, spec: WarmupSpec, kv_cache: KVCache) -> DecodeGraphs | None:
         """Capture (CUDA) or set up for eager replay the decode graphs, or None when they are off."""
@@ -264,16 +275,17 @@ class ShardEngine:
                 "--cuda-memory-fraction, or capture fewer sizes (--cuda-graphs)"
             ) from exc
 
-    def _dummy_requests(self, lengths: Sequence[int]) -> list[RequestState]:
+    def _dummy_requests(self, lengths: Sequence[int], start: int = 0) -> list[RequestState]:
+        """Requests prefilling `lengths` tokens each, after `start` positions already in the cache."""
         bs = self.settings.block_size
         requests, next_block = [], 0
         for i, n in enumerate(lengths):
-            ids = [(3 + j) % self.config.vocab_size for j in range(n)]
-            num = math.ceil(n / bs)
+            ids = [(3 + j) % self.config.vocab_size for j in range(start + n)]
+            num = math.ceil((start + n) / bs)
             requests.append(
                 RequestState(
-                    id=i, prompt_len=n, all_ids=ids, block_table=list(range(next_block, next_block + num)),
-                    cache_len=0, computed_len=0, chunk_len=None, num_resumed=0, params=SamplingParams(),
+                    id=i, prompt_len=start + n, all_ids=ids, block_table=list(range(next_block, next_block + num)),
+                    cache_len=start, computed_len=start, chunk_len=None, num_resumed=0, params=SamplingParams(),
                     stopping=StoppingCriteria(1, [], self.config.eos_token_ids, False),
                     detokenizer=IncrementalDetokenizer(self.tokenizer, ids),
                     prefill_logprobs=False, top_n_tokens=0,
