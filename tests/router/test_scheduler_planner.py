@@ -206,8 +206,8 @@ def test_step_cost_budget_follows_the_slowdown() -> None:
 
 def test_a_chunk_costs_its_tokens_and_the_context_they_attend() -> None:
     cost = StepCost(base_ns=30_000_000, token_ns=1_000_000, context_ns=500)
-    # 100 tokens from position 0: 100 x 1 ms + the 4950 pairs among themselves x 0.5 us.
-    assert cost.chunk_ns(100, 0) == 100_000_000 + 500 * 4950
+    # 100 tokens from position 0: 100 x 1 ms (their attention among themselves is in the token price).
+    assert cost.chunk_ns(100, 0) == 100_000_000
     # The same 100 tokens after 2000 positions also attend to those: 200,000 pairs more.
     assert cost.chunk_ns(100, 2000) == cost.chunk_ns(100, 0) + 500 * 100 * 2000
     assert cost.chunk_ns(0, 2000) == 0 and cost.chunk_ns(1, 0) == 1_000_000
@@ -215,7 +215,7 @@ def test_a_chunk_costs_its_tokens_and_the_context_they_attend() -> None:
     early, late = cost.max_chunk(0, 10_000, spare), cost.max_chunk(4000, 10_000, spare)
     assert cost.chunk_ns(early, 0) <= spare < cost.chunk_ns(early + 1, 0)  # the longest that fits
     assert cost.chunk_ns(late, 4000) <= spare < cost.chunk_ns(late + 1, 4000)
-    assert early == 49 and late == 16  # 1 ms + 2 ms of context per token at position 4000
+    assert early == 50 and late == 16  # 1 ms + 2 ms of context per token at position 4000
     assert cost.max_chunk(4000, 10, spare) == 10  # capped by what is asked
 
 
@@ -360,7 +360,7 @@ def test_a_preempted_leader_resumes_from_what_it_computed_and_its_waiter_still_w
     waiting = deque([decode, leader, waiter])
     limits = StepLimits(max_prefill_tokens=8)
     computed_by = {0: 0, 1: 0, 2: 0}
-    preempted_at = None
+    preempted_at, leader_progress = None, 0
     while running or waiting:
         plan = plan_step(running, waiting, blocks, limits)
         if leader in plan.preempted:

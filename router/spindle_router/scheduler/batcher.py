@@ -50,9 +50,10 @@ from spindle_router.scheduler.request import ScheduledRequest
 class StepCost:
     """A forward takes about base_ns + (n - 1) * token_ns + d * decode_row_ns + context_ns * pairs.
 
-    n tokens, d of them decode rows; `pairs` counts what the prefill chunks attend beyond a fresh token: a
-    chunk of c tokens from context position p has c * p + c * (c - 1) / 2 (token, earlier position) pairs,
-    so a late chunk of a long prompt, which attends to everything before it, costs more than an early one.
+    n tokens, d of them decode rows; `pairs` counts what the prefill chunks attend before themselves: a
+    chunk of c tokens from context position p has c * p (token, earlier position) pairs, so a late chunk
+    of a long prompt, which attends to everything before it, costs more than an early one (attention
+    within a chunk is in token_ns, as the warmup probe from position 0 measured it).
     base_ns, token_ns and context_ns are measured by the shards at warmup (a one-token forward, a prefill
     probe from position 0, the same probe deep into a context); decode_row_ns, what a decode row costs
     beyond a token (its attention over its context), is learned from the decode-only steps the scheduler
@@ -70,8 +71,7 @@ class StepCost:
 
     def chunk_ns(self, num_tokens: int, start: int) -> float:
         """What a prefill chunk of `num_tokens` from context position `start` adds to a forward."""
-        pairs = num_tokens * start + num_tokens * (num_tokens - 1) // 2
-        return num_tokens * self.token_ns + self.context_ns * pairs
+        return num_tokens * (self.token_ns + self.context_ns * start)
 
     def max_chunk(self, start: int, limit: int, spare_ns: float) -> int:
         """The longest chunk from `start`, at most `limit` tokens, that adds at most `spare_ns`."""

@@ -228,10 +228,10 @@ class ShardEngine:
         best of a few timed forwards: one token, `probe` tokens from position 0, and the same `probe` tokens
         after `depth` cached positions (the price of a late chunk of a long prompt; 0 when depth < probe)."""
 
-        def best_ns(n: int, start: int = 0) -> int:
+        def best_ns(n: int, after: int = 0) -> int:
             times = []
             for _ in range(3):
-                batch = ShardBatch(0, self._dummy_requests([n], start), self.settings.block_size)
+                batch = ShardBatch(0, self._dummy_requests([n], after), self.settings.block_size)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 start = time.perf_counter_ns()
@@ -246,9 +246,8 @@ class ShardEngine:
         deep = depth >= probe
         timed = [best_ns(1), best_ns(probe), best_ns(probe, depth) if deep else 0]
         base, shallow, late = self.dist.agree(timed, "max", self.device)  # every rank: the slowest rank's
+        token = max(0, shallow - base) // (probe - 1)  # with the probe's attention among its own tokens
         context = max(0.0, (late - shallow) / (probe * depth)) if deep else 0.0
-        # The probe from position 0 attends probe * (probe - 1) / 2 pairs among its own tokens.
-        token = max(0, int(shallow - base - context * probe * (probe - 1) / 2)) // (probe - 1)
         log.info("step cost: %.1f ms for one token, +%.3f ms per prefill token, +%.3f us per token for each "
                  "1000 positions of context (probes of %d tokens at 0 and %d)",
                  base / 1e6, token / 1e6, context * 1000 / 1e3, probe, max(depth, 0))
