@@ -80,7 +80,7 @@ async def started(shard: Shard, config: SchedulerConfig) -> tuple[Scheduler, Sha
     assert warm.forward_base_ns > 0 and warm.forward_token_ns >= 0
     info = await client.info()
     metrics = Metrics()
-    step_cost = StepCost(warm.forward_base_ns, warm.forward_token_ns)
+    step_cost = StepCost(warm.forward_base_ns, warm.forward_token_ns, context_ns=warm.forward_context_ns)
     scheduler = Scheduler(client, config, warm.num_blocks, info.block_size, metrics, step_cost)
     scheduler.start()
     return scheduler, client, metrics
