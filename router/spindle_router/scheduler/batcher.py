@@ -13,10 +13,10 @@ Policy (continuous batching with chunked prefill, one mixed forward per step):
   the shards at warmup, plus what a decode row costs beyond a token, learned from the decode-only steps the
   scheduler sees). Chunks are priced where they sit: a long prompt arrives in chunks small enough that the
   streams already running keep their pace, large at its start and smaller as its context grows; with
-  nothing decoding, prompts get the whole `max_prefill_tokens`. When the queue is long (waiting >= `waiting_served_ratio` x running, TGI's
-  flag and meaning), the cap is lifted for that step: the queue is served at full rate, as TGI serves it,
-  instead of trickling in beside half-empty batches (the running streams take one long step; a lone long
-  prompt beside many streams stays capped).
+  nothing decoding, prompts get the whole `max_prefill_tokens`. When the queue is long (waiting >=
+  `waiting_served_ratio` x running, TGI's flag and meaning), the cap is lifted for that step: the queue
+  is served at full rate, as TGI serves it, instead of trickling in beside half-empty batches (the
+  running streams take one long step; a lone long prompt beside many streams stays capped).
 * Capacity budget. A request is admitted while the KV positions the running batch holds plus its
   prompt stay within `max_total_tokens` (TGI's `max_batch_total_tokens - cached.max_tokens`). Holdings,
   not worst cases: blocks are allocated on demand, so the batch may later grow past what was held at
