@@ -10,6 +10,9 @@ prefilling requests and single decode tokens sit side by side in one flat token 
     context_lens:  3                       10               36              (computed_len + next_len)
     slot of row:   block_table[pos // block_size] * block_size + pos % block_size
 
+A mixed step lists its single-token requests first (`AttentionMetadata.decode_rows`: they attend through
+the decode kernel); `sample_row` and `prompt_rows` stay in the order of `requests`.
+
 Logits are computed only for the rows that need them (`logit_rows`, increasing): the last row of a
 request whose chunk reaches the end of its tokens (it samples), and every row of a chunk whose
 prompt log-probs were asked for.
@@ -23,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from spindle_server.engine.request import RequestState
-from spindle_server.layers.attention import AttentionMetadata
+from spindle_server.layers.attention import AttentionMetadata, split_decode_rows
 
 
 @dataclass
@@ -44,10 +47,14 @@ def build_step_inputs(requests: Sequence[RequestState], block_size: int, device:
     cu_seqlens = [0]
     context_lens: list[int] = []
     logit_rows: list[int] = []
-    sample_row: list[int | None] = []
-    prompt_rows: list[range | None] = []
+    sample_row: list[int | None] = [None] * len(requests)
+    prompt_rows: list[range | None] = [None] * len(requests)
     max_q_len = 0
-    for r in requests:
+    singles = [i for i, r in enumerate(requests) if r.next_len == 1]
+    num_decode = len(singles) if 0 < len(singles) < len(requests) else 0
+    order = singles + [i for i, r in enumerate(requests) if r.next_len != 1] if num_decode else range(len(requests))
+    for i in order:
+        r = requests[i]
         start, n = r.computed_len, r.next_len
         table = r.block_table
         row0 = len(input_ids)
@@ -62,20 +69,17 @@ def build_step_inputs(requests: Sequence[RequestState], block_size: int, device:
         if r.wants_prompt_logprobs:
             first = len(logit_rows)
             logit_rows.extend(range(row0, row0 + n))
-            prompt_rows.append(range(first, first + n))
-            sample_row.append(first + n - 1 if r.completes_context else None)
-        else:
-            prompt_rows.append(None)
-            if r.completes_context:
-                sample_row.append(len(logit_rows))
-                logit_rows.append(row0 + n - 1)
-            else:
-                sample_row.append(None)
+            prompt_rows[i] = range(first, first + n)
+            sample_row[i] = first + n - 1 if r.completes_context else None
+        elif r.completes_context:
+            sample_row[i] = len(logit_rows)
+            logit_rows.append(row0 + n - 1)
 
     max_blocks = max(len(r.block_table) for r in requests)
     tables = torch.zeros(len(requests), max_blocks, dtype=torch.int32)
-    for b, r in enumerate(requests):
-        tables[b, : len(r.block_table)] = torch.tensor(r.block_table, dtype=torch.int32)
+    for b, i in enumerate(order):
+        table = requests[i].block_table
+        tables[b, : len(table)] = torch.tensor(table, dtype=torch.int32)
 
     meta = AttentionMetadata(
         slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
@@ -85,6 +89,8 @@ def build_step_inputs(requests: Sequence[RequestState], block_size: int, device:
         max_q_len=max_q_len,
         is_decode=max_q_len == 1,
     )
+    if num_decode:
+        meta.decode_rows = split_decode_rows(meta, num_decode)
     return StepInputs(
         input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
         positions=torch.tensor(positions, dtype=torch.int64, device=device),
