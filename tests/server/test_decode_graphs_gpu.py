@@ -165,3 +165,25 @@ def test_captured_decode_of_a_mixture_of_experts_model(tmp_path_factory):
         for other in (replay, captured):
             assert [t for t, _ in other.out[rid]] == [t for t, _ in want], f"request {rid}"
             assert [lp for _, lp in other.out[rid]] == pytest.approx([lp for _, lp in want], abs=1e-3)
+
+
+def test_step_inputs_travel_in_one_copy_and_match_the_cpu_ones(model_dir):
+    # The pinned double buffer: two steps in a row (the second reuses nothing the first still reads)
+    # give the device exactly what the CPU path builds.
+    from spindle_proto import generate_pb2 as pb
+    from spindle_server.engine.batch import ShardBatch
+    from spindle_server.engine.inputs import HostStaging, build_step_inputs
+
+    engine = make_engine(model_dir, None, device="cuda", dtype=torch.bfloat16, kv_cache_bytes=KV_BYTES)
+    d = Driver(engine)
+    requests = [d.request(1, 5, 3), d.request(2, 40, 3), d.request(3, 1, 3)]
+    batch = ShardBatch.from_proto(pb.Batch(id=1, requests=requests), engine.batch_context())
+    staging = HostStaging(torch.device("cuda"))
+    for _ in range(3):
+        on_cuda = build_step_inputs(batch.requests, d.block_size, torch.device("cuda"), staging)
+        on_cpu = build_step_inputs(batch.requests, d.block_size, torch.device("cpu"))
+        for name in ("input_ids", "positions", "logit_rows"):
+            assert torch.equal(getattr(on_cuda, name).cpu(), getattr(on_cpu, name)), name
+        for name in ("slot_mapping", "cu_seqlens_q", "context_lens", "block_tables"):
+            got, want = getattr(on_cuda.meta, name), getattr(on_cpu.meta, name)
+            assert got.is_cuda and got.dtype == want.dtype and torch.equal(got.cpu(), want), name

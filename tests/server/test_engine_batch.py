@@ -95,6 +95,19 @@ def test_mixed_step_lists_single_token_requests_first(ctx):
     assert inputs.sample_row == [0, 7, 1] and inputs.prompt_rows == [None, range(2, 8), None]
 
 
+def test_staging_sends_aligned_segments_with_their_values():
+    # One buffer for the whole step; each segment 16-byte aligned whatever the lengths before it, so the
+    # kernels reading them never see a new pointer alignment (a new compile).
+    from spindle_server.engine.inputs import HostStaging
+
+    staging = HostStaging(torch.device("cpu"))
+    seg64, seg32 = [[5, 6, 7], [], [1 << 40], [9]], [[0, 1, 2], [4] * 5, list(range(7))]
+    got64, got32 = staging.send(seg64, seg32)
+    assert [t.tolist() for t in got64] == seg64 and [t.tolist() for t in got32] == seg32
+    assert all(t.dtype == torch.int64 for t in got64) and all(t.dtype == torch.int32 for t in got32)
+    assert all(t.data_ptr() % 16 == 0 for t in got64 + got32 if t.numel())
+
+
 def test_mixed_step_attention_equals_one_varlen_call():
     # The decode-kernel route of a mixed step computes what one paged_attention call over all rows does.
     from spindle_kernels import REFERENCE_OPS
