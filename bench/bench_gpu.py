@@ -175,9 +175,14 @@ def time_graph_of_calls(calls: list[Callable[[], object]], repeats: int = 5) -> 
         call()
     torch.cuda.synchronize()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for call in calls:
-            call()
+    try:
+        with torch.cuda.graph(graph):
+            for call in calls:
+                call()
+    except RuntimeError as exc:  # a figure is still worth having: time the calls eagerly, and say so
+        print(f"(could not capture, timed eagerly: {str(exc).splitlines()[0][:120]})", file=sys.stderr)
+        torch.cuda.synchronize()
+        return time_back_to_back(lambda: [call() for call in calls], calls=1, repeats=repeats) / len(calls)
     seconds = time_back_to_back(graph.replay, calls=1, repeats=repeats)
     del graph
     return seconds / len(calls)
@@ -212,8 +217,10 @@ def rotated_tables(batch: int, context_len: int, block_size: int, copies: int, d
 
 def bench_attention(
     ops: KernelOps, shape: LlamaShape, batch: int, context_len: int, block_size: int,
-    dtype: torch.dtype, device: torch.device, l2: int,
+    dtype: torch.dtype, device: torch.device, l2: int, num_splits: int | None = None,
 ) -> dict[str, float]:
+    """Our paged decode attention (with `num_splits` forced, when given: Triton only) and, when no split
+    count is forced, SDPA over a dense cache."""
     elem = torch.empty((), dtype=dtype).element_size()
     kv_bytes = 2 * batch * context_len * shape.num_kv_heads * shape.head_dim * elem
     copies = num_copies(kv_bytes, l2)
@@ -226,10 +233,19 @@ def bench_attention(
     q = torch.randn(batch, shape.num_heads, shape.head_dim, device=device, dtype=dtype)
     scale = shape.head_dim**-0.5
     calls = max(20, copies)
+    attend = ops.paged_decode_attention
+    if num_splits is not None:
+        from spindle_kernels.attention import decode_attention_splits
+
+        def attend(q, k, v, tables, lens, scale):  # type: ignore[no-redef]
+            return decode_attention_splits(q, k, v, tables, lens, scale, num_splits)
+
     paged_s = time_graph_of_calls([
-        (lambda t=tables[i % copies]: ops.paged_decode_attention(q, k_cache, v_cache, t, context_lens, scale))
+        (lambda t=tables[i % copies]: attend(q, k_cache, v_cache, t, context_lens, scale))
         for i in range(calls)
     ])
+    if num_splits is not None:
+        return {"paged_s": paged_s, "kv_bytes": kv_bytes, "cache_copies": copies}
     # Comparison point: SDPA over a dense cache of the same tokens (no paging, GQA expanded by SDPA).
     k_dense = torch.randn(copies, batch, shape.num_kv_heads, context_len, shape.head_dim, device=device, dtype=dtype)
     v_dense = torch.randn_like(k_dense)
@@ -303,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hf-new-tokens", type=int, default=32)
     parser.add_argument("--spec-gbps", type=float, default=4800.0,
                         help="the GPU's HBM bandwidth on its spec sheet, GB/s (default: H200, 4800)")
+    parser.add_argument("--split-sweep", default="",
+                        help="Triton decode attention at every split count 1,2,..,64 for these batches "
+                             "(comma-separated; '' skips): what decode_num_splits should pick")
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -341,6 +360,25 @@ def main(argv: list[str] | None = None) -> int:
         report["attention"].append({"batch": batch, **r, "fraction_of_copy": bw / copy_bw,
                                     "fraction_of_spec": bw / spec_bw})
         torch.cuda.empty_cache()
+
+    sweep_batches = [int(x) for x in args.split_sweep.split(",") if x]
+    if sweep_batches:
+        from spindle_kernels.attention import MAX_DECODE_SPLITS, _num_sms, decode_num_splits
+
+        report["split_sweep"] = []
+        print("\nTriton decode attention by split count (one layer, us; * = decode_num_splits' pick)")
+        counts = [1 << i for i in range(MAX_DECODE_SPLITS.bit_length())]
+        print(f"{'batch':>6} " + " ".join(f"{n:>8}" for n in counts))
+        for batch in sweep_batches:
+            pick = decode_num_splits(batch, shape.num_kv_heads, _num_sms(device))
+            cells = []
+            for n in counts:
+                r = bench_attention(ops, shape, batch, args.context_len, args.block_size, dtype, device, l2, n)
+                report["split_sweep"].append({"batch": batch, "num_splits": n, "paged_s": r["paged_s"],
+                                              "fraction_of_copy": r["kv_bytes"] / r["paged_s"] / copy_bw})
+                cells.append(f"{r['paged_s'] * 1e6:>7.1f}" + ("*" if n == pick else " "))
+            print(f"{batch:>6} " + " ".join(cells))
+            torch.cuda.empty_cache()
 
     max_batch = max(batches)
     num_blocks = max_batch * math.ceil(args.context_len / args.block_size)

@@ -57,11 +57,11 @@ grep -E "passed|failed|error|skipped" "$OUT/pytest_gpu.txt" | tail -1 | tee -a "
 grep -E "^(FAILED|ERROR) " "$OUT/pytest_gpu.txt" | cut -c1-300 | tee -a "$S"
 
 # 4. decode on a random Llama-1B shape (100 s): copy yardstick, one-layer attention (graph of N calls over KV copies
-#    > 2x L2), full step eager/graph, transformers generate at batch 64 (the 10x target's comparison point)
+#    > 2x L2), split-count sweep, full step eager/graph, transformers generate at batch 64 (the 10x comparison)
 log "bench_gpu"
-timeout 100 python3 bench/bench_gpu.py --batches 1,16,64,256 --context-len 1024 --hf-batches 64 \
+timeout 100 python3 bench/bench_gpu.py --batches 1,16,64,256 --context-len 1024 --hf-batches 64 --split-sweep 1,16,64,256 \
   --json "$OUT/bench_gpu.json" >"$OUT/bench_gpu.txt" 2>&1; stage $? "bench_gpu"
-tail -30 "$OUT/bench_gpu.txt" | tee -a "$S"
+tail -45 "$OUT/bench_gpu.txt" | tee -a "$S"
 
 # 5. served path (70 + 10 s): one shard (dtype auto, decode graphs) behind the router answers one request
 log "launcher"
