@@ -85,7 +85,7 @@ def test_varying_batches_and_tables_compile_nothing_new():
     kernels = (attention._decode_kernel, attention._merge_splits_kernel, attention._prefill_kernel)
 
     def run(batch: int, extra_columns: int, seed: int) -> None:
-        lens = [(37 * i + 11) % 900 + 1 for i in range(batch)]
+        lens = [(37 * i + 11) % 500 + 1 for i in range(batch)]
         c = _case([1] * batch, lens, torch.bfloat16, seed=seed)
         tables = torch.cat([c.block_tables, c.block_tables[:, :1].repeat(1, extra_columns)], 1).contiguous()
         got = attention.paged_decode_attention(c.q, c.k_cache, c.v_cache, tables, c.context_lens, c.scale)
@@ -98,7 +98,7 @@ def test_varying_batches_and_tables_compile_nothing_new():
 
     run(3, 0, 0)
     before = [_num_compiled(k) for k in kernels]
-    for seed, (batch, extra) in enumerate([(1, 5), (16, 1), (64, 0), (130, 16), (7, 3)]):
+    for seed, (batch, extra) in enumerate([(1, 5), (16, 1), (40, 16), (7, 3)]):  # 64, 32, 8, 64 splits
         run(batch, extra, seed + 1)
     assert [_num_compiled(k) for k in kernels] == before
 
