@@ -221,3 +221,39 @@ def test_negative_top_k_is_rejected() -> None:
 def test_is_sampling_follows_tgi(field: str) -> None:
     value = {"temperature": 0.9, "do_sample": True, "top_k": 5, "top_p": 0.9, "typical_p": 0.9}[field]
     assert SamplingParams(**{field: value}).is_sampling
+
+
+def test_sampling_rows_draw_in_one_batched_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No generator and no kernels per row: every sampling row of the step goes through one _draw.
+    calls = []
+    real = sampler_module._draw
+
+    def counting(probs, seeds, steps):
+        calls.append((probs.shape[0], list(seeds), list(steps)))
+        return real(probs, seeds, steps)
+
+    monkeypatch.setattr(sampler_module, "_draw", counting)
+    params = [SamplingParams(do_sample=True, seed=s) for s in (1, 2, 3)] + [GREEDY, _sampler_params(9)]
+    out = sample(_logits(5, 300, 7), params, [[1]] * 5, [4, 5, 6, 7, 8], [0] * 5)
+    assert calls == [(4, [1, 2, 3, 9], [4, 5, 6, 8])] and len(out.next_ids) == 5
+
+
+def test_device_hash_is_splitmix64_with_wrapping_int64_arithmetic() -> None:
+    # The int64 tensor arithmetic (wrapping products, logical shifts) equals the 64-bit unsigned reference,
+    # for keys with the top bit set too.
+    mask = (1 << 64) - 1
+
+    def reference(key: int, v: int) -> float:
+        x = (key + (v + 1) * 0x9E3779B97F4A7C15) & mask
+        x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+        x ^= x >> 31
+        return ((x >> 40) + 0.5) / (1 << 24)
+
+    keys = [0, 12345, step_seed(7, 3), 2**63 + 5, 2**64 - 1]
+    got = sampler_module._uniforms(
+        torch.tensor([sampler_module._signed64(k) for k in keys], dtype=torch.int64), 50
+    )
+    want = torch.tensor([[reference(k, v) for v in range(50)] for k in keys])
+    assert torch.equal(got, want.float())
+    assert bool((got > 0).all() and (got < 1).all())

@@ -4,6 +4,11 @@ Per row, in TGI's order: repetition -> frequency -> presence penalty -> logit bi
 -> temperature -> top-k -> top-p -> min-p -> typical-p -> argmax (greedy) or a draw (sampling). Rows with default parameters cost nothing
 beyond the batch-wide argmax and log_softmax; penalties, filters and draws run only for the rows
 that ask for them.
+
+Draws are batched (one set of kernels for every sampling row) yet each row's token depends only on its
+own distribution, its seed and its step: an exponential race, argmax_v p[v] / E[v] with E[v] ~ Exp(1),
+picks v with probability p[v], and E comes from a counter-based hash of (step_seed(seed, step), v)
+computed on the device, so no generator object is made per row and no batch mate changes a draw.
 """
 
 from __future__ import annotations
@@ -41,10 +46,36 @@ def step_seed(seed: int, step: int) -> int:
     return _splitmix64(_splitmix64(seed) ^ step)
 
 
-def _draw(probs: torch.Tensor, seed: int, step: int) -> torch.Tensor:
-    gen = torch.Generator(device=probs.device)
-    gen.manual_seed(step_seed(seed, step))
-    return torch.multinomial(probs, 1, generator=gen)
+def _signed64(x: int) -> int:
+    return x - (1 << 64) if x >= 1 << 63 else x
+
+
+_GOLDEN = _signed64(0x9E3779B97F4A7C15)
+_MIX1 = _signed64(0xBF58476D1CE4E5B9)
+_MIX2 = _signed64(0x94D049BB133111EB)
+
+
+def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 tensors (torch's >> is arithmetic on negative values)."""
+    return (x >> k) & ((1 << (64 - k)) - 1)
+
+
+def _uniforms(keys: torch.Tensor, vocab: int) -> torch.Tensor:
+    """[R, vocab] float32 in (0, 1): splitmix64 of (key_r + (v + 1) * golden), int64 arithmetic wrapping."""
+    index = torch.arange(1, vocab + 1, dtype=torch.int64, device=keys.device)
+    x = keys[:, None] + index[None, :] * _GOLDEN
+    x = (x ^ _shift_right(x, 30)) * _MIX1
+    x = (x ^ _shift_right(x, 27)) * _MIX2
+    x = x ^ _shift_right(x, 31)
+    return (_shift_right(x, 40).float() + 0.5) * (1.0 / (1 << 24))  # the top 24 bits, centred
+
+
+def _draw(probs: torch.Tensor, seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+    """One token per row of `probs` [R, V], row r drawn with the key step_seed(seeds[r], steps[r])."""
+    keys = torch.tensor([_signed64(step_seed(s, t)) for s, t in zip(seeds, steps, strict=True)],
+                        dtype=torch.int64, device=probs.device)
+    exponentials = -torch.log(_uniforms(keys, probs.shape[1]))
+    return torch.argmax(probs / exponentials, dim=-1)
 
 
 def sample(
@@ -83,10 +114,11 @@ def sample(
     sampling = [i for i, p in enumerate(params) if p.is_sampling]
     if sampling:
         next_ids = next_ids.clone()
-        for i in sampling:
-            # Softmax of the row alone: the draw must not depend on how the batch was laid out.
-            probs = torch.softmax(scores[i], dim=-1)
-            next_ids[i] = _draw(probs, params[i].seed, steps[i])[0]
+        rows = torch.tensor(sampling, dtype=torch.int64, device=scores.device)
+        # softmax works row by row: a row's probabilities do not depend on how the batch was laid out
+        probs = torch.softmax(scores.index_select(0, rows), dim=-1)
+        drawn = _draw(probs, [params[i].seed for i in sampling], [steps[i] for i in sampling])
+        next_ids.index_copy_(0, rows, drawn)
     chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
 
     top_ids: list[list[int]] = [[] for _ in range(batch)]
