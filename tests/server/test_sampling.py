@@ -22,7 +22,7 @@ def test_default_rows_are_one_argmax_and_one_log_softmax(monkeypatch: pytest.Mon
     def forbidden(*args, **kwargs):
         raise AssertionError("per-row work for a row with default parameters")
 
-    for name in ("apply_penalties", "apply_filters", "_draw"):
+    for name in ("apply_penalties_rows", "apply_filters", "_draw"):
         monkeypatch.setattr(sampler_module, name, forbidden)
     logits = _logits(32, 50_000, 0)
     before = logits.clone()
@@ -257,3 +257,24 @@ def test_device_hash_is_splitmix64_with_wrapping_int64_arithmetic() -> None:
     want = torch.tensor([[reference(k, v) for v in range(50)] for k in keys])
     assert torch.equal(got, want.float())
     assert bool((got > 0).all() and (got < 1).all())
+
+
+def test_batched_penalties_equal_row_by_row() -> None:
+    # One batched pass over rows with different penalties and history lengths (and one row left alone)
+    # gives every row exactly what penalizing it alone gives.
+    from spindle_server.sampling.logits import apply_penalties, apply_penalties_rows
+
+    logits = _logits(5, 200, 11)
+    params = [
+        SamplingParams(repetition_penalty=1.3),
+        GREEDY,
+        SamplingParams(frequency_penalty=0.7, presence_penalty=0.2, logit_bias=((5, 3.0),)),
+        SamplingParams(repetition_penalty=0.8, presence_penalty=-0.5),
+        SamplingParams(logit_bias=((7, -2.0),)),
+    ]
+    histories = [[1, 2, 2, 3], [4], [9, 9, 9, 150, 1], list(range(0, 200, 3)), []]
+    rows = [0, 2, 3, 4]
+    batched = apply_penalties_rows(logits.clone(), rows, histories, params, [0] * 5)
+    for i in range(5):
+        alone = apply_penalties(logits[i : i + 1].clone(), histories[i], params[i], 0) if i in rows else logits[i : i + 1]
+        assert torch.equal(batched[i : i + 1], alone), i

@@ -108,18 +108,44 @@ def apply_penalties(
 ) -> torch.Tensor:
     """On one row `scores` [1, V]: repetition, frequency and presence penalty over `history` (TGI's order),
     then the logit bias, then, while fewer than min_new_tokens were generated, the banned stop ids."""
-    if history:
-        ids = torch.tensor(history, dtype=torch.int64, device=scores.device)
-        if params.repetition_penalty != 1.0:
-            scores = apply_repetition_penalty(scores, ids, params.repetition_penalty)
-        if params.frequency_penalty != 0.0:
-            scores = apply_frequency_penalty(scores, ids, params.frequency_penalty)
-        if params.presence_penalty != 0.0:
-            scores = apply_presence_penalty(scores, ids, params.presence_penalty)
-    if params.logit_bias:
-        scores = apply_logit_bias(scores, params.logit_bias)
-    if num_generated < params.min_new_tokens and params.min_tokens_banned_ids:
-        scores[:, list(params.min_tokens_banned_ids)] = _FILTERED
+    return apply_penalties_rows(scores, [0], [history], [params], [num_generated])
+
+
+def apply_penalties_rows(
+    scores: torch.Tensor,
+    rows: Sequence[int],
+    histories: Sequence[Sequence[int]],
+    params: Sequence[SamplingParams],
+    num_generated: Sequence[int],
+) -> torch.Tensor:
+    """`apply_penalties` on `rows` of `scores` [B, V] in place (histories, params, num_generated indexed by
+    row). The history penalties of every row run as one batched pass: one host-to-device copy of the padded
+    histories, token counts by scatter_add, no host sync (torch.unique would sync once per row)."""
+    counted = [i for i in rows if histories[i] and params[i].has_history_penalty]
+    if counted:
+        vocab = scores.shape[1]
+        width = max(len(histories[i]) for i in counted)
+        flat: list[int] = []
+        for i in counted:  # padded with `vocab`: a column past the vocabulary, dropped after counting
+            flat.extend(histories[i])
+            flat.extend([vocab] * (width - len(histories[i])))
+        ids = torch.tensor(flat, dtype=torch.int64, device=scores.device).view(len(counted), width)
+        counts = torch.zeros(len(counted), vocab + 1, dtype=scores.dtype, device=scores.device)
+        counts = counts.scatter_add_(1, ids, torch.ones_like(ids, dtype=scores.dtype))[:, :vocab]
+        seen = counts > 0
+        index = torch.tensor(counted, dtype=torch.int64, device=scores.device)
+        sub = scores.index_select(0, index)
+        repetition = _column([params[i].repetition_penalty for i in counted], sub)
+        sub = torch.where(seen, torch.where(sub < 0, sub * repetition, sub / repetition), sub)
+        sub -= _column([params[i].frequency_penalty for i in counted], sub) * counts
+        sub -= _column([params[i].presence_penalty for i in counted], sub) * seen
+        scores.index_copy_(0, index, sub)
+    for i in rows:
+        p = params[i]
+        if p.logit_bias:
+            scores[i : i + 1] = apply_logit_bias(scores[i : i + 1], p.logit_bias)
+        if num_generated[i] < p.min_new_tokens and p.min_tokens_banned_ids:
+            scores[i, list(p.min_tokens_banned_ids)] = _FILTERED
     return scores
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spindle_server.sampling.logits import apply_filters, apply_penalties, apply_temperature
+from spindle_server.sampling.logits import apply_filters, apply_penalties_rows, apply_temperature
 from spindle_server.sampling.params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -104,8 +104,8 @@ def sample(
     warped = [i for i, p in enumerate(params) if p.has_warpers]
     if (penalized or warped) and scores is logits:
         scores = scores.clone()  # never write into the caller's logits
-    for i in penalized:
-        apply_penalties(scores[i : i + 1], histories[i], params[i], steps[i])
+    if penalized:
+        apply_penalties_rows(scores, penalized, histories, params, steps)
     if warped:
         scores = apply_filters(apply_temperature(scores, params), params)
 
