@@ -95,11 +95,6 @@ class SamplingParams:
                 or bool(self.logit_bias) or (self.min_new_tokens > 0 and bool(self.min_tokens_banned_ids)))
 
     @property
-    def has_history_penalty(self) -> bool:
-        """A penalty that reads the tokens seen so far (repetition, frequency, presence)."""
-        return self.repetition_penalty != 1.0 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
-
-    @property
     def is_sampling(self) -> bool:
         """TGI: sample when asked to or when any warper is active; otherwise take the argmax. min-p alone does
         not make a request sample: it never removes the best token, so the argmax stays the same."""

@@ -5,10 +5,10 @@ Per row, in TGI's order: repetition -> frequency -> presence penalty -> logit bi
 beyond the batch-wide argmax and log_softmax; penalties, filters and draws run only for the rows
 that ask for them.
 
-Draws are batched (one set of kernels for every sampling row) yet each row's token depends only on its
-own distribution, its seed and its step: an exponential race, argmax_v p[v] / E[v] with E[v] ~ Exp(1),
-picks v with probability p[v], and E comes from a counter-based hash of (step_seed(seed, step), v)
-computed on the device, so no generator object is made per row and no batch mate changes a draw.
+Draws are batched (one cumulative sum and one search for every sampling row) yet each row's token
+depends only on its own distribution, its seed and its step: inverse-CDF sampling with one uniform per
+row taken from step_seed(seed, step), so no generator object is made per row and no batch mate changes
+a draw.
 """
 
 from __future__ import annotations
@@ -46,36 +46,22 @@ def step_seed(seed: int, step: int) -> int:
     return _splitmix64(_splitmix64(seed) ^ step)
 
 
-def _signed64(x: int) -> int:
-    return x - (1 << 64) if x >= 1 << 63 else x
-
-
-_GOLDEN = _signed64(0x9E3779B97F4A7C15)
-_MIX1 = _signed64(0xBF58476D1CE4E5B9)
-_MIX2 = _signed64(0x94D049BB133111EB)
-
-
-def _shift_right(x: torch.Tensor, k: int) -> torch.Tensor:
-    """Logical right shift of int64 tensors (torch's >> is arithmetic on negative values)."""
-    return (x >> k) & ((1 << (64 - k)) - 1)
-
-
-def _uniforms(keys: torch.Tensor, vocab: int) -> torch.Tensor:
-    """[R, vocab] float32 in (0, 1): splitmix64 of (key_r + (v + 1) * golden), int64 arithmetic wrapping."""
-    index = torch.arange(1, vocab + 1, dtype=torch.int64, device=keys.device)
-    x = keys[:, None] + index[None, :] * _GOLDEN
-    x = (x ^ _shift_right(x, 30)) * _MIX1
-    x = (x ^ _shift_right(x, 27)) * _MIX2
-    x = x ^ _shift_right(x, 31)
-    return (_shift_right(x, 40).float() + 0.5) * (1.0 / (1 << 24))  # the top 24 bits, centred
+def _uniform(seed: int, step: int) -> float:
+    """A number in (0, 1) from the top 53 bits of step_seed(seed, step)."""
+    return ((step_seed(seed, step) >> 11) + 0.5) / (1 << 53)
 
 
 def _draw(probs: torch.Tensor, seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
-    """One token per row of `probs` [R, V], row r drawn with the key step_seed(seeds[r], steps[r])."""
-    keys = torch.tensor([_signed64(step_seed(s, t)) for s, t in zip(seeds, steps, strict=True)],
-                        dtype=torch.int64, device=probs.device)
-    exponentials = -torch.log(_uniforms(keys, probs.shape[1]))
-    return torch.argmax(probs / exponentials, dim=-1)
+    """One token per row of `probs` [R, V]: the first v whose cumulative probability exceeds u_r * total_r.
+
+    float64 sums, and a target strictly below each row's total, so a token of probability 0 (filtered)
+    is never chosen.
+    """
+    u = torch.tensor([_uniform(s, t) for s, t in zip(seeds, steps, strict=True)], dtype=torch.float64,
+                     device=probs.device)
+    cdf = probs.double().cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 def sample(
