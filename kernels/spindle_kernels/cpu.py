@@ -15,8 +15,9 @@ than the torch path here, most at long contexts and batch 1); a sliding window s
 its first visible position, and Gemma 2's soft cap is applied to the scores. The torch path stays for what the C++
 kernel does not take (other head sizes and dtypes) and when no compiler is available.
 
-The KV cache write (`reshape_and_cache`) is one C++ op too, and with the kernels loaded q, k and v stay
-strided views of the QKV projection's output (`KernelOps.takes_strided_qkv`): no copies per layer.
+The KV cache write (`reshape_and_cache`) is one C++ op too. q, k and v reach these ops as strided views
+of the QKV projection's output (`KernelOps.takes_strided_qkv`): the C++ kernels read them in place, the
+torch fallbacks copy where they need to; no three copies per layer.
 
 RMSNorm (with its residual add), rotary and SiLU-and-mul are one C++ op each (a decode step at batch 1
 is mostly per-op overhead outside its matmuls: the torch versions take 6-12 ops with their dtype round
