@@ -6,12 +6,12 @@ the blocks). A step:
 
     drain messages (new requests, cancellations)
     plan = plan_step(running, waiting, blocks, limits)          batcher.py: tokens, chunks, blocks, preemption
-    FilterBatch  if cancelled / preempted requests are still in the shard batch
-    Prefill(new requests, cached_batch, updates)  when requests join (one mixed forward with the decodes)
-      or Decode([cached_batch], updates)           otherwise
+    Step(new requests, updates, dropped ids)     one call, one mixed forward; dropped: the requests the
+                                                 shards hold that left `running` (finished, cancelled,
+                                                 preempted), so leaving costs no round trip of its own
     generations -> events; finished requests free their blocks; full prompts enter the prefix cache
 
-On a failed shard call every request in the batch gets an ErrorEvent, the shards' batches are cleared and
+On a failed shard call every request in the batch gets an ErrorEvent, the shards are cleared and
 `is_healthy` turns False (until a health check passes). Waiting requests stay queued. A shard that misses a
 call's deadline (ShardStalled) is fatal instead: every request, running or waiting, gets an ErrorEvent, new
 ones are refused, `is_healthy` stays False and `failed` is set, so the server exits (the launcher, or
@@ -142,9 +142,10 @@ class Scheduler:
         self.running: list[ScheduledRequest] = []  # admission order; == the shard batch after each step
         self._streams: dict[int, _Stream] = {}
         self._inbox: asyncio.Queue[_Submit | _Cancel] = asyncio.Queue()
-        self._cached: pb.CachedBatch | None = None  # the shards' batch, as they last reported it
+        # Ids the shards hold: those of `running`, plus requests that left it since the last step (they
+        # are dropped by the next Step: a finished request stays on the shards until then).
+        self._held: list[int] = []
         self._next_request_id = 0
-        self._next_batch_id = 0
         self._healthy = True
         self._accepting = True
         self.fatal_error: str | None = None  # set when a shard stalled: nothing more is sent to the shards
@@ -238,7 +239,6 @@ class Scheduler:
             plan = plan_step(self.running, self.waiting, self.blocks, self.limits)
             self._note_plan(plan)
             try:
-                await self._sync_shard_batch()
                 if not plan.is_empty:
                     await self._step(plan)
             except ShardStalled as exc:
@@ -252,7 +252,7 @@ class Scheduler:
                 self._healthy = False
                 message = str(exc) if isinstance(exc, ShardError) else f"Scheduler error: {exc!r}"
                 self._fail(list(self.running), message)
-                self._cached = None
+                self._held = []
                 try:
                     await self.shards.clear_cache()
                 except ShardError:
@@ -269,7 +269,7 @@ class Scheduler:
         self._healthy = False
         self._fail(self.running + list(self.waiting), message)
         self.waiting.clear()
-        self._cached = None
+        self._held = []
         while not self._inbox.empty():  # requests submitted meanwhile
             queued = self._inbox.get_nowait()
             if isinstance(queued, _Submit):
@@ -288,7 +288,7 @@ class Scheduler:
                 return
         for sr in self.running:
             if sr.id == message.request_id:
-                self.running.remove(sr)  # its blocks free now; the shard batch is filtered before the next step
+                self.running.remove(sr)  # its blocks free now; the next Step drops it from the shards
                 self._forget(sr)
                 return
 
@@ -298,39 +298,29 @@ class Scheduler:
         if not self._streams:
             self._idle.set()  # every accepted request has ended
 
-    async def _sync_shard_batch(self) -> None:
-        """FilterBatch out the requests the shards hold that left `running` (cancelled or preempted)."""
-        if self._cached is None:
-            return
-        planned = {sr.id for sr in self.running}
-        keep = [i for i in self._cached.request_ids if i in planned]
-        if len(keep) == len(self._cached.request_ids):
-            return
-        start = time.perf_counter()
-        md = _carrier(self.running)
-        self._cached = await self._timed("filter", self.shards.filter_batch(self._cached.id, keep, metadata=md))
-        self.metrics.batch_filter_duration.labels(method="filter").observe(time.perf_counter() - start)
-
     async def _step(self, plan: StepPlan) -> None:
+        live = {sr.id for sr in plan.running}
+        dropped = [i for i in self._held if i not in live]  # finished, cancelled or preempted since
         updates = [u for u in (self._update(sr, plan.new_blocks.get(sr.id, [])) for sr in plan.running) if u]
         if plan.admitted:
             now = time.monotonic()
             for sr in plan.admitted:
                 sr.started_at = sr.started_at if sr.started_at is not None else now
-            batch = pb.Batch(id=self._next_batch_id, requests=[self._request(sr) for sr in plan.admitted])
-            self._next_batch_id += 1
-            if self._cached is not None:
+            if plan.running:
                 self.metrics.batch_concat.labels(reason="chunking").inc()
             self.metrics.batch_next_size.observe(len(plan.admitted))
-            method = "prefill"
             md = _carrier(plan.admitted, ask_all=True) or _carrier(plan.running)
-            response = await self._timed(method, self.shards.prefill(batch, self._cached, updates, metadata=md))
         else:
-            assert self._cached is not None, "running requests without a shard batch"
-            method = "decode"
             md = _carrier(plan.running)
-            response = await self._timed(method, self.shards.decode([self._cached], updates, metadata=md))
-        self._observe(method, response)
+        # TGI's method names, for its dashboards: a step that admits is a "prefill".
+        method = "prefill" if plan.admitted else "decode"
+        call = self.shards.step(
+            [self._request(sr) for sr in plan.admitted], updates, dropped,
+            num_requests=len(plan.running) + len(plan.admitted), work_tokens=plan.num_tokens, metadata=md,
+        )
+        response = await self._timed(method, call)  # on failure the error path clears the shards
+        self._held = [sr.id for sr in plan.running + plan.admitted]
+        self._observe(method, response, bool(dropped), bool(plan.admitted and plan.running))
         self._learn_step_cost(plan, response)
         self._absorb(plan, response)
 
@@ -380,7 +370,7 @@ class Scheduler:
             update.chunk_len = chunk
         return update
 
-    def _absorb(self, plan: StepPlan, response: pb.PrefillResponse | pb.DecodeResponse) -> None:
+    def _absorb(self, plan: StepPlan, response: pb.StepResponse) -> None:
         """Check the answer against the plan, then advance counters and send events."""
         stepped = plan.running + plan.admitted
         generations = {g.request_id: g for g in response.generations}
@@ -391,11 +381,6 @@ class Scheduler:
         if len(generations) != sum(sr.id in generations for sr in stepped):
             raise ShardError("Server error: a generation for a request that was not in the step")
         finished = {i for i, g in generations.items() if g.HasField("generated_text")}
-        expected = {sr.id for sr in stepped} - finished
-        held = set(response.batch.request_ids) if response.HasField("batch") else set()
-        if held != expected:
-            raise ShardError(f"Server error: the shards hold requests {sorted(held)}, expected {sorted(expected)}")
-        self._cached = response.batch if response.HasField("batch") else None
         for sr in stepped:
             sr.computed_tokens += sr.scheduled_tokens
             sr.scheduled_tokens = 0
@@ -448,19 +433,23 @@ class Scheduler:
         self.metrics.batch_inference_success.labels(method=method).inc()
         return result
 
-    def _observe(self, method: str, response: pb.PrefillResponse | pb.DecodeResponse) -> None:
+    def _observe(self, method: str, response: pb.StepResponse, dropped: bool, joined: bool) -> None:
+        """Shard timings under TGI's metric names: the step's preparation (drops, updates, admissions) counts
+        as "filter" when it dropped requests and as "concat" when new ones joined running ones."""
         m = self.metrics
         m.batch_forward_duration.labels(method=method).observe(response.forward_ns / 1e9)
         m.batch_decode_duration.labels(method=method).observe(response.decode_ns / 1e9)
         m.batch_inference_duration.labels(method=method).observe(response.total_ns / 1e9)
-        if response.concat_ns:
-            m.batch_concat_duration.labels(method=method).observe(response.concat_ns / 1e9)
-        if method == "prefill" and response.grammar_compile_ns:
+        if dropped:
+            m.batch_filter_duration.labels(method=method).observe(response.prepare_ns / 1e9)
+        if joined:
+            m.batch_concat_duration.labels(method=method).observe(response.prepare_ns / 1e9)
+        if response.grammar_compile_ns:
             m.grammar_compile_duration.observe(response.grammar_compile_ns / 1e9)
         if response.grammar_mask_ns:
             m.grammar_mask_duration.observe(response.grammar_mask_ns / 1e9)
 
-    def _learn_step_cost(self, plan: StepPlan, response: pb.PrefillResponse | pb.DecodeResponse) -> None:
+    def _learn_step_cost(self, plan: StepPlan, response: pb.StepResponse) -> None:
         """Decode-only steps teach the stall-free budget what decode rows cost at today's context lengths."""
         cost = self.limits.step_cost
         if cost is None or plan.admitted or plan.num_tokens != len(plan.running):
@@ -487,7 +476,7 @@ class Scheduler:
         m = self.metrics
         m.queue_size.set(len(self.waiting))
         m.batch_current_size.set(len(self.running))
-        m.batch_current_max_tokens.set(self._cached.max_tokens if self._cached is not None else 0)
+        m.batch_current_max_tokens.set(sum(len(sr.blocks) for sr in self.running) * self.blocks.block_size)
         m.kv_blocks_used.set(self.blocks.num_request_blocks(self.running))
         m.prefix_cache_blocks.set(self.blocks.num_cached_blocks)
 

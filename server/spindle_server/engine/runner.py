@@ -1,7 +1,10 @@
 """One step of a batch: forward -> prompt log-probs -> sample -> stop -> detokenize -> Generations.
 
 Requests whose chunk does not reach the end of their tokens only advance `computed_len`: their logits
-are not even computed, and they produce no Generation. Requests that finish leave the batch.
+are not even computed, and they produce no Generation. A request that finishes stays in the batch until
+the router drops it. A runner that does not report (ranks other than 0) samples and appends the token (its
+next input), and skips everything only a reader needs: prompt log-probs, top tokens, detokenization,
+stopping and Generations.
 """
 
 from __future__ import annotations
@@ -26,8 +29,7 @@ from spindle_server.sampling.sampler import sample
 
 @dataclass
 class StepResult:
-    generations: list[Generation]
-    finished_ids: list[int]  # already removed from the batch
+    generations: list[Generation]  # empty when the step does not report
     forward_ns: int
     decode_ns: int
     grammar_mask_ns: int = 0  # worker-thread time computing token masks (overlaps the forward)
@@ -55,8 +57,8 @@ class ModelRunner:
             return None
         return self.model.compute_logits(hidden.index_select(0, inputs.logit_rows)).float()
 
-    def step(self, batch: ShardBatch, kv_cache: KVCache) -> StepResult:
-        """Advance every request of `batch` by its next chunk; mutates the batch."""
+    def step(self, batch: ShardBatch, kv_cache: KVCache, report: bool = True) -> StepResult:
+        """Advance every request of `batch` by its next chunk; Generations only when `report`."""
         start = time.perf_counter_ns()
         requests = list(batch.requests)
         inputs = build_step_inputs(requests, batch.block_size, self.device)
@@ -65,14 +67,14 @@ class ModelRunner:
         forward_ns = time.perf_counter_ns() - start
 
         start = time.perf_counter_ns()
-        self._record_prompt_logprobs(requests, inputs, logits)
+        if report:
+            self._record_prompt_logprobs(requests, inputs, logits)
         for r in requests:  # the chunk is in the cache now; the next chunk comes with the next call
             r.computed_len += r.next_len
             r.chunk_len = None
-        generations, finished = self._sample_and_stop(requests, inputs, logits, masks)
-        batch.remove(finished)
+        generations = self._sample_and_stop(requests, inputs, logits, masks, report)
         mask_ns = masks.mask_ns if masks is not None else 0
-        return StepResult(generations, finished, forward_ns, time.perf_counter_ns() - start, mask_ns)
+        return StepResult(generations, forward_ns, time.perf_counter_ns() - start, mask_ns)
 
     def _start_masks(self, requests: list[RequestState], inputs: StepInputs) -> grammars.MaskJob | None:
         """Token masks for the rows that sample this step, one per sampling row in order (unconstrained rows
@@ -106,11 +108,11 @@ class ModelRunner:
 
     def _sample_and_stop(
         self, requests: list[RequestState], inputs: StepInputs, logits: torch.Tensor | None,
-        masks: grammars.MaskJob | None = None,
-    ) -> tuple[list[Generation], list[int]]:
+        masks: grammars.MaskJob | None = None, report: bool = True,
+    ) -> list[Generation]:
         chosen = [(r, row) for r, row in zip(requests, inputs.sample_row) if row is not None]
         if not chosen:
-            return [], []
+            return []
         assert logits is not None
         rows = torch.tensor([row for _, row in chosen], dtype=torch.int64, device=logits.device)
         scores = logits.index_select(0, rows)
@@ -121,10 +123,15 @@ class ModelRunner:
             [r.params for r, _ in chosen],
             [r.all_ids for r, _ in chosen],
             [r.num_generated for r, _ in chosen],
-            [r.top_n_tokens for r, _ in chosen],
+            [r.top_n_tokens if report else 0 for r, _ in chosen],
         )
+        if not report:
+            for (r, _), token in zip(chosen, out.next_ids):
+                r.all_ids.append(token)
+                if r.grammar is not None:
+                    grammars.advance(r.grammar, token)
+            return []
         generations: list[Generation] = []
-        finished: list[int] = []
         for i, (r, _) in enumerate(chosen):
             token = out.next_ids[i]
             prefill = self._prefill_tokens(r) if r.prefill_logprobs and r.num_generated == r.num_resumed else None
@@ -149,9 +156,8 @@ class ModelRunner:
                     finish_reason=reason,
                     seed=r.params.seed if r.params.is_sampling else None,
                 )
-                finished.append(r.id)
             generations.append(gen)
-        return generations, finished
+        return generations
 
     def _prefill_tokens(self, r: RequestState) -> TokenList | None:
         if r.num_resumed > 0:  # its prompt log-probs went out before it was preempted
