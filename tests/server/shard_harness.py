@@ -176,6 +176,7 @@ class MiniRouter:
         self.free = list(range(num_blocks))
         self.held: list[int] = []  # ids the shard holds: active ones, and finished ones until the next step
         self.active: dict[int, Req] = {}
+        group.call("ClearCache", pb.ClearCacheRequest())  # a new router starts from an empty shard
 
     def _grow(self, req: Req, upto_tokens: int) -> list[int]:
         need = math.ceil(upto_tokens / self.block_size) - len(req.blocks)
