@@ -171,8 +171,10 @@ def test_world_size_two_matches_world_size_one(served, tmp_path_factory, name):
         num_blocks = warmup(group).num_blocks
         reqs2 = [Req(i, p, NEW_TOKENS, chunk=7) for i, p in enumerate(prompts(LENGTHS))]
         MiniRouter(group, num_blocks).run(reqs2)
-        # Both ranks answered the same generations (ShardGroup returns rank 0's; compare rank 1's too).
-        assert group.last_results[0].generations == group.last_results[1].generations
+        # Only rank 0 answers generations; rank 1 sampled the same tokens, or the next step's inputs would
+        # differ between the ranks and the all-reduced logits (so the tokens below) with them.
+        assert group.last_results[0].forward_ns > 0 and group.last_results[1].forward_ns > 0
+        assert not group.last_results[1].generations
     finally:
         group.close()
     for r1, r2 in zip(reqs1, reqs2):

@@ -236,7 +236,9 @@ class Scheduler:
             if not self.running and not self.waiting:
                 self._update_gauges()  # cancellations may have emptied the batch: no step will say so
                 continue
+            start = time.perf_counter()
             plan = plan_step(self.running, self.waiting, self.blocks, self.limits)
+            self.metrics.step_phase_duration.labels(phase="plan").observe(time.perf_counter() - start)
             self._note_plan(plan)
             try:
                 if not plan.is_empty:
@@ -299,6 +301,8 @@ class Scheduler:
             self._idle.set()  # every accepted request has ended
 
     async def _step(self, plan: StepPlan) -> None:
+        phase = self.metrics.step_phase_duration
+        start = time.perf_counter()
         live = {sr.id for sr in plan.running}
         dropped = [i for i in self._held if i not in live]  # finished, cancelled or preempted since
         updates = [u for u in (self._update(sr, plan.new_blocks.get(sr.id, [])) for sr in plan.running) if u]
@@ -314,15 +318,21 @@ class Scheduler:
             md = _carrier(plan.running)
         # TGI's method names, for its dashboards: a step that admits is a "prefill".
         method = "prefill" if plan.admitted else "decode"
+        requests = [self._request(sr) for sr in plan.admitted]
+        built = time.perf_counter()
+        phase.labels(phase="build").observe(built - start)
         call = self.shards.step(
-            [self._request(sr) for sr in plan.admitted], updates, dropped,
+            requests, updates, dropped,
             num_requests=len(plan.running) + len(plan.admitted), work_tokens=plan.num_tokens, metadata=md,
         )
         response = await self._timed(method, call)  # on failure the error path clears the shards
+        answered = time.perf_counter()
+        phase.labels(phase="call").observe(answered - built)
         self._held = [sr.id for sr in plan.running + plan.admitted]
         self._observe(method, response, bool(dropped), bool(plan.admitted and plan.running))
         self._learn_step_cost(plan, response)
         self._absorb(plan, response)
+        phase.labels(phase="absorb").observe(time.perf_counter() - answered)
 
     def _request(self, sr: ScheduledRequest) -> pb.Request:
         """A new request, sent whole once (STYLE 8)."""
