@@ -8,7 +8,6 @@ import os
 import socket
 
 import pytest
-from spindle_proto import generate_pb2 as pb
 from spindle_proto.sockets import SocketInUse, is_listening, remove_stale_socket
 from spindle_router.config import SchedulerConfig
 from spindle_router.metrics import Metrics

@@ -11,6 +11,15 @@ the blocks). A step:
                                                  preempted), so leaving costs no round trip of its own
     generations -> events; finished requests free their blocks; full prompts enter the prefix cache
 
+Overlap (`overlap_steps`, the default): a step is sent before the previous one's answer is absorbed, so
+the shards run step N + 1 while the router turns step N into events and plans N + 2; the shards execute
+steps in the order sent. Counters advance when a step is sent, as if it had run, and a token being sampled
+holds a PENDING_TOKEN place in `generated_ids` until its answer fills it. What the router cannot know in
+advance: a request that stops on EOS or a stop sequence at step N is still in step N + 1, whose token for it
+nobody reads (it is dropped with N + 2). A request's last token by max_new_tokens is known: it leaves
+`running` (and its blocks) when that step is sent. Blocks freed while a step that wrote them is in flight
+can only be written again by later steps, which run after it.
+
 On a failed shard call every request in the batch gets an ErrorEvent, the shards are cleared and
 `is_healthy` turns False (until a health check passes). Waiting requests stay queued. A shard that misses a
 call's deadline (ShardStalled) is fatal instead: every request, running or waiting, gets an ErrorEvent, new
@@ -109,6 +118,24 @@ class _Stream:
         self._scheduler._post(_Cancel(self.request_id))
 
 
+PENDING_TOKEN = -1  # a generated_ids place whose token a step in flight is sampling
+
+
+@dataclass
+class _Flight:
+    """A step sent to the shards whose answer is not absorbed yet."""
+
+    stepped: list[ScheduledRequest]  # running then admitted, as sent
+    admitted: bool  # the step admitted requests
+    num_running: int  # requests it carried that were running before it
+    samples: dict[int, int]  # request id -> index in its generated_ids of the token this step samples
+    num_tokens: int  # tokens its forward computes
+    method: str  # "prefill" when it admitted requests, else "decode" (TGI's metric labels)
+    dropped: bool  # it dropped requests from the shards
+    sent_at: float  # time.perf_counter()
+    call: asyncio.Future[pb.StepResponse]
+
+
 @dataclass(frozen=True)
 class _Submit:
     sr: ScheduledRequest
@@ -145,6 +172,9 @@ class Scheduler:
         # Ids the shards hold: those of `running`, plus requests that left it since the last step (they
         # are dropped by the next Step: a finished request stays on the shards until then).
         self._held: list[int] = []
+        self._flight: _Flight | None = None  # a step sent whose answer is not absorbed yet (overlap)
+        # Left `running` when their last token was sent for (max_new_tokens): their stream ends on the answer.
+        self._finishing: list[ScheduledRequest] = []
         self._next_request_id = 0
         self._healthy = True
         self._accepting = True
@@ -213,8 +243,9 @@ class Scheduler:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        if self.running or self.waiting:
-            self._fail(self.running + list(self.waiting), "the server is shutting down")
+        await self._abandon_flight()
+        if self.running or self.waiting or self._finishing:
+            self._fail(self.running + list(self.waiting) + self._finishing, "the server is shutting down")
             self.waiting.clear()
             if self.fatal_error is None:  # a stalled shard would only make us wait for another deadline
                 try:
@@ -229,11 +260,11 @@ class Scheduler:
     # ---- the task -------------------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
-            if not self.running and not self.waiting:
+            if not self.running and not self.waiting and self._flight is None:
                 self._handle(await self._inbox.get())
             while not self._inbox.empty():
                 self._handle(self._inbox.get_nowait())
-            if not self.running and not self.waiting:
+            if not self.running and not self.waiting and self._flight is None:
                 self._update_gauges()  # cancellations may have emptied the batch: no step will say so
                 continue
             start = time.perf_counter()
@@ -241,9 +272,15 @@ class Scheduler:
             self.metrics.step_phase_duration.labels(phase="plan").observe(time.perf_counter() - start)
             self._note_plan(plan)
             try:
-                if not plan.is_empty:
-                    await self._step(plan)
+                sent = self._send(plan) if not plan.is_empty else None
+                previous, self._flight = self._flight, sent
+                if previous is not None:  # overlap: absorb step N while the shards run step N + 1
+                    await self._finish(previous)
+                if sent is not None and not self.config.overlap_steps:
+                    self._flight = None
+                    await self._finish(sent)
             except ShardStalled as exc:
+                await self._abandon_flight()
                 self._stalled(str(exc))
                 return
             except Exception as exc:  # a shard error, or a bug here: never leave streams hanging
@@ -251,17 +288,25 @@ class Scheduler:
                     log.error("shard call failed: %s", exc)
                 else:
                     log.exception("scheduler step failed")
+                await self._abandon_flight()
                 self._healthy = False
                 message = str(exc) if isinstance(exc, ShardError) else f"Scheduler error: {exc!r}"
-                self._fail(list(self.running), message)
+                self._fail(list(self.running) + self._finishing, message)
                 self._held = []
                 try:
                     await self.shards.clear_cache()
                 except ShardError:
                     pass
             self._update_gauges()
-            if plan.is_empty and not self.running and self.waiting:
+            if plan.is_empty and not self.running and self.waiting and self._flight is None:
                 self._handle(await self._inbox.get())  # nothing could be admitted: wait for news
+
+    async def _abandon_flight(self) -> None:
+        """Cancel the step still in flight (its answer no longer matters: the shards get cleared)."""
+        flight, self._flight = self._flight, None
+        if flight is not None:
+            flight.call.cancel()
+            await asyncio.gather(flight.call, return_exceptions=True)
 
     def _stalled(self, message: str) -> None:
         """A shard missed a deadline: fail every request, refuse new ones, and tell the server to exit."""
@@ -269,7 +314,7 @@ class Scheduler:
                   message, len(self.running), len(self.waiting))
         self.fatal_error = message
         self._healthy = False
-        self._fail(self.running + list(self.waiting), message)
+        self._fail(self.running + list(self.waiting) + self._finishing, message)
         self.waiting.clear()
         self._held = []
         while not self._inbox.empty():  # requests submitted meanwhile
@@ -300,9 +345,12 @@ class Scheduler:
         if not self._streams:
             self._idle.set()  # every accepted request has ended
 
-    async def _step(self, plan: StepPlan) -> None:
+    def _send(self, plan: StepPlan) -> _Flight:
+        """Start the step's call, and advance every counter as if it had run: the next plan (made while this
+        step runs, with overlap) starts from there. A token being sampled holds a PENDING_TOKEN place."""
         phase = self.metrics.step_phase_duration
         start = time.perf_counter()
+        stepped = plan.running + plan.admitted
         live = {sr.id for sr in plan.running}
         dropped = [i for i in self._held if i not in live]  # finished, cancelled or preempted since
         updates = [u for u in (self._update(sr, plan.new_blocks.get(sr.id, [])) for sr in plan.running) if u]
@@ -316,23 +364,43 @@ class Scheduler:
             md = _carrier(plan.admitted, ask_all=True) or _carrier(plan.running)
         else:
             md = _carrier(plan.running)
+        requests = [self._request(sr) for sr in plan.admitted]
+        num_tokens = plan.num_tokens
         # TGI's method names, for its dashboards: a step that admits is a "prefill".
         method = "prefill" if plan.admitted else "decode"
-        requests = [self._request(sr) for sr in plan.admitted]
-        built = time.perf_counter()
-        phase.labels(phase="build").observe(built - start)
-        call = self.shards.step(
-            requests, updates, dropped,
-            num_requests=len(plan.running) + len(plan.admitted), work_tokens=plan.num_tokens, metadata=md,
-        )
-        response = await self._timed(method, call)  # on failure the error path clears the shards
+        call = asyncio.ensure_future(self._timed(method, self.shards.step(
+            requests, updates, dropped, num_requests=len(stepped), work_tokens=num_tokens, metadata=md,
+        )))
+        self._held = [sr.id for sr in stepped]
+        samples: dict[int, int] = {}
+        for sr in stepped:
+            sr.computed_tokens += sr.scheduled_tokens
+            sr.scheduled_tokens = 0
+            self.blocks.cache_prompt(sr)  # a later step reading these blocks runs after this one
+            if sr.computed_tokens == sr.context_len:  # the step completes its context: it samples a token
+                samples[sr.id] = sr.num_generated
+                sr.generated_ids.append(PENDING_TOKEN)
+        for sr in stepped:
+            if sr.id in samples and sr.num_generated >= sr.request.stopping.max_new_tokens:
+                # Its last token: it leaves the batch now (its blocks are free for steps after this one).
+                self.running.remove(sr)
+                self.blocks.release(sr)
+                self._finishing.append(sr)
+        flight = _Flight(stepped=stepped, admitted=bool(plan.admitted), num_running=len(plan.running),
+                         samples=samples, num_tokens=num_tokens, method=method, dropped=bool(dropped),
+                         sent_at=time.perf_counter(), call=call)
+        phase.labels(phase="build").observe(flight.sent_at - start)
+        return flight
+
+    async def _finish(self, flight: _Flight) -> None:
+        """Wait for a sent step's answer and absorb it."""
+        response = await flight.call  # on failure the error path clears the shards
         answered = time.perf_counter()
-        phase.labels(phase="call").observe(answered - built)
-        self._held = [sr.id for sr in plan.running + plan.admitted]
-        self._observe(method, response, bool(dropped), bool(plan.admitted and plan.running))
-        self._learn_step_cost(plan, response)
-        self._absorb(plan, response)
-        phase.labels(phase="absorb").observe(time.perf_counter() - answered)
+        self.metrics.step_phase_duration.labels(phase="call").observe(answered - flight.sent_at)
+        self._observe(flight.method, response, flight.dropped, flight.admitted and flight.num_running > 0)
+        self._learn_step_cost(flight, response)
+        self._absorb(flight, response)
+        self.metrics.step_phase_duration.labels(phase="absorb").observe(time.perf_counter() - answered)
 
     def _request(self, sr: ScheduledRequest) -> pb.Request:
         """A new request, sent whole once (STYLE 8)."""
@@ -380,34 +448,43 @@ class Scheduler:
             update.chunk_len = chunk
         return update
 
-    def _absorb(self, plan: StepPlan, response: pb.StepResponse) -> None:
-        """Check the answer against the plan, then advance counters and send events."""
-        stepped = plan.running + plan.admitted
-        generations = {g.request_id: g for g in response.generations}
-        for sr in stepped:
-            completes = sr.computed_tokens + sr.scheduled_tokens == sr.context_len
-            if completes != (sr.id in generations):
-                raise ShardError(f"Server error: request {sr.id} {'got no' if completes else 'got a'} token this step")
-        if len(generations) != sum(sr.id in generations for sr in stepped):
-            raise ShardError("Server error: a generation for a request that was not in the step")
-        finished = {i for i, g in generations.items() if g.HasField("generated_text")}
-        for sr in stepped:
-            sr.computed_tokens += sr.scheduled_tokens
-            sr.scheduled_tokens = 0
-            self.blocks.cache_prompt(sr)
-            gen = generations.get(sr.id)
-            if gen is not None:
-                self._emit(sr, gen)
-        for sr in [sr for sr in stepped if sr.id in finished]:
-            self.running.remove(sr)
-            self._forget(sr)
+    def _absorb(self, flight: _Flight, response: pb.StepResponse) -> None:
+        """Check the answer against what the step was sent to do, then fill in tokens and send events.
 
-    def _emit(self, sr: ScheduledRequest, gen: pb.Generation) -> None:
-        stream = self._streams.get(sr.id)
-        token = _tokens(gen.tokens)[0]
-        sr.generated_ids.append(token.id)
-        if stream is None:
-            return
+        With overlap a request may have left since the step was sent: cancelled (its stream is gone), or
+        finished by the step before (EOS, a stop sequence: the shards computed one token past its end).
+        Their tokens reach nobody."""
+        generations = {g.request_id: g for g in response.generations}
+        for sr in flight.stepped:
+            samples = sr.id in flight.samples
+            if samples != (sr.id in generations):
+                raise ShardError(f"Server error: request {sr.id} {'got no' if samples else 'got a'} token this step")
+        if len(generations) != sum(sr.id in generations for sr in flight.stepped):
+            raise ShardError("Server error: a generation for a request that was not in the step")
+        for sr in flight.stepped:
+            gen = generations.get(sr.id)
+            if gen is None:
+                continue
+            token = _tokens(gen.tokens)[0]
+            sr.generated_ids[flight.samples[sr.id]] = token.id
+            if sr.id not in self._streams:
+                continue  # cancelled, or finished by an earlier step
+            self._emit(sr, gen, token)
+            if gen.HasField("generated_text"):
+                self._end(sr)
+
+    def _end(self, sr: ScheduledRequest) -> None:
+        """A finished request leaves wherever it is (the next Step drops it from the shards)."""
+        if sr in self.running:
+            self.running.remove(sr)
+        elif sr in self._finishing:
+            self._finishing.remove(sr)
+        elif sr in self.waiting:  # preempted by a plan made before this answer came
+            self.waiting.remove(sr)
+        self._forget(sr)
+
+    def _emit(self, sr: ScheduledRequest, gen: pb.Generation, token: Token) -> None:
+        stream = self._streams[sr.id]
         if gen.HasField("prefill_tokens") and gen.prefill_tokens.ids and not sr.prefill_event_sent:
             sr.prefill_event_sent = True
             stream.push(PrefillEvent(_tokens(gen.prefill_tokens)))
@@ -430,6 +507,8 @@ class Scheduler:
                 stream.push(ErrorEvent(message))
             if sr in self.running:
                 self.running.remove(sr)
+            if sr in self._finishing:
+                self._finishing.remove(sr)
             self._forget(sr)
 
     # ---- metrics --------------------------------------------------------------------------------
@@ -459,12 +538,12 @@ class Scheduler:
         if response.grammar_mask_ns:
             m.grammar_mask_duration.observe(response.grammar_mask_ns / 1e9)
 
-    def _learn_step_cost(self, plan: StepPlan, response: pb.StepResponse) -> None:
+    def _learn_step_cost(self, flight: _Flight, response: pb.StepResponse) -> None:
         """Decode-only steps teach the stall-free budget what decode rows cost at today's context lengths."""
         cost = self.limits.step_cost
-        if cost is None or plan.admitted or plan.num_tokens != len(plan.running):
+        if cost is None or flight.admitted or flight.num_tokens != flight.num_running:
             return
-        learned = cost.observe_decode_step(len(plan.running), response.forward_ns)
+        learned = cost.observe_decode_step(flight.num_running, response.forward_ns)
         self.limits = dataclasses.replace(self.limits, step_cost=learned)
 
     def _note_plan(self, plan: StepPlan) -> None:
