@@ -1,10 +1,10 @@
-"""Serving throughput of two variants of Spindle, alternating in one run, and where a step's time goes.
+"""Serving throughput of two or three variants of Spindle, alternating in one run, and where a step's time goes.
 
 A variant is a checkout (its packages go first on PYTHONPATH; default: this one) plus launcher flags. Each
 round starts each variant's launcher in turn (the order alternates between rounds, so drift on a shared
 machine hits both), runs workload (a) of bench_serving.py (256-token prompts, 128 output tokens) at one
 concurrency, scrapes /metrics, and stops it. Absolute numbers on a shared machine are noise: read the
-B/A ratios.
+ratios to A.
 
     .venv/bin/python bench/bench_ab.py --a-path ../main             # main vs this checkout
     .venv/bin/python bench/bench_ab.py --b-arg=--some-flag --rounds 3  # a flag off vs on
@@ -96,6 +96,8 @@ def main() -> None:
     parser.add_argument("--b-path", type=Path, default=None, help="checkout of variant B (default: this one)")
     parser.add_argument("--a-arg", action="append", default=[], help="launcher flag of A (repeatable)")
     parser.add_argument("--b-arg", action="append", default=[], help="launcher flag of B (repeatable)")
+    parser.add_argument("--c-path", type=Path, default=None, help="checkout of an optional variant C")
+    parser.add_argument("--c-arg", action="append", default=[], help="launcher flag of C (repeatable; gives a C)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--requests", type=int, default=64)
@@ -107,6 +109,8 @@ def main() -> None:
         bench_model.DEFAULT_DIR.with_name("small-random") if args.small else bench_model.DEFAULT_DIR, **overrides
     )
     variants = [Variant("A", args.a_path, args.a_arg), Variant("B", args.b_path, args.b_arg)]
+    if args.c_path is not None or args.c_arg:
+        variants.append(Variant("C", args.c_path, args.c_arg))
     for v in variants:
         print(f"{v.name}: {v.path or 'this checkout'} {' '.join(v.args)}", flush=True)
     logs = Path(tempfile.mkdtemp(prefix="spindle-ab-"))
@@ -127,14 +131,15 @@ def main() -> None:
             v.runs.append(result)
             print(f"round {r} {v.name}: " + ", ".join(f"{k}={x:.1f}" for k, x in result.items()), flush=True)
 
-    a, b = variants
-    print(f"\nconcurrency {args.concurrency}, {args.requests} requests, {args.rounds} rounds (medians; ratio B/A)")
-    keys = [k for k in a.runs[0] if all(k in run for run in a.runs + b.runs)]
-    keys += [k for k in b.runs[0] if k not in keys and all(k in run for run in b.runs)]
+    a = variants[0]
+    print(f"\nconcurrency {args.concurrency}, {args.requests} requests, {args.rounds} rounds (medians; ratios to A)")
+    keys = list(dict.fromkeys(k for v in variants for run in v.runs for k in run))
     for k in keys:
-        med_a = statistics.median(run[k] for run in a.runs) if all(k in run for run in a.runs) else float("nan")
-        med_b = statistics.median(run[k] for run in b.runs)
-        print(f"  {k:<24} A {med_a:10.2f}   B {med_b:10.2f}   B/A {med_b / med_a:6.3f}")
+        meds = {v.name: statistics.median(run[k] for run in v.runs) if all(k in run for run in v.runs)
+                else float("nan") for v in variants}
+        cells = "  ".join(f"{n} {m:9.2f}" for n, m in meds.items())
+        ratios = "  ".join(f"{n}/A {meds[n] / meds[a.name]:6.3f}" for n in meds if n != a.name)
+        print(f"  {k:<24} {cells}   {ratios}")
     print(f"\nserver logs: {logs}")
 
 

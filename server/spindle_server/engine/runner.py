@@ -103,7 +103,7 @@ class ModelRunner:
                 continue
             row_idx = torch.tensor(list(rows[: last - a]), dtype=torch.int64, device=log_probs.device)
             targets = torch.tensor(r.all_ids[a + 1 : last + 1], dtype=torch.int64, device=log_probs.device)
-            picked = log_probs.index_select(0, row_idx).gather(1, targets[:, None]).squeeze(1)
+            picked = log_probs[row_idx, targets]
             r.prompt_logprobs.extend(picked.tolist())
 
     def _sample_and_stop(
@@ -114,8 +114,12 @@ class ModelRunner:
         if not chosen:
             return []
         assert logits is not None
-        rows = torch.tensor([row for _, row in chosen], dtype=torch.int64, device=logits.device)
-        scores = logits.index_select(0, rows)
+        if len(chosen) == logits.shape[0]:  # every logit row samples (decode): rows 0..N-1 in order, no copy
+            scores = logits
+        else:
+            # Advanced indexing: torch 2.13's CPU index_select took ~300 ms for 32 rows of a 49k vocabulary.
+            rows = torch.tensor([row for _, row in chosen], dtype=torch.int64, device=logits.device)
+            scores = logits[rows]
         if masks is not None:  # before penalties and warpers: greedy and sampled rows both obey it
             masks.apply(scores)
         out = sample(
