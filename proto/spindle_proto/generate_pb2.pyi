@@ -221,16 +221,18 @@ class Generation(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., prefill_tokens: _Optional[_Union[Tokens, _Mapping]] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., top_tokens: _Optional[_Iterable[_Union[Tokens, _Mapping]]] = ..., generated_text: _Optional[_Union[GeneratedText, _Mapping]] = ...) -> None: ...
 
 class StepRequest(_message.Message):
-    __slots__ = ("dropped_ids", "updates", "requests", "num_requests")
+    __slots__ = ("dropped_ids", "updates", "requests", "num_requests", "seq")
     DROPPED_IDS_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     dropped_ids: _containers.RepeatedScalarFieldContainer[int]
     updates: _containers.RepeatedCompositeFieldContainer[RequestUpdate]
     requests: _containers.RepeatedCompositeFieldContainer[Request]
     num_requests: int
-    def __init__(self, dropped_ids: _Optional[_Iterable[int]] = ..., updates: _Optional[_Iterable[_Union[RequestUpdate, _Mapping]]] = ..., requests: _Optional[_Iterable[_Union[Request, _Mapping]]] = ..., num_requests: _Optional[int] = ...) -> None: ...
+    seq: int
+    def __init__(self, dropped_ids: _Optional[_Iterable[int]] = ..., updates: _Optional[_Iterable[_Union[RequestUpdate, _Mapping]]] = ..., requests: _Optional[_Iterable[_Union[Request, _Mapping]]] = ..., num_requests: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class StepResponse(_message.Message):
     __slots__ = ("generations", "forward_ns", "decode_ns", "total_ns", "prepare_ns", "grammar_compile_ns", "grammar_mask_ns")

@@ -206,12 +206,14 @@ class ShardClient:
 
     async def step(
         self, requests: Sequence[pb.Request] = (), updates: Sequence[pb.RequestUpdate] = (),
-        dropped_ids: Sequence[int] = (), *, num_requests: int, work_tokens: int, metadata: Metadata = (),
+        dropped_ids: Sequence[int] = (), *, num_requests: int, work_tokens: int, seq: int = 0,
+        metadata: Metadata = (),
     ) -> pb.StepResponse:
         """One forward: drop `dropped_ids`, apply `updates`, admit `requests`, advance the `num_requests`
-        requests left; `work_tokens` (the tokens it computes) sizes the deadline. Rank 0's generations."""
+        requests left; `work_tokens` (the tokens it computes) sizes the deadline; `seq` numbers the steps (the
+        shards refuse one out of order). Rank 0's generations."""
         request = pb.StepRequest(dropped_ids=list(dropped_ids), updates=list(updates), requests=list(requests),
-                                 num_requests=num_requests)
+                                 num_requests=num_requests, seq=seq)
         return await self._call("Step", request, metadata=metadata, work_tokens=work_tokens)
 
     async def clear_cache(self) -> None:

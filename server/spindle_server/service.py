@@ -88,6 +88,7 @@ class ShardService(generate_pb2_grpc.TextGenerationServiceServicer):
                 updates=tuple(RequestUpdate.from_proto(u) for u in request.updates),
                 requests=tuple(request_from_proto(r, ctx) for r in request.requests),
                 num_requests=request.num_requests,
+                seq=request.seq,
             ))
 
         outcome = await self._serial(call)

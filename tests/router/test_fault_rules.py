@@ -64,10 +64,12 @@ def _request(n: int) -> ValidRequest:
                         stopping=StoppingParams(max_new_tokens=8))
 
 
-def test_a_stalled_shard_fails_every_request_and_the_scheduler_stops_calling() -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["overlap-off", "overlap-on"])
+def test_a_stalled_shard_fails_every_request_and_the_scheduler_stops_calling(overlap: bool) -> None:
     async def main():
         shards = StalledShards()
-        config = SchedulerConfig(max_batch_prefill_tokens=16, max_batch_size=1)  # the second one waits
+        # max_batch_size 1: the second request waits.
+        config = SchedulerConfig(max_batch_prefill_tokens=16, max_batch_size=1, overlap_steps=overlap)
         scheduler = Scheduler(shards, config, num_blocks=32, block_size=16, metrics=Metrics())
         scheduler.start()
         try:
@@ -86,9 +88,12 @@ def test_a_stalled_shard_fails_every_request_and_the_scheduler_stops_calling() -
     for events in (*ends, late):
         assert len(events) == 1 and isinstance(events[0], ErrorEvent)
         assert events[0].message.startswith("Shard stalled")
-    assert shards.calls == ["Step"]  # nothing more went to the stalled shard: no clear, no health probe
+    # Nothing more went to the stalled shard (no clear, no health probe) than the steps sent before its
+    # deadline passed: with overlap, the second step left before the first one's answer.
+    assert shards.calls == ["Step"] * (2 if overlap else 1)
     # The deadline scales with the tokens the step computes: the first prompt, whole; one request.
     assert shards.steps[0]["work_tokens"] == 5 and shards.steps[0]["num_requests"] == 1
+    assert [s["seq"] for s in shards.steps] == list(range(1, len(shards.steps) + 1))
     assert health is False and scheduler.is_healthy is False
     assert scheduler.blocks.allocator.num_free_blocks == scheduler.blocks.allocator.num_usable_blocks
     assert not scheduler.running and not scheduler.waiting

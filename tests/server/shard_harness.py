@@ -176,6 +176,7 @@ class MiniRouter:
         self.free = list(range(num_blocks))
         self.held: list[int] = []  # ids the shard holds: active ones, and finished ones until the next step
         self.active: dict[int, Req] = {}
+        self.seq = 0  # of the last step sent
         group.call("ClearCache", pb.ClearCacheRequest())  # a new router starts from an empty shard
 
     def _grow(self, req: Req, upto_tokens: int) -> list[int]:
@@ -231,7 +232,9 @@ class MiniRouter:
         for r in reqs:
             self.active[r.id] = r
             planned[r.id] = r.next_len()
-        request = pb.StepRequest(dropped_ids=dropped, updates=updates, requests=msgs, num_requests=len(planned))
+        self.seq += 1
+        request = pb.StepRequest(dropped_ids=dropped, updates=updates, requests=msgs, num_requests=len(planned),
+                                 seq=self.seq)
         return request, planned
 
     def step(self, reqs: list[Req] = ()):  # type: ignore[assignment]

@@ -146,6 +146,7 @@ def test_bad_steps_get_invalid_argument_and_change_nothing(shard, router):
         "count disagrees": (step(num_requests=2), "names 2 requests"),
         "update block out of range": (step(updates=[pb.RequestUpdate(request_id=3, blocks=[num_blocks])]),
                                       "out of range"),
+        "a step out of order": (step(seq=router.seq + 2), "steps must run in the order sent"),
     }
     bad_new = {
         "block out of range": _request(8, prompt(4), blocks=[num_blocks]),

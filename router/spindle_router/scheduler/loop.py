@@ -176,6 +176,7 @@ class Scheduler:
         # Left `running` when their last token was sent for (max_new_tokens): their stream ends on the answer.
         self._finishing: list[ScheduledRequest] = []
         self._next_request_id = 0
+        self._next_seq = 1  # of the next Step: the shards run steps strictly in this order
         self._healthy = True
         self._accepting = True
         self.fatal_error: str | None = None  # set when a shard stalled: nothing more is sent to the shards
@@ -369,8 +370,10 @@ class Scheduler:
         # TGI's method names, for its dashboards: a step that admits is a "prefill".
         method = "prefill" if plan.admitted else "decode"
         call = asyncio.ensure_future(self._timed(method, self.shards.step(
-            requests, updates, dropped, num_requests=len(stepped), work_tokens=num_tokens, metadata=md,
+            requests, updates, dropped, num_requests=len(stepped), work_tokens=num_tokens, seq=self._next_seq,
+            metadata=md,
         )))
+        self._next_seq += 1
         self._held = [sr.id for sr in stepped]
         samples: dict[int, int] = {}
         for sr in stepped:

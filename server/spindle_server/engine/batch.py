@@ -181,6 +181,7 @@ class StepCall:
     updates: tuple[RequestUpdate, ...] = ()
     requests: tuple[RequestState, ...] = ()  # new, built (and each checked) by request_from_proto
     num_requests: int = 0  # requests the forward computes, as the router counts them
+    seq: int = 0  # the router's step counter; 0: unchecked
 
 
 class ShardBatch:

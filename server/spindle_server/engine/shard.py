@@ -130,6 +130,7 @@ class ShardEngine:
         )
         self.kv_cache: KVCache | None = None  # allocated by warmup
         self.batch = ShardBatch([], settings.block_size)  # every request held, in admission order
+        self._last_seq = 0  # seq of the last step run (0: none since start or ClearCache)
         self.reports = dist.rank == 0  # only rank 0 detokenizes and answers generations
         self._grammars: GrammarCompiler | None = None  # built on the first grammar (wraps the vocabulary once)
 
@@ -287,7 +288,12 @@ class ShardEngine:
         """Drop, update and admit as `call` says (all checked first), then advance every held request."""
         start = time.perf_counter_ns()
         kv_cache = self._cache()
+        if call.seq and self._last_seq and len(self.batch) and call.seq != self._last_seq + 1:
+            raise InvalidArgumentError(
+                f"step {call.seq} arrived after step {self._last_seq}: steps must run in the order sent"
+            )
         self.batch.apply_step(call, kv_cache.num_blocks)
+        self._last_seq = call.seq
         prepare_ns = time.perf_counter_ns() - start
         try:
             result = self.runner.step(self.batch, kv_cache, report=self.reports)
@@ -308,6 +314,7 @@ class ShardEngine:
     def clear(self) -> None:
         """Forget every held request."""
         self.batch = ShardBatch([], self.settings.block_size)
+        self._last_seq = 0
 
 
 def _split(total: int, cap: int, max_batch_size: int) -> list[int]:
