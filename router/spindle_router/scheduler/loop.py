@@ -293,6 +293,9 @@ class Scheduler:
                 self._healthy = False
                 message = str(exc) if isinstance(exc, ShardError) else f"Scheduler error: {exc!r}"
                 self._fail(list(self.running) + self._finishing, message)
+                for sr in self.waiting:  # preempted while a lost step was sampling for them: it never came
+                    while sr.generated_ids and sr.generated_ids[-1] == PENDING_TOKEN:
+                        sr.generated_ids.pop()
                 self._held = []
                 try:
                     await self.shards.clear_cache()
