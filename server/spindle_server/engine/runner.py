@@ -57,6 +57,7 @@ class ModelRunner:
             return None
         return self.model.compute_logits(hidden.index_select(0, inputs.logit_rows)).float()
 
+    @torch.inference_mode()  # sampling may write into the logits (grammar masks), inference tensors
     def step(self, batch: ShardBatch, kv_cache: KVCache, report: bool = True) -> StepResult:
         """Advance every request of `batch` by its next chunk; Generations only when `report`."""
         start = time.perf_counter_ns()
