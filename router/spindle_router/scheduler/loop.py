@@ -311,6 +311,7 @@ class Scheduler:
         if flight is not None:
             flight.call.cancel()
             await asyncio.gather(flight.call, return_exceptions=True)
+            self.metrics.batch_inference_failure.labels(method=flight.method).inc()
 
     def _stalled(self, message: str) -> None:
         """A shard missed a deadline: fail every request, refuse new ones, and tell the server to exit."""
@@ -372,10 +373,11 @@ class Scheduler:
         num_tokens = plan.num_tokens
         # TGI's method names, for its dashboards: a step that admits is a "prefill".
         method = "prefill" if plan.admitted else "decode"
-        call = asyncio.ensure_future(self._timed(method, self.shards.step(
+        self.metrics.batch_inference_count.labels(method=method).inc()
+        call = asyncio.ensure_future(self.shards.step(
             requests, updates, dropped, num_requests=len(stepped), work_tokens=num_tokens, seq=self._next_seq,
             metadata=md,
-        )))
+        ))
         self._next_seq += 1
         self._held = [sr.id for sr in stepped]
         samples: dict[int, int] = {}
@@ -399,13 +401,19 @@ class Scheduler:
         return flight
 
     async def _finish(self, flight: _Flight) -> None:
-        """Wait for a sent step's answer and absorb it."""
-        response = await flight.call  # on failure the error path clears the shards
+        """Wait for a sent step's answer and absorb it. Counted a success only once absorbed (a scrape that
+        sees inference_count == success + failure sees every answer absorbed)."""
+        try:
+            response = await flight.call  # on failure the error path clears the shards
+        except ShardError:
+            self.metrics.batch_inference_failure.labels(method=flight.method).inc()
+            raise
         answered = time.perf_counter()
         self.metrics.step_phase_duration.labels(phase="call").observe(answered - flight.sent_at)
         self._observe(flight.method, response, flight.dropped, flight.admitted and flight.num_running > 0)
         self._learn_step_cost(flight, response)
         self._absorb(flight, response)
+        self.metrics.batch_inference_success.labels(method=flight.method).inc()
         self.metrics.step_phase_duration.labels(phase="absorb").observe(time.perf_counter() - answered)
 
     def _request(self, sr: ScheduledRequest) -> pb.Request:
@@ -518,16 +526,6 @@ class Scheduler:
             self._forget(sr)
 
     # ---- metrics --------------------------------------------------------------------------------
-    async def _timed(self, method: str, call):  # type: ignore[no-untyped-def]
-        self.metrics.batch_inference_count.labels(method=method).inc()
-        try:
-            result = await call
-        except ShardError:
-            self.metrics.batch_inference_failure.labels(method=method).inc()
-            raise
-        self.metrics.batch_inference_success.labels(method=method).inc()
-        return result
-
     def _observe(self, method: str, response: pb.StepResponse, dropped: bool, joined: bool) -> None:
         """Shard timings under TGI's metric names: the step's preparation (drops, updates, admissions) counts
         as "filter" when it dropped requests and as "concat" when new ones joined running ones."""
