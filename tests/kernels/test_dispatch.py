@@ -123,6 +123,9 @@ def test_cuda_prefers_flash_attn_when_the_block_size_allows(fake_flash):
     assert ops_for("cuda").name == "flash_attn"
     assert ops_for("cuda", block_size=256).name == "flash_attn"
     assert ops_for("cuda", block_size=16).name == "triton"
+    # flash-attn has no float32 path: a float32 shard runs (and reports) Triton
+    assert ops_for("cuda", block_size=256, dtype=torch.bfloat16).name == "flash_attn"
+    assert ops_for("cuda", block_size=256, dtype=torch.float32).name == "triton"
     ops = ops_for("cuda")
     assert ops.rms_norm is spindle_kernels.triton_ops().rms_norm  # only attention changes
 

@@ -19,7 +19,7 @@ import torch
 from spindle_server.engine.batch import ShardBatch
 from spindle_server.engine.cuda_graphs import DecodeGraphs
 from spindle_server.engine.generation import FinishedText, Generation, TokenList
-from spindle_server.engine.inputs import StepInputs, build_step_inputs
+from spindle_server.engine.inputs import HostStaging, StepInputs, build_step_inputs
 from spindle_server.engine.request import RequestState
 from spindle_server.kv_cache import KVCache
 from spindle_server.sampling import grammar as grammars
@@ -42,6 +42,7 @@ class ModelRunner:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        self.staging = HostStaging(device)  # pinned buffers the step inputs travel through (CUDA)
         # Set by the shard's Warmup once the KV cache exists; decode steps they can serve replay a graph.
         self.decode_graphs: DecodeGraphs | None = None
 
@@ -62,7 +63,7 @@ class ModelRunner:
         """Advance every request of `batch` by its next chunk; Generations only when `report`."""
         start = time.perf_counter_ns()
         requests = list(batch.requests)
-        inputs = build_step_inputs(requests, batch.block_size, self.device)
+        inputs = build_step_inputs(requests, batch.block_size, self.device, self.staging)
         masks = self._start_masks(requests, inputs)  # on a worker thread, while the forward runs
         logits = self.forward(inputs, kv_cache)
         forward_ns = time.perf_counter_ns() - start
@@ -95,6 +96,9 @@ class ModelRunner:
             return
         # log_softmax of the raw logits: prompt log-probs ignore sampling parameters.
         log_probs = torch.log_softmax(logits, dim=-1)
+        picks: list[tuple[RequestState, int]] = []  # (request, how many of its prompt log-probs this step)
+        rows_all: list[int] = []
+        targets_all: list[int] = []
         for r, rows in zip(requests, inputs.prompt_rows):
             if rows is None:
                 continue
@@ -102,10 +106,19 @@ class ModelRunner:
             last = min(a + r.next_len, r.prompt_len - 1)  # the last prompt position this chunk predicts
             if last < a + 1:
                 continue
-            row_idx = torch.tensor(list(rows[: last - a]), dtype=torch.int64, device=log_probs.device)
-            targets = torch.tensor(r.all_ids[a + 1 : last + 1], dtype=torch.int64, device=log_probs.device)
-            picked = log_probs[row_idx, targets]
-            r.prompt_logprobs.extend(picked.tolist())
+            rows_all.extend(rows[: last - a])
+            targets_all.extend(r.all_ids[a + 1 : last + 1])
+            picks.append((r, last - a))
+        if not picks:
+            return
+        # One gather and one device-to-host read for the whole step (not one sync per request).
+        row_idx = torch.tensor(rows_all, dtype=torch.int64, device=log_probs.device)
+        targets = torch.tensor(targets_all, dtype=torch.int64, device=log_probs.device)
+        picked = log_probs[row_idx, targets].tolist()  # advanced indexing: index_select is slow on CPU
+        offset = 0
+        for r, count in picks:
+            r.prompt_logprobs.extend(picked[offset : offset + count])
+            offset += count
 
     def _sample_and_stop(
         self, requests: list[RequestState], inputs: StepInputs, logits: torch.Tensor | None,
@@ -115,12 +128,12 @@ class ModelRunner:
         if not chosen:
             return []
         assert logits is not None
-        if len(chosen) == logits.shape[0]:  # every logit row samples (decode): rows 0..N-1 in order, no copy
+        sample_rows = [row for _, row in chosen]
+        if sample_rows == list(range(logits.shape[0])):  # every logit row samples, in order (decode): no copy
             scores = logits
         else:
             # Advanced indexing: torch 2.13's CPU index_select took ~300 ms for 32 rows of a 49k vocabulary.
-            rows = torch.tensor([row for _, row in chosen], dtype=torch.int64, device=logits.device)
-            scores = logits[rows]
+            scores = logits[torch.tensor(sample_rows, dtype=torch.int64, device=logits.device)]
         if masks is not None:  # before penalties and warpers: greedy and sampled rows both obey it
             masks.apply(scores)
         out = sample(

@@ -7,6 +7,10 @@ flattened into one varlen batch:
     cu_seqlens_q:  0                 3                  4                   8
     context_lens:  [cached_0 + 3,      cached_1 + 1,      cached_2 + 4]
     slot_mapping:  one KV slot per token = block_tables[b, pos // block_size] * block_size + pos % block_size
+
+A mixed step (some sequences with one new token, some with more) puts its single-token sequences first
+and runs them on the decode kernel (`DecodeRows`); the prefill kernel would spend a whole query tile on
+each of them.
 """
 
 from __future__ import annotations
@@ -24,6 +28,23 @@ from spindle_server.weights import Weights
 
 
 @dataclass
+class DecodeRows:
+    """A mixed step's leading single-token sequences, which attend through `paged_decode_attention`:
+
+        sequences:  0 .. n-1: one new token each (rows 0 .. n-1)  |  n .. B-1: chunks (rows n .. T-1)
+
+    Fresh tensors, not views into the step's metadata: kernels see aligned pointers (no extra compiles).
+    """
+
+    num_seqs: int  # n >= 1
+    context_lens: torch.Tensor  # [n] int32
+    block_tables: torch.Tensor  # [n, max_blocks] int32
+    rest_cu_seqlens_q: torch.Tensor  # [B-n+1] int32, rows counted from row n
+    rest_context_lens: torch.Tensor  # [B-n] int32
+    rest_block_tables: torch.Tensor  # [B-n, max_blocks] int32
+
+
+@dataclass
 class AttentionMetadata:
     """Where this forward's tokens live in the paged KV cache; built once per forward by the engine."""
 
@@ -33,6 +54,20 @@ class AttentionMetadata:
     block_tables: torch.Tensor  # [B, max_blocks] int32, padded with 0
     max_q_len: int
     is_decode: bool  # every sequence has exactly one new token -> ops.paged_decode_attention
+    decode_rows: DecodeRows | None = None  # mixed steps with leading single-token sequences (see above)
+
+
+def split_decode_rows(meta: AttentionMetadata, num_seqs: int) -> DecodeRows:
+    """The `DecodeRows` of `meta` whose first `num_seqs` sequences have one new token each (device ops only)."""
+    n = num_seqs
+    return DecodeRows(
+        num_seqs=n,
+        context_lens=meta.context_lens[:n].clone(),
+        block_tables=meta.block_tables[:n].clone(),
+        rest_cu_seqlens_q=meta.cu_seqlens_q[n:] - n,
+        rest_context_lens=meta.context_lens[n:].clone(),
+        rest_block_tables=meta.block_tables[n:].clone(),
+    )
 
 
 class PagedAttention(torch.nn.Module):
@@ -123,6 +158,18 @@ class PagedAttention(torch.nn.Module):
                 q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,
                 window=self.window, softcap=self.softcap,
             )
+        elif meta.decode_rows is not None:
+            d = meta.decode_rows
+            n = d.num_seqs
+            head = self.ops.paged_decode_attention(
+                q[:n], k_cache, v_cache, d.block_tables, d.context_lens, self.scale,
+                window=self.window, softcap=self.softcap,
+            )
+            tail = self.ops.paged_attention(
+                q[n:], k_cache, v_cache, d.rest_cu_seqlens_q, d.rest_context_lens, d.rest_block_tables,
+                self.scale, window=self.window, softcap=self.softcap,
+            )
+            out = torch.cat([head, tail])
         else:
             out = self.ops.paged_attention(
                 q, k_cache, v_cache, meta.cu_seqlens_q, meta.context_lens, meta.block_tables, self.scale,
