@@ -374,9 +374,11 @@ class Scheduler:
         # TGI's method names, for its dashboards: a step that admits is a "prefill".
         method = "prefill" if plan.admitted else "decode"
         self.metrics.batch_inference_count.labels(method=method).inc()
+        # Its deadline starts now, so it covers the step still in flight ahead of it (overlap) too.
+        ahead = self._flight.num_tokens if self._flight is not None else 0
         call = asyncio.ensure_future(self.shards.step(
-            requests, updates, dropped, num_requests=len(stepped), work_tokens=num_tokens, seq=self._next_seq,
-            metadata=md,
+            requests, updates, dropped, num_requests=len(stepped), work_tokens=num_tokens + ahead,
+            seq=self._next_seq, metadata=md,
         ))
         self._next_seq += 1
         self._held = [sr.id for sr in stepped]
