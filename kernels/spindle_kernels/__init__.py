@@ -33,6 +33,9 @@ class KernelOps:
     rotary_embedding: Callable[..., None]
     silu_and_mul: Callable[..., torch.Tensor]
     fused_moe: Callable[..., torch.Tensor]
+    # True: q/k/v may be strided [T, heads, d] views of the QKV projection's output (unit stride in d);
+    # False: the layer hands them over contiguous.
+    takes_strided_qkv: bool = False
 
 
 REFERENCE_OPS = KernelOps(
@@ -49,6 +52,8 @@ REFERENCE_OPS = KernelOps(
 CPU_OPS = dataclasses.replace(
     REFERENCE_OPS,
     name="cpu",
+    reshape_and_cache=cpu.reshape_and_cache,
+    takes_strided_qkv=True,
     paged_attention=cpu.paged_attention,
     paged_decode_attention=cpu.paged_decode_attention,
     rms_norm=cpu.rms_norm,

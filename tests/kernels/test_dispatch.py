@@ -13,14 +13,16 @@ import spindle_kernels
 import torch
 from spindle_kernels import CPU_OPS, REFERENCE_OPS, KernelOps, ops_for, reference
 
-OP_NAMES = [f for f in KernelOps.__dataclass_fields__ if f != "name"]
+OP_NAMES = [f for f in KernelOps.__dataclass_fields__ if f not in ("name", "takes_strided_qkv")]
 
 
 def test_cpu_gets_the_cpu_ops():
     assert ops_for(torch.device("cpu")) is CPU_OPS
     assert ops_for("cpu").name == "cpu"
-    # The KV writes and the MoE are the reference's; the C++ kernels are built and loaded by ops_for.
-    assert CPU_OPS.reshape_and_cache is REFERENCE_OPS.reshape_and_cache
+    # The MoE is the reference's; the C++ kernels (the KV write among them) are built and loaded by ops_for.
+    assert CPU_OPS.reshape_and_cache is spindle_kernels.cpu.reshape_and_cache
+    assert inspect.signature(CPU_OPS.reshape_and_cache) == inspect.signature(reference.reshape_and_cache)
+    assert CPU_OPS.takes_strided_qkv and not REFERENCE_OPS.takes_strided_qkv
     assert CPU_OPS.fused_moe is REFERENCE_OPS.fused_moe
     assert CPU_OPS.silu_and_mul is spindle_kernels.cpu.silu_and_mul
     assert spindle_kernels.cpu_native.load()

@@ -109,6 +109,9 @@ class PagedAttention(torch.nn.Module):
             self.k_norm = RMSNorm(head_dim, qk_norm_eps, ops, dtype, device, weight_offset=norm_weight_offset)
         self.rotary = rotary
         self.ops = ops
+        # q/k/v stay views of the QKV output where every kernel on the way takes strides (CPU: saves three
+        # copies per layer); the per-head q/k norms need them contiguous.
+        self.strided_qkv = ops.takes_strided_qkv and qk_norm_eps is None
         self.qkv_proj = QKVParallelLinear(
             hidden_size, head_dim, num_heads, num_kv_heads, dist, bias=qkv_bias, dtype=dtype, device=device
         )
@@ -134,22 +137,25 @@ class PagedAttention(torch.nn.Module):
         hidden: torch.Tensor,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """hidden [T, hidden_size] -> [T, hidden_size] (all-reduced over ranks)."""
+        """hidden [T, hidden_size] -> [T, hidden_size] (all-reduced over ranks). cos_sin: `self.rotary.cos_sin`
+        of this forward, when the model computed it once for all its layers (else computed here)."""
         num_tokens = hidden.shape[0]
         qkv = self.qkv_proj(hidden)
         q_size = self.num_heads * self.head_dim
         kv_size = self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        # Kernels take contiguous [T, heads, head_dim]; the split views are strided.
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim).contiguous()
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim).contiguous()
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        if not self.strided_qkv:  # these kernels take contiguous [T, heads, head_dim]; the views are strided
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         if self.q_norm is not None and self.k_norm is not None:
             # per head: the norms see [T * heads, head_dim] rows
             q = self.q_norm(q.view(-1, self.head_dim))[0].view(num_tokens, self.num_heads, self.head_dim)
             k = self.k_norm(k.view(-1, self.head_dim))[0].view(num_tokens, self.num_kv_heads, self.head_dim)
-        self.rotary(positions, q, k, meta.cu_seqlens_q, meta.context_lens)
+        self.rotary(positions, q, k, meta.cu_seqlens_q, meta.context_lens, cos_sin)
 
         k_cache, v_cache = kv_cache
         self.ops.reshape_and_cache(k, v, k_cache, v_cache, meta.slot_mapping)
