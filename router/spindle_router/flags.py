@@ -193,7 +193,7 @@ FLAGS: tuple[Flag, ...] = (
          argparse_kw={"metavar": "BOOL"}),
     Flag("overlap-steps", parse_bool, _S.overlap_steps,
          "plan and send each step while the shards still run the one before (the router's work hides behind "
-         "theirs; a request that stops on EOS costs one token computed past its end)", BATCHING,
+         "theirs; a request that stops on EOS costs one token computed past its end); experimental", BATCHING,
          argparse_kw={"metavar": "BOOL"}),
     # -- observability
     Flag("otlp-endpoint", str, None, "export OpenTelemetry spans over OTLP/gRPC to this URL", OBS),

@@ -11,7 +11,7 @@ the blocks). A step:
                                                  preempted), so leaving costs no round trip of its own
     generations -> events; finished requests free their blocks; full prompts enter the prefix cache
 
-Overlap (`overlap_steps`, the default): a step is sent before the previous one's answer is absorbed, so
+Overlap (`overlap_steps`, off by default): a step is sent before the previous one's answer is absorbed, so
 the shards run step N + 1 while the router turns step N into events and plans N + 2; the shards execute
 steps in the order sent. Counters advance when a step is sent, as if it had run, and a token being sampled
 holds a PENDING_TOKEN place in `generated_ids` until its answer fills it. What the router cannot know in
