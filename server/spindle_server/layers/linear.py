@@ -147,23 +147,32 @@ def pack_linear_weights(model: torch.nn.Module) -> int:
 
 def warm_packed_linears(model: torch.nn.Module, max_rows: int) -> int:
     """Run every packed matmul shape of `model` once at every row bucket up to `max_rows` (the most rows one
-    forward may carry), so oneDNN has built all the primitives it will ever use before serving: memory is flat
+    forward may carry), so oneDNN has built the primitives serving uses before serving starts: memory is flat
     from warm-up on and no request pays a JIT compile. Layers with equal shapes share primitives, so this costs
-    about 24 x max_rows rows through one layer's matmuls and the LM head. Returns how many primitives it ran."""
-    matmuls: dict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = {}  # oneDNN's key, less the rows
+    about 24 x max_rows rows through one layer's matmuls (24/num_layers of a max_rows forward's); a module may
+    cap its own rows with a `max_warm_rows` attribute (the LM head does). Returns how many primitives it ran.
+
+    What a shard holds then is bounded: (row buckets up to max_rows) x (distinct packed shapes) primitives,
+    ~0.5 MiB each plus scratch that grows with the rows (~170 MiB for the 2-layer test model's 400 at 4096
+    rows); a row count above a module's cap builds its bucket's primitive on first use, once.
+    """
+    matmuls: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, int]] = {}  # oneDNN's key less the rows -> cap
     for module in model.modules():
         packed = getattr(module, "packed", None)
         bias = module.bias if isinstance(module, ParallelLinear) else None
+        cap = min(max_rows, getattr(module, "max_warm_rows", max_rows))
         for weight in [w for pair in packed for w in pair] if isinstance(packed, list) else [packed]:  # MoE: pairs
             if isinstance(weight, torch.Tensor):
                 key = (tuple(weight.shape), weight.dtype, None if bias is None else tuple(bias.shape))
-                matmuls.setdefault(key, (weight, bias))
-    buckets = sorted({padded_rows(n) for n in range(1, max_rows + 1)})
+                prior_cap = matmuls[key][2] if key in matmuls else 0  # a shape shared: the larger cap
+                matmuls[key] = (weight, bias, max(cap, prior_cap))
+    count = 0
     with torch.inference_mode():
-        for weight, bias in matmuls.values():
-            for rows in buckets:
+        for weight, bias, cap in matmuls.values():
+            for rows in sorted({padded_rows(n) for n in range(1, cap + 1)}):
                 packed_linear(torch.zeros(rows, weight.shape[1], dtype=weight.dtype), weight, bias)
-    return len(matmuls) * len(buckets)
+                count += 1
+    return count
 
 
 def _check_divisible(what: str, size: int, world_size: int) -> int:
