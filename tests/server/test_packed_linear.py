@@ -84,6 +84,10 @@ def test_warm_runs_each_packed_shape_once_per_bucket():
     buckets = {padded_rows(n) for n in range(1, 101)}
     assert len(buckets) == 16 + 8 + 8 + 5  # 1..16, 18..32, 36..64, 72..104 (the bucket of 100 is 104)
     assert warm_packed_linears(model, 100) == 2 * len(buckets)
+    # A row-parallel layer adds its bias after the all-reduce: its matmul (and so its primitive) has none.
+    biased_row = RowParallelLinear(48, 32, SOLO, bias=True)
+    biased_row.pack()
+    assert warm_packed_linears(torch.nn.ModuleList([same[0], biased_row]), 100) == len(buckets)
     head = ParallelLMHead(100, 48, SOLO)
     head.pack()
     assert warm_packed_linears(head, 100) == len(buckets)

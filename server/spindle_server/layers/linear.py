@@ -51,15 +51,16 @@ BUCKETS_PER_OCTAVE = 8
 
 def padded_rows(num_rows: int) -> int:
     """The row count a packed matmul of `num_rows` rows runs at: exact up to EXACT_ROWS, then rounded up to
-    one of BUCKETS_PER_OCTAVE steps per power of two (at most 12.5% padding, ~6% on average):
+    one of BUCKETS_PER_OCTAVE steps per power of two (at most 12.5% padding, 4.4% on average):
 
         1 2 .. 16 | 18 20 .. 32 | 36 40 .. 64 | 72 80 .. 128 | ... | 7168 8192 ...
 
     Why: oneDNN builds (JIT-compiles) one primitive per (rows, weight shape), and torch keeps each one in two
     caches (ideep's LRU and oneDNN's primitive cache, 1024 entries each, ~0.5 MiB an entry). With exact row
     counts every new batch or chunk length added one, so a shard's memory grew for tens of thousands of
-    requests (to +700 MiB on a 2-layer model) and a miss cost a JIT compile; bucketed, a model's few weight
-    shapes times ~8 row counts per octave stay resident after warm-up and never miss again.
+    requests (+435 MiB of anonymous memory over the first 16k of a soak on the 2-layer test model, still
+    rising) and each miss cost a JIT compile (milliseconds); bucketed, a model's few weight shapes times ~8 row
+    counts per octave are built at Warmup (`warm_packed_linears`) and never miss again.
     """
     if num_rows <= EXACT_ROWS:
         return num_rows
@@ -86,6 +87,7 @@ class ParallelLinear(torch.nn.Module):
     """
 
     packed: torch.Tensor | None = None
+    bias_in_matmul = True  # whether `forward` hands its bias to the matmul (oneDNN keys primitives by it)
 
     def __init__(
         self,
@@ -159,7 +161,7 @@ def warm_packed_linears(model: torch.nn.Module, max_rows: int) -> int:
     matmuls: dict[tuple, tuple[torch.Tensor, torch.Tensor | None, int]] = {}  # oneDNN's key less the rows -> cap
     for module in model.modules():
         packed = getattr(module, "packed", None)
-        bias = module.bias if isinstance(module, ParallelLinear) else None
+        bias = module.bias if isinstance(module, ParallelLinear) and module.bias_in_matmul else None
         cap = min(max_rows, getattr(module, "max_warm_rows", max_rows))
         for weight in [w for pair in packed for w in pair] if isinstance(packed, list) else [packed]:  # MoE: pairs
             if isinstance(weight, torch.Tensor):
@@ -288,6 +290,8 @@ class RowParallelLinear(ParallelLinear):
 
     The bias is replicated and added once, after the reduction.
     """
+
+    bias_in_matmul = False
 
     def __init__(
         self,
