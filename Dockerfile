@@ -31,6 +31,7 @@ ENV VIRTUAL_ENV=/opt/spindle \
     PYTHONUNBUFFERED=1 \
     HF_HOME=/data \
     SPINDLE_KERNEL_CACHE=/data/kernels \
+    TRITON_CACHE_DIR=/data/triton \
     HF_HUB_DISABLE_PROGRESS_BARS=1 \
     PORT=8080
 RUN python3 -m venv "$VIRTUAL_ENV" \
@@ -48,6 +49,9 @@ RUN pip install --no-cache-dir ./proto ./kernels ./server ./router \
 COPY models/demo/ /models/demo/
 
 RUN useradd --create-home --uid 1000 spindle && mkdir -p /data && chown spindle /data
+# Mount /data (-v spindle-data:/data): downloaded models, the CPU kernels and the compiled Triton kernels
+# (TRITON_CACHE_DIR) survive restarts, so a restarted server skips the compiles its Warmup would redo.
+VOLUME ["/data"]
 USER 1000
 WORKDIR /home/spindle
 EXPOSE 8080

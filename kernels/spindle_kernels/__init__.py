@@ -33,6 +33,9 @@ class KernelOps:
     rotary_embedding: Callable[..., None]
     silu_and_mul: Callable[..., torch.Tensor]
     fused_moe: Callable[..., torch.Tensor]
+    # True: q/k/v may be strided [T, heads, d] views of the QKV projection's output (unit stride in d);
+    # False: the layer hands them over contiguous.
+    takes_strided_qkv: bool = False
 
 
 REFERENCE_OPS = KernelOps(
@@ -49,6 +52,8 @@ REFERENCE_OPS = KernelOps(
 CPU_OPS = dataclasses.replace(
     REFERENCE_OPS,
     name="cpu",
+    reshape_and_cache=cpu.reshape_and_cache,
+    takes_strided_qkv=True,
     paged_attention=cpu.paged_attention,
     paged_decode_attention=cpu.paged_decode_attention,
     rms_norm=cpu.rms_norm,
@@ -78,13 +83,17 @@ def flash_attn_ops(base: KernelOps) -> KernelOps:
     )
 
 
-def ops_for(device: torch.device | str, *, block_size: int | None = None) -> KernelOps:
+def ops_for(
+    device: torch.device | str, *, block_size: int | None = None, dtype: torch.dtype | None = None
+) -> KernelOps:
     """The fastest available implementation for `device`.
 
     CPU (or any non-CUDA device): the CPU ops, with their C++ kernels built and loaded here (once per
     host; seconds) so no request waits for a compiler. CUDA: flash-attn attention over the Triton ops
-    when `flash_attn` imports and `block_size` (if given) is a multiple of 256, which flash-attn's
-    paged cache requires; else the Triton ops; else (no triton) the reference.
+    when `flash_attn` imports and every call can go to it: `block_size` (if given) a multiple of 256,
+    which flash-attn's paged cache requires, and `dtype` (if given) float16 or bfloat16; else the
+    Triton ops; else (no triton) the reference. A shard passes both, so the name it reports (Info's
+    attention_impl) is what runs.
     """
     device = torch.device(device)
     if device.type != "cuda":
@@ -95,6 +104,8 @@ def ops_for(device: torch.device | str, *, block_size: int | None = None) -> Ker
     except ImportError:
         base = REFERENCE_OPS
     if block_size is not None and block_size % 256 != 0:
+        return base
+    if dtype is not None and dtype not in (torch.float16, torch.bfloat16):
         return base
     try:
         return flash_attn_ops(base)

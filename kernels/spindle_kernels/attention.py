@@ -11,12 +11,19 @@ exp2 with the scale folded into log2 units.
 
 Decode is split-KV ("flash-decoding"): programs are (sequence, kv head, split); each handles every
 query head of its GQA group against one range of the context (so K/V are read once per group), and
-writes a partial output and its log-sum-exp; a second kernel merges the splits. The split count
-depends only on shapes (never on context values), so a decode step can be captured in a CUDA graph.
+writes a partial output and its log-sum-exp; a second kernel merges the splits. The NUMBER of splits
+depends only on the batch size and the device (`decode_num_splits`: enough programs to fill every SM
+several times over), never on table widths or context values, so a decode step can be captured in a
+CUDA graph and eager steps never recompile; each sequence cuts its own visible range into that many
+splits in the kernel (vLLM's triton_decode_attention does the same):
+
+    visible = [lo, context_len)   (lo = 0, or context_len - WINDOW under a sliding window)
+    split_len = round_up(cdiv(context_len - lo, num_splits), BLOCK_N)
+    split s covers [lo + s * split_len, min(context_len, lo + (s + 1) * split_len))   (may be empty)
 
 Prefill programs are (query tile, head). Query tiles of all sequences are numbered consecutively;
 a program finds its sequence from `cu_tiles` (exclusive prefix sums of tiles per sequence, built
-on the device without a host sync). It sweeps the context positions every query in the tile may
+on the device without a host sync), scanning it 128 sequences at a time. It sweeps the context positions every query in the tile may
 see without a mask, then the diagonal tiles with the causal mask.
 
 Sliding window (WINDOW > 0; 0 = full attention): a query at position p sees p - WINDOW + 1 .. p. Decode
@@ -25,6 +32,10 @@ only some of its queries still see (the window's trailing edge) before the unmas
 
 Soft-capped logits (SOFTCAP > 0.0, Gemma 2): each score becomes SOFTCAP * tanh(score / SOFTCAP) before the
 softmax (`_scores`, tanh from a sigmoid: the interpreter and every backend have that).
+
+Compiles: runtime integers that vary between calls (batch, table stride, split count) are marked
+`do_not_specialize`, so one compile per kernel and layer kind (dtype, window, soft cap, head shape)
+serves every batch: a Warmup that runs one prefill and one decode forward has compiled them all.
 
 Importing this module imports triton; `spindle_kernels` only imports it when the Triton ops are used.
 """
@@ -41,6 +52,7 @@ from spindle_kernels.checks import check_attention_inputs, check_ndim, check_sca
 from spindle_kernels.reference import check_softcap, check_window
 
 _LOG2E = 1.4426950408889634
+MAX_DECODE_SPLITS = 64  # the merge kernel reads every split of a head at once (one tile of this many)
 
 
 @triton.jit
@@ -53,10 +65,11 @@ def _scores(qk, qk_scale_log2, SOFTCAP: tl.constexpr):
     return qk * qk_scale_log2
 
 
-@triton.jit
+# The split count sizes the partial outputs: their strides vary with it, so they are not specialized either.
+@triton.jit(do_not_specialize=["num_splits", "stride_btb", "stride_ob", "stride_oh", "stride_lb", "stride_lh"])
 def _decode_kernel(
     Q, K, V, BlockTables, ContextLens, Out, Lse,
-    qk_scale_log2,
+    qk_scale_log2, num_splits,
     stride_qb, stride_qh,
     stride_kb, stride_kt, stride_kh,
     stride_btb,
@@ -64,17 +77,19 @@ def _decode_kernel(
     stride_lb, stride_lh,
     GROUP: tl.constexpr, BLOCK_G: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, SPLIT_TOKENS: tl.constexpr,
-    DIRECT: tl.constexpr, DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
     context_len = tl.load(ContextLens + b)
-    start = split * SPLIT_TOKENS
-    end = tl.minimum(context_len, start + SPLIT_TOKENS)
-    if WINDOW > 0:  # positions before the window weigh nothing: start the sweep at the first visible one
-        start = tl.maximum(start, context_len - WINDOW)
+    lo = context_len * 0
+    if WINDOW > 0:  # positions before the window weigh nothing: split only the visible ones
+        lo = tl.maximum(context_len - WINDOW, 0)
+    split_len = tl.cdiv(tl.cdiv(context_len - lo, num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * split_len
+    end = tl.minimum(context_len, start + split_len)
 
     offs_g = tl.arange(0, BLOCK_G)
     offs_d = tl.arange(0, BLOCK_D)
@@ -111,26 +126,25 @@ def _decode_kernel(
     # An empty split (start >= context_len) leaves l_i == 0: output 0 with weight exp2(-inf) == 0.
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = Out + b * stride_ob + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
-    if not DIRECT:
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
-        tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
+    tl.store(o_ptrs, out, mask=g_mask[:, None] & d_mask[None, :])
+    lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+    tl.store(Lse + b * stride_lb + heads * stride_lh + split, lse, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits", "stride_pb", "stride_ph", "stride_lb", "stride_lh"])
 def _merge_splits_kernel(
-    Partial, Lse, Out,
+    Partial, Lse, Out, num_splits,
     stride_pb, stride_ph, stride_ps,
     stride_lb, stride_lh,
     stride_ob, stride_oh,
-    NUM_SPLITS: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < NUM_SPLITS
+    s_mask = offs_s < num_splits
     d_mask = offs_d < HEAD_DIM
     lse = tl.load(Lse + b * stride_lb + h * stride_lh + offs_s, mask=s_mask, other=float("-inf"))
     weight = tl.exp2(lse - tl.max(lse, 0))
@@ -171,7 +185,7 @@ def _masked_tile(
     return m_new, l_i, acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["batch", "stride_btb"])
 def _prefill_kernel(
     Q, K, V, BlockTables, ContextLens, CuSeqlensQ, CuTiles, Out,
     qk_scale_log2, batch,
@@ -180,17 +194,20 @@ def _prefill_kernel(
     stride_btb,
     stride_ot, stride_oh,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
 ):
     tile = tl.program_id(0)
     head = tl.program_id(1)
     kv_head = head // GROUP
 
-    # Which sequence owns this tile: the number of sequences whose tiles all come before it.
-    offs_b = tl.arange(0, BLOCK_B)
-    tile_ends = tl.load(CuTiles + 1 + offs_b, mask=offs_b < batch, other=2147483647)
-    seq = tl.sum((tile_ends <= tile).to(tl.int32), 0)
+    # Which sequence owns this tile: the number of sequences whose tiles all come before it (scanned
+    # 128 at a time, so no compile-time constant depends on the batch size).
+    seq = tile * 0
+    for b0 in range(0, batch, 128):
+        offs_b = b0 + tl.arange(0, 128)
+        tile_ends = tl.load(CuTiles + 1 + offs_b, mask=offs_b < batch, other=2147483647)
+        seq += tl.sum((tile_ends <= tile).to(tl.int32), 0)
     is_valid = seq < batch
     seq = tl.minimum(seq, batch - 1)
     tile_in_seq = tile - tl.load(CuTiles + seq)
@@ -276,11 +293,15 @@ def _num_sms(device: torch.device) -> int:
     return 4  # interpreter: any small number exercises the split path
 
 
-def _decode_num_splits(batch: int, num_kv_heads: int, max_context: int, device: torch.device) -> int:
-    """Enough splits to fill the device about twice over, each at least 256 positions long."""
-    programs = batch * num_kv_heads
-    wanted = triton.cdiv(2 * _num_sms(device), max(programs, 1))
-    return max(1, min(wanted, triton.cdiv(max_context, 256), 64))
+def decode_num_splits(batch: int, num_kv_heads: int, num_sms: int) -> int:
+    """Splits per (sequence, kv head): about 16 programs per SM, a power of two in 1 .. MAX_DECODE_SPLITS.
+
+    A function of shapes and the device only (a CUDA graph of `batch` rows keeps it). 16 per SM: the H200
+    run of the old kernel read the cache at 0.18 of copy bandwidth with 4 programs per SM (batch 64, one
+    split) and at 0.59 with 16 (batch 256). Empty splits of short sequences cost one early exit each.
+    """
+    wanted = triton.cdiv(16 * num_sms, max(batch * num_kv_heads, 1))
+    return min(MAX_DECODE_SPLITS, triton.next_power_of_2(wanted))
 
 
 def decode_attention_splits(
@@ -303,25 +324,22 @@ def decode_attention_splits(
     check_softcap(softcap)
     if q.shape[0] != batch:
         raise ValueError(f"q has {q.shape[0]} tokens but the batch has {batch} sequences (one query each)")
-    if num_splits < 1 or block_n < 16 or block_n & (block_n - 1):
-        raise ValueError(f"num_splits must be >= 1 and block_n a power of two >= 16, got {num_splits}, {block_n}")
+    if not 1 <= num_splits <= MAX_DECODE_SPLITS or block_n < 16 or block_n & (block_n - 1):
+        raise ValueError(
+            f"num_splits must be in 1..{MAX_DECODE_SPLITS} and block_n a power of two >= 16, "
+            f"got {num_splits}, {block_n}"
+        )
     _, block_size, _, head_dim = k_cache.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     if batch == 0:
         return out
     group = num_heads // num_kv_heads
-    max_context = block_tables.shape[1] * block_size
-    split_tokens = triton.cdiv(triton.cdiv(max(max_context, 1), num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max(max_context, 1), split_tokens)
-    direct = num_splits == 1
-    if direct:
-        partial, lse = out.unsqueeze(2), out  # lse is never written when DIRECT
-    else:
-        partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    # Always split + merge (even one split): one kernel variant, whatever the batch.
+    partial = torch.empty(batch, num_heads, num_splits, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
     _decode_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, context_lens, partial, lse,
-        scale * _LOG2E,
+        scale * _LOG2E, num_splits,
         q.stride(0), q.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         block_tables.stride(0),
@@ -329,20 +347,19 @@ def decode_attention_splits(
         lse.stride(0), lse.stride(1),
         GROUP=group, BLOCK_G=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        PAGE_SIZE=block_size, BLOCK_N=block_n, SPLIT_TOKENS=split_tokens,
-        DIRECT=direct, DOT_PRECISION=_dot_precision(q.dtype), WINDOW=window or 0,
+        PAGE_SIZE=block_size, BLOCK_N=block_n,
+        DOT_PRECISION=_dot_precision(q.dtype), WINDOW=window or 0,
         SOFTCAP=float(softcap or 0.0), num_warps=4,
     )
-    if not direct:
-        _merge_splits_kernel[(batch, num_heads)](
-            partial, lse, out,
-            partial.stride(0), partial.stride(1), partial.stride(2),
-            lse.stride(0), lse.stride(1),
-            out.stride(0), out.stride(1),
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits),
-            HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            num_warps=4,
-        )
+    _merge_splits_kernel[(batch, num_heads)](
+        partial, lse, out, num_splits,
+        partial.stride(0), partial.stride(1), partial.stride(2),
+        lse.stride(0), lse.stride(1),
+        out.stride(0), out.stride(1),
+        BLOCK_S=MAX_DECODE_SPLITS,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+        num_warps=4,
+    )
     return out
 
 
@@ -359,8 +376,7 @@ def paged_decode_attention(
 ) -> torch.Tensor:
     """Triton version of `reference.paged_decode_attention`: q [batch, num_heads, head_dim] -> same shape."""
     check_attention_inputs(q, k_cache, v_cache, block_tables, context_lens)
-    max_context = block_tables.shape[1] * k_cache.shape[1]
-    num_splits = _decode_num_splits(q.shape[0], k_cache.shape[2], max_context, q.device)
+    num_splits = decode_num_splits(q.shape[0], k_cache.shape[2], _num_sms(q.device))
     return decode_attention_splits(q, k_cache, v_cache, block_tables, context_lens, scale, num_splits, window=window,
                                    softcap=softcap)
 
@@ -413,7 +429,7 @@ def prefill_attention_tiles(
         block_tables.stride(0),
         out.stride(0), out.stride(1),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_B=triton.next_power_of_2(batch),
+        PAGE_SIZE=block_size, BLOCK_M=block_m, BLOCK_N=block_n,
         DOT_PRECISION=_dot_precision(q.dtype), WINDOW=window or 0,
         SOFTCAP=float(softcap or 0.0), num_warps=4, num_stages=2,
     )

@@ -15,6 +15,10 @@ than the torch path here, most at long contexts and batch 1); a sliding window s
 its first visible position, and Gemma 2's soft cap is applied to the scores. The torch path stays for what the C++
 kernel does not take (other head sizes and dtypes) and when no compiler is available.
 
+The KV cache write (`reshape_and_cache`) is one C++ op too. q, k and v reach these ops as strided views
+of the QKV projection's output (`KernelOps.takes_strided_qkv`): the C++ kernels read them in place, the
+torch fallbacks copy where they need to; no three copies per layer.
+
 RMSNorm (with its residual add), rotary and SiLU-and-mul are one C++ op each (a decode step at batch 1
 is mostly per-op overhead outside its matmuls: the torch versions take 6-12 ops with their dtype round
 trips). Without the C++ kernels: torch's fused `rms_norm`, and rotary in the activations' dtype.
@@ -49,6 +53,7 @@ def paged_decode_attention(
         return torch.ops.spindle_cpu.paged_decode_attention(
             q, k_cache, v_cache, block_tables, context_lens, scale, window or 0, softcap or 0.0
         )
+    q = q.contiguous()  # the layer may pass a strided view (KernelOps.takes_strided_qkv)
     batch, num_heads, head_dim = q.shape
     if batch == 0:
         return torch.empty_like(q)
@@ -120,6 +125,28 @@ def _chunk_attention(
         mask = reference.chunk_mask(q_len, ctx_len, window, q.device)
         attn = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale, enable_gqa=True)
     return attn[0].transpose(0, 1)
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """See `reference.reshape_and_cache`; key/value may be strided views with unit stride in head_dim."""
+    native = (
+        key.dtype in NATIVE_DTYPES
+        and key.dtype == value.dtype == k_cache.dtype == v_cache.dtype
+        and key.stride(-1) == 1
+        and value.stride(-1) == 1
+        and k_cache.is_contiguous()
+        and v_cache.is_contiguous()
+    )
+    if native and cpu_native.load():
+        torch.ops.spindle_cpu.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
+        return
+    reference.reshape_and_cache(key, value, k_cache, v_cache, slot_mapping)
 
 
 def rms_norm(

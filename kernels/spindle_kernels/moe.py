@@ -31,7 +31,7 @@ def _block_m(num_pairs: int, num_experts: int) -> int:
     return 16 if num_pairs <= 16 * num_experts else 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # == 1 / % 16 would compile again as batches vary
 def _grouped_gemm_kernel(
     A, B, C, SortedPairs, BlockExpert, Weights, NumPaddedPairs,
     stride_am, stride_be, stride_bn, stride_bk, stride_cm,

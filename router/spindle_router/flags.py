@@ -135,6 +135,9 @@ FLAGS: tuple[Flag, ...] = (
     Flag("cuda-memory-fraction", unit_fraction, None,
          "CUDA only: share of each GPU a shard may use in total (weights, KV cache, activations)", MODEL,
          Scope.LAUNCHER, shown="the shards' 0.9"),
+    Flag("block-size", positive_int, None,
+         "tokens per KV block; on CUDA a multiple of 256 lets flash-attn (when installed, half precision) serve "
+         "attention, anything else runs the Triton kernels", MODEL, Scope.LAUNCHER, shown="the shards' 16"),
     Flag("cuda-graphs", cuda_graph_sizes, None,
          "CUDA only: decode batch sizes the shards capture as CUDA graphs, comma-separated; 0 disables", MODEL,
          Scope.LAUNCHER, shown="1,2,4,8,16,32,64,128,256"),

@@ -68,6 +68,7 @@ class ShardOptions:
     master_port: int
     cuda_graphs: str | None = None  # "1,2,4" / "0" for the shards' --cuda-graphs; None: the shards' default
     cuda_memory_fraction: float | None = None  # None: the shards' default
+    block_size: int | None = None  # None: the shards' default
     # A Hub model: its id and the commit the launcher resolved, so every shard loads the router's snapshot
     # (from --huggingface-hub-cache when given).
     hub_model: tuple[str, str] | None = None
@@ -143,7 +144,7 @@ def config_from_args(ns: argparse.Namespace) -> LauncherConfig:
     return LauncherConfig(
         router=router,
         shard=ShardOptions(ns.dtype, ns.kv_cache_bytes, ns.master_addr, ns.master_port, ns.cuda_graphs,
-                           ns.cuda_memory_fraction,
+                           ns.cuda_memory_fraction, ns.block_size,
                            hub_model=None if is_local else (ns.model_id, model_dir.name),
                            hub_cache=ns.huggingface_hub_cache),
         graceful_termination_timeout_s=ns.graceful_termination_timeout,
@@ -291,6 +292,8 @@ class Launcher:
             argv += ["--cuda-graphs", c.shard.cuda_graphs]
         if c.shard.cuda_memory_fraction is not None:
             argv += ["--cuda-memory-fraction", str(c.shard.cuda_memory_fraction)]
+        if c.shard.block_size is not None:
+            argv += ["--block-size", str(c.shard.block_size)]
         t = c.router.telemetry
         if t.otlp_endpoint:
             # The router exports as e.g. "spindle.router"; its shards as "spindle.shard".

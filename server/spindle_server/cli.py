@@ -85,7 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--cuda-memory-fraction", type=float, default=0.9, metavar="F",
                        help="CUDA: share of the GPU this process may use in total; the KV cache gets "
                             "what is left after the model and a warmup forward (default 0.9)")
-    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV block (default 16)")
+    serve.add_argument("--block-size", type=int, default=16,
+                       help="tokens per KV block (default 16). CUDA: a multiple of 256 lets flash-attn serve attention "
+                            "when it is installed (and the dtype is half precision); otherwise the Triton kernels do")
     serve.add_argument("--cuda-graphs", type=_cuda_graph_sizes, default=DEFAULT_CUDA_GRAPH_SIZES, metavar="SIZES",
                        help="CUDA: decode batch sizes captured as CUDA graphs at warmup, comma-separated; a "
                             "decode batch runs the smallest size that holds it, padded; 0 disables; never "
@@ -143,10 +145,13 @@ def build_engine(args: ServeArgs, device: torch.device):
     )
     dist = init_distributed(device)
     config = read_model_config(args.model_dir)
-    ops = ops_for(device)
     dtype_name, why = resolve_dtype(args.dtype, device, args.model_dir)
     log.info("dtype %s (%s)", dtype_name, why)
     dtype = DTYPES[dtype_name]
+    # With the block size and dtype, ops_for picks flash-attn only where it serves every call (blocks of
+    # 256k tokens, half precision): the attention_impl Info reports is what runs.
+    ops = ops_for(device, block_size=args.block_size, dtype=dtype)
+    log.info("attention: %s (block size %d)", ops.name, args.block_size)
     model = load_model(args.model_dir, dtype, device, dist, ops)
     tokenizer_path = args.model_dir / "tokenizer.json"
     if not tokenizer_path.is_file():

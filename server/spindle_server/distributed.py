@@ -112,8 +112,12 @@ def init_distributed(device: torch.device, timeout_s: float = 60.0) -> Distribut
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
     backend = "nccl" if device.type == "cuda" else "gloo"
+    # CUDA: the group is bound to this rank's device (device_id), not to whichever device is current on the
+    # thread that happens to issue a collective; engine calls run on a thread that sets it too (engine_thread).
+    device_kw = {}
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        device_kw["device_id"] = device
     try:
         torch_dist.init_process_group(
             backend=backend,
@@ -121,6 +125,7 @@ def init_distributed(device: torch.device, timeout_s: float = 60.0) -> Distribut
             rank=rank,
             world_size=world_size,
             timeout=datetime.timedelta(seconds=timeout_s),
+            **device_kw,
         )
     except (RuntimeError, ValueError) as exc:  # the TCP store raises these when peers never arrive
         raise DistributedError(

@@ -73,17 +73,31 @@ def default_cpu_kv_cache_bytes() -> int:
     return min(ram // 4, DEFAULT_CPU_KV_CACHE_BYTES_CAP)
 
 
-def cache_budget_bytes(device: torch.device, kv_cache_bytes: int | None, cuda_memory_fraction: float) -> int:
-    """Bytes this rank may give the KV cache, measured after the model and a warmup forward are resident.
+def cache_budget_bytes(
+    device: torch.device, kv_cache_bytes: int | None, cuda_memory_fraction: float, reserved_bytes: int = 0
+) -> int:
+    """Bytes this rank may give the KV cache, measured after the model is resident (activations freed).
 
-    CUDA: what is still free once (1 - fraction) of the device is held back, so the fraction bounds the
-    process's total use; at most `kv_cache_bytes` when given. CPU: `kv_cache_bytes`, or the default.
+    CUDA: what is still free once (1 - fraction) of the device is held back and `reserved_bytes` (the
+    activations of the largest forward and the decode graphs' pool, which come back once the cache exists)
+    are set aside, so the fraction bounds the process's total use; at most `kv_cache_bytes` when given.
+    CPU: `kv_cache_bytes`, or the default.
     """
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        budget = max(0, int(free - total * (1.0 - cuda_memory_fraction)))
+        budget = max(0, int(free - total * (1.0 - cuda_memory_fraction)) - reserved_bytes)
         return budget if kv_cache_bytes is None else min(budget, kv_cache_bytes)
     return kv_cache_bytes if kv_cache_bytes is not None else default_cpu_kv_cache_bytes()
+
+
+def activation_reserve_bytes(prefill_peak_bytes: int, prefill_tokens: int, max_graph_batch: int) -> int:
+    """What to hold back from the KV cache for activations: the warmup prefill's measured peak (the largest
+    forward the router may send), plus the decode graphs' memory pool, estimated as the same activations
+    scaled to the largest graph's tokens (one each; the graphs of all sizes share one pool)."""
+    if prefill_peak_bytes <= 0:
+        return 0
+    graph_pool = prefill_peak_bytes * min(1.0, max_graph_batch / max(prefill_tokens, 1))
+    return int(prefill_peak_bytes + graph_pool)
 
 
 def agree_num_blocks(local_num_blocks: int, dist: Distributed, device: torch.device) -> int:

@@ -24,3 +24,9 @@ def test_dockerfile_entrypoint_is_the_launcher_and_cpu_is_a_build_arg():
     text = (REPO / "Dockerfile").read_text()
     assert 'ENTRYPOINT ["spindle-launcher"' in text
     assert "ARG DEVICE=cuda" in text and "FROM base-${DEVICE}" in text and "AS base-cpu" in text
+
+
+def test_compiled_kernels_persist_on_the_data_volume():
+    # Triton compiles at Warmup; with its cache on the volume a restarted container loads them instead.
+    text = (REPO / "Dockerfile").read_text()
+    assert "TRITON_CACHE_DIR=/data/triton" in text and 'VOLUME ["/data"]' in text

@@ -195,3 +195,79 @@ def test_softcap_matches_reference(window):
     want = reference.paged_attention(*args, window=window, softcap=0.7)
     assert not torch.allclose(want, reference.paged_attention(*args, window=window), atol=1e-3)
     torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
+
+
+def test_decode_split_count_depends_on_batch_and_device_only():
+    attention = _attention()
+    splits = attention.decode_num_splits
+    # About 16 programs per SM, a power of two, capped: 132 SMs (H100/H200), 8 kv heads (Llama 3 8B/1B).
+    assert [splits(b, 8, 132) for b in (1, 16, 64, 256, 512)] == [64, 32, 8, 2, 1]
+    for batch in range(1, 300, 7):
+        n = splits(batch, 4, 132)
+        assert 1 <= n <= attention.MAX_DECODE_SPLITS and n & (n - 1) == 0
+        assert n == splits(batch, 4, 132)  # no hidden state: a graph of `batch` rows keeps its split count
+
+
+@pytest.mark.parametrize("num_splits", [2, 5, 64])
+def test_each_sequence_splits_its_own_length(num_splits):
+    # Splits cut each sequence's own context: lengths from 1 (most splits empty) to many tiles per split,
+    # in a table far wider than any of them; a window splits only the visible positions.
+    c = _decode_case([1, 16, 17, 150, 300], (4, 2, 16), 4, seed=13)
+    wide = torch.cat([c.block_tables, c.block_tables.flip(1).repeat(1, 3)], dim=1).contiguous()
+    for window in (None, 40):
+        got = _attention().decode_attention_splits(
+            c.q, c.k_cache, c.v_cache, wide, c.context_lens, c.scale, num_splits=num_splits, block_n=16,
+            window=window,
+        )
+        want = reference.paged_decode_attention(
+            c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale, window=window
+        )
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=1e-5)
+
+
+class _LaunchRecorder:
+    """Stands in for a Triton kernel: records each launch's compile key, then launches the real one.
+
+    The key is what Triton specializes a compiled kernel on: every constexpr, each integer argument not
+    marked do_not_specialize (== 1, divisible by 16) and each tensor's 16-byte alignment.
+    """
+
+    def __init__(self, kernel) -> None:
+        self.kernel = kernel
+        self.keys: set[tuple] = set()
+        self.skip = set(kernel.kwargs.get("do_not_specialize") or ())
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            key = [tuple(sorted(kwargs.items()))]
+            for name, arg in zip(self.kernel.arg_names, args, strict=False):
+                if isinstance(arg, torch.Tensor):
+                    key.append((name, arg.dtype, arg.data_ptr() % 16 == 0))
+                elif isinstance(arg, int) and name not in self.skip:
+                    key.append((name, arg == 1, arg % 16 == 0))
+            self.keys.add(tuple(key))
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+def test_no_compile_key_depends_on_batch_or_table_width(monkeypatch):
+    # Eager steps vary the batch and the block-table width every step: one compile must serve them all
+    # (point 5 of issue 15), so what a Warmup compiles is what serving runs.
+    attention = _attention()
+    recorders = {}
+    for name in ("_decode_kernel", "_merge_splits_kernel", "_prefill_kernel"):
+        recorders[name] = _LaunchRecorder(getattr(attention, name))
+        monkeypatch.setattr(attention, name, recorders[name])
+    for seed, context_lens in enumerate([[5], [3, 40, 7], [2] * 17]):  # 32, 16 and 2 splits
+        for width_extra in (0, 3):
+            c = _decode_case(context_lens, (4, 2, 16), 4, seed=seed)
+            tables = torch.cat([c.block_tables, c.block_tables[:, :1].repeat(1, width_extra)], 1).contiguous()
+            got = attention.paged_decode_attention(c.q, c.k_cache, c.v_cache, tables, c.context_lens, c.scale)
+            torch.testing.assert_close(got, _expected_decode(c), atol=ATOL, rtol=1e-5)
+            q_lens = [min(n, 5) for n in context_lens]
+            p = make_paged_case(q_lens, context_lens, num_heads=4, num_kv_heads=2, head_dim=16, block_size=4,
+                                seed=seed)
+            tables = torch.cat([p.block_tables, p.block_tables[:, :1].repeat(1, width_extra)], 1).contiguous()
+            attention.paged_attention(p.q, p.k_cache, p.v_cache, p.cu_seqlens_q, p.context_lens, tables, p.scale)
+    assert {name: len(r.keys) for name, r in recorders.items()} == {name: 1 for name in recorders}

@@ -49,3 +49,21 @@ def test_decode_step_on_triton_ops_matches_reference_ops():
     for k_got, k_want in zip(models[0].k_caches, models[1].k_caches, strict=True):
         torch.testing.assert_close(k_got, k_want)  # the new token's K landed in the same slots
     assert models[0].kv_bytes_read(batch) == 2 * 2 * 27 * 2 * 16 * 4
+
+
+def test_cache_copies_exceed_twice_the_l2():
+    bench = _bench()
+    l2 = 60 << 20  # an H200's
+    for kv_bytes in (1 << 20, 2 << 20, 50 << 20, 119 << 20, 600 << 20):
+        copies = bench.num_copies(kv_bytes, l2)
+        # every call reads a copy the previous 2 x L2 bytes of reads have pushed out
+        assert (copies - 1) * kv_bytes >= 2 * l2 or copies == 1 and kv_bytes > 2 * l2
+    assert bench.num_copies(600 << 20, l2) == 2 and bench.num_copies(2 << 20, l2) == 61
+
+
+def test_rotated_tables_use_disjoint_blocks():
+    bench = _bench()
+    tables = bench.rotated_tables(batch=3, context_len=20, block_size=8, copies=4, device=torch.device("cpu"))
+    assert [t.shape for t in tables] == [(3, 3)] * 4 and all(t.dtype == torch.int32 for t in tables)
+    for c, t in enumerate(tables):  # copy c owns blocks 9c .. 9c + 8, each once
+        assert sorted(t.flatten().tolist()) == list(range(9 * c, 9 * c + 9))

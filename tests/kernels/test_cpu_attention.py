@@ -126,6 +126,49 @@ def test_rotary_on_views_of_the_qkv_projection(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("block_size", [4, 16])
+def test_native_decode_reads_q_as_a_view_of_the_qkv_projection(dtype, block_size):
+    # The layer hands q over as a strided view (KernelOps.takes_strided_qkv): same answer as a contiguous q.
+    c = make_paged_case([1] * 4, [1, 17, 40, 200], num_heads=9, num_kv_heads=3, head_dim=64,
+                        block_size=block_size, dtype=dtype, seed=11)
+    qkv = torch.cat([c.q.reshape(4, -1), torch.randn(4, 2 * 3 * 64).to(dtype)], dim=1)
+    q_view = qkv[:, : 9 * 64].view(4, 9, 64)
+    assert not q_view.is_contiguous()
+    args = (c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale)
+    got = cpu.paged_decode_attention(q_view, *args)
+    assert torch.equal(got, cpu.paged_decode_attention(c.q, *args))
+    torch.testing.assert_close(got, reference.paged_decode_attention(c.q, *args), **TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "qkv-views"])
+def test_reshape_and_cache_matches_reference(dtype, strided):
+    gen = torch.Generator().manual_seed(6)
+    tokens, kv_heads, d, heads = 6, 2, 64, 4
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * d, generator=gen).to(dtype)
+    k = qkv[:, heads * d : (heads + kv_heads) * d].view(tokens, kv_heads, d)
+    v = qkv[:, (heads + kv_heads) * d :].view(tokens, kv_heads, d)
+    if not strided:
+        k, v = k.contiguous(), v.contiguous()
+    slots = torch.tensor([3, 17, -1, 0, 30, 9])  # -1: a padding token writes nothing
+    k_cache, v_cache = (torch.randn(4, 8, kv_heads, d, generator=gen).to(dtype) for _ in range(2))
+    k_want, v_want = k_cache.clone(), v_cache.clone()
+    reference.reshape_and_cache(k, v, k_want, v_want, slots)
+    cpu.reshape_and_cache(k, v, k_cache, v_cache, slots)
+    assert torch.equal(k_cache, k_want) and torch.equal(v_cache, v_want)
+    cpu.reshape_and_cache(k, v, k_cache, v_cache, slots.int())  # int32 slots: the same writes
+    assert torch.equal(k_cache, k_want)
+
+
+def test_native_reshape_and_cache_rejects_slots_outside_the_cache():
+    k = torch.randn(2, 1, 64)
+    k_cache, v_cache = torch.zeros(2, 4, 1, 64), torch.zeros(2, 4, 1, 64)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        torch.ops.spindle_cpu.reshape_and_cache(k, k, k_cache, v_cache, torch.tensor([1, 8]))
+    assert not k_cache.any()  # checked before anything is written
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 37])
 def test_silu_and_mul_matches_reference(dtype, rows):
     gen = torch.Generator().manual_seed(rows)

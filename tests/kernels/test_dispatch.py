@@ -13,14 +13,16 @@ import spindle_kernels
 import torch
 from spindle_kernels import CPU_OPS, REFERENCE_OPS, KernelOps, ops_for, reference
 
-OP_NAMES = [f for f in KernelOps.__dataclass_fields__ if f != "name"]
+OP_NAMES = [f for f in KernelOps.__dataclass_fields__ if f not in ("name", "takes_strided_qkv")]
 
 
 def test_cpu_gets_the_cpu_ops():
     assert ops_for(torch.device("cpu")) is CPU_OPS
     assert ops_for("cpu").name == "cpu"
-    # The KV writes and the MoE are the reference's; the C++ kernels are built and loaded by ops_for.
-    assert CPU_OPS.reshape_and_cache is REFERENCE_OPS.reshape_and_cache
+    # The MoE is the reference's; the C++ kernels (the KV write among them) are built and loaded by ops_for.
+    assert CPU_OPS.reshape_and_cache is spindle_kernels.cpu.reshape_and_cache
+    assert inspect.signature(CPU_OPS.reshape_and_cache) == inspect.signature(reference.reshape_and_cache)
+    assert CPU_OPS.takes_strided_qkv and not REFERENCE_OPS.takes_strided_qkv
     assert CPU_OPS.fused_moe is REFERENCE_OPS.fused_moe
     assert CPU_OPS.silu_and_mul is spindle_kernels.cpu.silu_and_mul
     assert spindle_kernels.cpu_native.load()
@@ -123,6 +125,9 @@ def test_cuda_prefers_flash_attn_when_the_block_size_allows(fake_flash):
     assert ops_for("cuda").name == "flash_attn"
     assert ops_for("cuda", block_size=256).name == "flash_attn"
     assert ops_for("cuda", block_size=16).name == "triton"
+    # flash-attn has no float32 path: a float32 shard runs (and reports) Triton
+    assert ops_for("cuda", block_size=256, dtype=torch.bfloat16).name == "flash_attn"
+    assert ops_for("cuda", block_size=256, dtype=torch.float32).name == "triton"
     ops = ops_for("cuda")
     assert ops.rms_norm is spindle_kernels.triton_ops().rms_norm  # only attention changes
 

@@ -41,27 +41,66 @@ def _decode_reference(c: PagedCase) -> torch.Tensor:
     return reference.paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("context_lens", [[1], [2047], [1, 17, 300, 1024, 33, 5, 129, 640]])
-@pytest.mark.parametrize("block_size", [16, 256])
-def test_decode_attention(dtype, context_lens, block_size):
+# One compile per (dtype, block size): every context shape of a case shares a launch.
+DECODE_CONTEXTS = [1, 2047, 17, 300, 1024, 33, 5, 129, 640]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "block_size"),
+    [(torch.bfloat16, 16), (torch.float16, 16), (torch.float32, 16), (torch.bfloat16, 256)],
+)
+def test_decode_attention(dtype, block_size):
     from spindle_kernels.attention import paged_decode_attention
 
-    c = _case([1] * len(context_lens), context_lens, dtype, block_size)
+    c = _case([1] * len(DECODE_CONTEXTS), DECODE_CONTEXTS, dtype, block_size)
     got = paged_decode_attention(c.q, c.k_cache, c.v_cache, c.block_tables, c.context_lens, c.scale)
     torch.testing.assert_close(got, _decode_reference(c), **TOLERANCE[dtype])
+    # batch 1 (64 splits) and a single long context: the split path at its widest
+    one = _case([1], [2047], dtype, block_size, seed=5)
+    got = paged_decode_attention(one.q, one.k_cache, one.v_cache, one.block_tables, one.context_lens, one.scale)
+    torch.testing.assert_close(got, _decode_reference(one), **TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(
-    "batch", [([300], [300]), ([1, 77, 0, 128, 5], [900, 77, 3, 1000, 64]), ([513, 1], [700, 2])]
-)
-def test_prefill_attention(dtype, batch):
+def test_prefill_attention(dtype):
     from spindle_kernels.attention import paged_attention
 
-    c = _case(*batch, dtype)
-    args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
-    torch.testing.assert_close(paged_attention(*args), reference.paged_attention(*args), **TOLERANCE[dtype])
+    # one long prompt; chunks after prefixes with a decode row and an empty slot; a chunk ending mid-tile
+    for batch in (([300], [300]), ([1, 77, 0, 128, 5], [900, 77, 3, 1000, 64]), ([513, 1], [700, 2])):
+        c = _case(*batch, dtype)
+        args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
+        torch.testing.assert_close(paged_attention(*args), reference.paged_attention(*args), **TOLERANCE[dtype])
+
+
+def _num_compiled(kernel) -> int:
+    # JITFunction.device_caches: device -> (compiled kernels by specialization key, ...)
+    return sum(len(entry[0]) for entry in kernel.device_caches.values())
+
+
+def test_varying_batches_and_tables_compile_nothing_new():
+    # Eager steps change the batch size and the block-table width every step: after one call of each
+    # kernel, none of these may compile again (a compile on a live request stalls every stream for seconds).
+    from spindle_kernels import attention
+
+    kernels = (attention._decode_kernel, attention._merge_splits_kernel, attention._prefill_kernel)
+
+    def run(batch: int, extra_columns: int, seed: int) -> None:
+        lens = [(37 * i + 11) % 500 + 1 for i in range(batch)]
+        c = _case([1] * batch, lens, torch.bfloat16, seed=seed)
+        tables = torch.cat([c.block_tables, c.block_tables[:, :1].repeat(1, extra_columns)], 1).contiguous()
+        got = attention.paged_decode_attention(c.q, c.k_cache, c.v_cache, tables, c.context_lens, c.scale)
+        torch.testing.assert_close(got, _decode_reference(c), **TOLERANCE[torch.bfloat16])
+        q_lens = [min(n, 1 + i % 70) for i, n in enumerate(lens)]
+        p = _case(q_lens, lens, torch.bfloat16, seed=seed)
+        tables = torch.cat([p.block_tables, p.block_tables[:, :1].repeat(1, extra_columns)], 1).contiguous()
+        args = (p.q, p.k_cache, p.v_cache, p.cu_seqlens_q, p.context_lens)
+        attention.paged_attention(*args, tables, p.scale)
+
+    run(3, 0, 0)
+    before = [_num_compiled(k) for k in kernels]
+    for seed, (batch, extra) in enumerate([(1, 5), (16, 1), (40, 16), (7, 3)]):  # 64, 32, 8, 64 splits
+        run(batch, extra, seed + 1)
+    assert [_num_compiled(k) for k in kernels] == before
 
 
 def test_decode_attention_replays_in_a_cuda_graph():
@@ -147,8 +186,10 @@ def test_ops_for_cuda_names_the_backend():
 WINDOW_CASES = [(37, None), (512, None), (4096, None), (512, 50.0)]
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize(("window", "softcap"), WINDOW_CASES)
+@pytest.mark.parametrize(
+    ("dtype", "window", "softcap"),
+    [(torch.bfloat16, 37, None), (torch.bfloat16, 4096, None), (torch.bfloat16, 512, 50.0), (torch.float32, 512, None)],
+)
 def test_windowed_attention(dtype, window, softcap):
     from spindle_kernels.attention import paged_attention, paged_decode_attention
 
@@ -190,12 +231,12 @@ def _moe_inputs(tokens: int, dtype: torch.dtype, seed: int = 0):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("tokens", [1, 37, 600])
-def test_fused_moe_matches_reference(dtype, tokens):
+def test_fused_moe_matches_reference(dtype):
     from spindle_kernels.moe import fused_moe
 
-    inputs = _moe_inputs(tokens, dtype)
-    torch.testing.assert_close(fused_moe(*inputs), reference.fused_moe(*inputs), **TOLERANCE[dtype])
+    for tokens in (1, 37, 600):  # decode-sized (16-row tiles) and prefill-sized (64-row tiles)
+        inputs = _moe_inputs(tokens, dtype)
+        torch.testing.assert_close(fused_moe(*inputs), reference.fused_moe(*inputs), **TOLERANCE[dtype])
 
 
 def test_fused_moe_replays_in_a_cuda_graph():

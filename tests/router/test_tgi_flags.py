@@ -117,6 +117,9 @@ def test_implemented_tgi_flags_take_effect(model_dir):
     assert _config(model_dir).router.limits.disable_grammar_support is False
     argv = launcher.Launcher(c)._shard_argv()
     assert argv[argv.index("--cuda-memory-fraction") + 1] == "0.5"
+    assert "--block-size" not in argv  # the shards' default
+    argv = launcher.Launcher(_config(model_dir, "--block-size", "256"))._shard_argv()
+    assert argv[argv.index("--block-size") + 1] == "256"  # flash-attn's page size reaches the shards
     with pytest.raises(SystemExit):
         launcher.build_parser().parse_args(["--cuda-memory-fraction", "1.5"])
 

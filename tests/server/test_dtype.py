@@ -48,3 +48,29 @@ def test_cpu_flags_reads_the_flags_line(tmp_path):
     info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu\n")
     assert cpu_flags(info) == {"fpu", "sse2", "avx512_bf16"}
     assert cpu_flags(tmp_path / "missing") == set()
+
+
+def test_the_shard_picks_its_kernels_knowing_block_size_and_dtype(tmp_path, monkeypatch):
+    # flash-attn serves only 256k-token blocks in half precision: ops_for must know both, or Info would name
+    # flash_attn while every call fell back to Triton (issue 15 point 2).
+    import spindle_kernels
+    from spindle_server import cli
+
+    from tests.helpers.tiny_model import TinyModelSpec, make_tiny_model
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def recording_ops_for(device, **kwargs):
+        seen.update(kwargs, device=device)
+        raise Stop
+
+    monkeypatch.setattr(spindle_kernels, "ops_for", recording_ops_for)
+    model_dir = make_tiny_model(tmp_path / "m", TinyModelSpec())
+    args = cli.ServeArgs(model_dir=model_dir, uds_path=str(tmp_path / "s"), dtype="float32", device="cpu",
+                         kv_cache_bytes=None, cuda_memory_fraction=0.9, block_size=32, otlp_endpoint=None)
+    with pytest.raises(Stop):
+        cli.build_engine(args, CPU)
+    assert seen == {"device": CPU, "block_size": 32, "dtype": torch.float32}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -69,6 +70,86 @@ def test_decode_step_is_decode(ctx):
     inputs = build_step_inputs(b.requests, BS, torch.device("cpu"))
     assert inputs.meta.is_decode and inputs.positions.tolist() == [3, 1]
     assert inputs.input_ids.tolist() == [42, 42] and inputs.sample_row == [0, 1]
+
+
+def test_mixed_step_lists_single_token_requests_first(ctx):
+    # r1 and r3 decode (one new token), r2 prefills 6: the step's rows are r1, r3, then r2's chunk, and the
+    # decode rows come with their own metadata for the decode kernel.
+    b = batch(ctx, 1, request(1, 3, [0]), request(2, 6, [1, 2], prefill_logprobs=True), request(3, 5, [3, 4]))
+    for r in (b.requests[0], b.requests[2]):
+        r.computed_len = len(r.all_ids)
+        r.all_ids.append(42)
+    inputs = build_step_inputs(b.requests, BS, torch.device("cpu"))
+    meta = inputs.meta
+    assert inputs.positions.tolist() == [3, 5, 0, 1, 2, 3, 4, 5]
+    assert inputs.input_ids.tolist()[:2] == [42, 42]
+    assert meta.cu_seqlens_q.tolist() == [0, 1, 2, 8] and meta.context_lens.tolist() == [4, 6, 6]
+    assert meta.block_tables.tolist() == [[0, 0], [3, 4], [1, 2]] and not meta.is_decode
+    d = meta.decode_rows
+    assert d is not None and d.num_seqs == 2
+    assert d.context_lens.tolist() == [4, 6] and d.block_tables.tolist() == [[0, 0], [3, 4]]
+    assert d.rest_cu_seqlens_q.tolist() == [0, 6] and d.rest_context_lens.tolist() == [6]
+    assert d.rest_block_tables.tolist() == [[1, 2]]
+    # Per request, in the batch's order: r1 samples logits row 0, r3 row 1, r2's rows are 2..7.
+    assert inputs.logit_rows.tolist() == [0, 1, 2, 3, 4, 5, 6, 7]
+    assert inputs.sample_row == [0, 7, 1] and inputs.prompt_rows == [None, range(2, 8), None]
+
+
+def test_staging_sends_aligned_segments_with_their_values():
+    # One buffer for the whole step; each segment 16-byte aligned whatever the lengths before it, so the
+    # kernels reading them never see a new pointer alignment (a new compile).
+    from spindle_server.engine.inputs import HostStaging
+
+    staging = HostStaging(torch.device("cpu"))
+    seg64, seg32 = [[5, 6, 7], [], [1 << 40], [9]], [[0, 1, 2], [4] * 5, list(range(7))]
+    got64, got32 = staging.send(seg64, seg32)
+    assert [t.tolist() for t in got64] == seg64 and [t.tolist() for t in got32] == seg32
+    assert all(t.dtype == torch.int64 for t in got64) and all(t.dtype == torch.int32 for t in got32)
+    assert all(t.data_ptr() % 16 == 0 for t in got64 + got32 if t.numel())
+
+
+def test_mixed_step_attention_equals_one_varlen_call():
+    # The decode-kernel route of a mixed step computes what one paged_attention call over all rows does.
+    from spindle_kernels import REFERENCE_OPS
+    from spindle_server.distributed import Distributed
+    from spindle_server.layers.attention import AttentionMetadata, PagedAttention, split_decode_rows
+    from spindle_server.layers.rotary import RopeConfig, RotaryEmbedding
+
+    torch.manual_seed(0)
+    calls = []
+
+    def counted(name, fn):
+        def wrapper(q, *args, **kwargs):
+            calls.append((name, q.shape[0]))
+            return fn(q, *args, **kwargs)
+        return wrapper
+
+    ops = dataclasses.replace(
+        REFERENCE_OPS,
+        paged_attention=counted("prefill", REFERENCE_OPS.paged_attention),
+        paged_decode_attention=counted("decode", REFERENCE_OPS.paged_decode_attention),
+    )
+    cpu = torch.device("cpu")
+    rotary = RotaryEmbedding(RopeConfig(), 8, 64, ops, cpu)
+    layer = PagedAttention(32, 4, 2, 8, rotary, Distributed(0, 1, None), ops, qkv_bias=False, o_bias=False,
+                           dtype=torch.float32, device=cpu)
+    for param in layer.parameters():
+        param.data.normal_()
+    # sequences: two decodes (contexts 9 and 3) then a chunk of 5 after 2 cached tokens
+    tables = torch.tensor([[1, 2, 3], [4, 0, 0], [5, 6, 0]], dtype=torch.int32)
+    positions = torch.tensor([8, 2, 2, 3, 4, 5, 6])
+    slots = torch.tensor([2 * BS + 0, 4 * BS + 2, 5 * BS + 2, 5 * BS + 3, 6 * BS + 0, 6 * BS + 1, 6 * BS + 2])
+    meta = AttentionMetadata(slots, torch.tensor([0, 1, 2, 7], dtype=torch.int32),
+                             torch.tensor([9, 3, 7], dtype=torch.int32), tables, max_q_len=5, is_decode=False)
+    hidden = torch.randn(7, 32)
+    results = []
+    for decode_rows in (None, split_decode_rows(meta, 2)):
+        cache = (torch.randn(8, BS, 2, 8, generator=torch.Generator().manual_seed(1)),
+                 torch.randn(8, BS, 2, 8, generator=torch.Generator().manual_seed(2)))
+        meta.decode_rows = decode_rows
+        results.append(layer(positions, hidden, cache, meta))
+    assert calls == [("prefill", 7), ("decode", 2), ("prefill", 5)]
+    torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
 
 
 def test_filter_keeps_order_and_id(ctx):

@@ -8,6 +8,7 @@ from spindle_server.distributed import Distributed
 from spindle_server.kv_cache import (
     KVCache,
     KVCacheShape,
+    activation_reserve_bytes,
     agree_num_blocks,
     cache_budget_bytes,
     default_cpu_kv_cache_bytes,
@@ -49,3 +50,14 @@ def test_cuda_budget_is_what_the_fraction_leaves_capped_by_kv_cache_bytes(monkey
     assert cache_budget_bytes(cuda, 2 * gib, 0.9) == 2 * gib  # the cap
     assert cache_budget_bytes(cuda, 80 * gib, 0.9) == 50 * gib  # a cap above what is free changes nothing
     assert cache_budget_bytes(cuda, None, 0.3) == 0  # the process already holds more than 30%
+    # activations of the largest forward and the graph pool come back after the cache is sized: held back
+    assert cache_budget_bytes(cuda, None, 0.9, reserved_bytes=3 * gib) == 47 * gib
+    assert cache_budget_bytes(cuda, None, 0.9, reserved_bytes=60 * gib) == 0
+
+
+def test_activation_reserve_is_the_prefill_peak_plus_a_graph_pool_estimate():
+    mib = 1 << 20
+    assert activation_reserve_bytes(800 * mib, 8192, 256) == 825 * mib  # graphs: 256 of 8192 tokens' worth
+    assert activation_reserve_bytes(800 * mib, 8192, 0) == 800 * mib  # no graphs
+    assert activation_reserve_bytes(800 * mib, 100, 256) == 1600 * mib  # at most the prefill's own peak again
+    assert activation_reserve_bytes(0, 8192, 256) == 0  # CPU: nothing measured

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -250,3 +251,28 @@ def test_collective_with_hung_peer_times_out(tmp_path: Path) -> None:
     elapsed, message = (tmp_path / "hung_peer.txt").read_text().split("\n", 1)
     assert "rank 0/2: all_reduce failed, a peer rank has likely died or hung" in message
     assert 2 < float(elapsed) < 30
+
+
+def test_a_cuda_rank_binds_its_group_and_its_engine_thread_to_its_device(monkeypatch):
+    # Rank 1 on cuda:1: the NCCL group is created for cuda:1 (device_id), and the one thread engine calls
+    # run on makes cuda:1 current, so Triton launches there (not on cuda:0, every new thread's default).
+    from spindle_server import distributed, service
+
+    current: list[torch.device] = []
+    init_kwargs = {}
+    monkeypatch.setattr(torch.cuda, "set_device", current.append)
+    fake_dist = types.SimpleNamespace(init_process_group=lambda **kw: init_kwargs.update(kw),
+                                      group=types.SimpleNamespace(WORLD=object()))
+    monkeypatch.setattr(distributed, "torch_dist", fake_dist)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    device = torch.device("cuda", 1)
+    dist = distributed.init_distributed(device)
+    assert (dist.rank, dist.world_size) == (1, 2)
+    assert init_kwargs["backend"] == "nccl" and init_kwargs["device_id"] == device
+    executor = service.engine_thread(device)
+    try:
+        executor.submit(lambda: None).result()
+    finally:
+        executor.shutdown()
+    assert current == [device, device]

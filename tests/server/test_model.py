@@ -474,3 +474,25 @@ def test_qwen3_moe_expert_count_under_either_name() -> None:
     for key in ("num_experts", "num_local_experts"):
         moe = MoeConfig.from_hf_config({key: 6, "num_experts_per_tok": 2, "moe_intermediate_size": 32}, "qwen3_moe")
         assert moe is not None and moe.num_experts == 6
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_qkv_views_and_copies_give_identical_logits(tmp_path: Path, dtype: torch.dtype) -> None:
+    # The CPU ops take q/k/v as strided views of the QKV output (KernelOps.takes_strided_qkv); handing them
+    # contiguous copies instead must not change a bit, at a head_dim the C++ kernels serve (64).
+    spec = TinyModelSpec(arch="llama", hidden_size=256, num_heads=4, num_kv_heads=2, seed=16)
+    model = load_model(make_tiny_model(tmp_path / "m", spec), dtype, CPU, Distributed(0, 1, None), ops_for(CPU))
+    assert all(layer.self_attn.strided_qkv for layer in model.layers)
+    ids = prompt(30, model.config.vocab_size, seed=17)
+    outputs = []
+    for strided in (True, False):
+        for layer in model.layers:
+            layer.self_attn.strided_qkv = strided
+        runner = PagedRunner(model)
+        runner.kv_caches = [(k.to(dtype), v.to(dtype)) for k, v in runner.kv_caches]
+        runner.add_sequence(0, len(ids))
+        runner.add_sequence(1, len(ids))
+        prefill = runner.step([(0, ids[:-2]), (1, ids[:20])])
+        decodes = [runner.step([(0, [ids[i]]), (1, [ids[i - 8]])]) for i in (-2, -1)]
+        outputs.append(torch.cat([t for step in [prefill, *decodes] for t in step]))
+    assert torch.equal(outputs[0], outputs[1])

@@ -22,7 +22,7 @@ def test_default_rows_are_one_argmax_and_one_log_softmax(monkeypatch: pytest.Mon
     def forbidden(*args, **kwargs):
         raise AssertionError("per-row work for a row with default parameters")
 
-    for name in ("apply_penalties", "apply_filters", "_draw"):
+    for name in ("apply_penalties_rows", "apply_filters", "_draw"):
         monkeypatch.setattr(sampler_module, name, forbidden)
     logits = _logits(32, 50_000, 0)
     before = logits.clone()
@@ -221,3 +221,53 @@ def test_negative_top_k_is_rejected() -> None:
 def test_is_sampling_follows_tgi(field: str) -> None:
     value = {"temperature": 0.9, "do_sample": True, "top_k": 5, "top_p": 0.9, "typical_p": 0.9}[field]
     assert SamplingParams(**{field: value}).is_sampling
+
+
+def test_sampling_rows_draw_in_one_batched_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No generator and no kernels per row: every sampling row of the step goes through one _draw.
+    calls = []
+    real = sampler_module._draw
+
+    def counting(probs, seeds, steps):
+        calls.append((probs.shape[0], list(seeds), list(steps)))
+        return real(probs, seeds, steps)
+
+    monkeypatch.setattr(sampler_module, "_draw", counting)
+    params = [SamplingParams(do_sample=True, seed=s) for s in (1, 2, 3)] + [GREEDY, _sampler_params(9)]
+    out = sample(_logits(5, 300, 7), params, [[1]] * 5, [4, 5, 6, 7, 8], [0] * 5)
+    assert calls == [(4, [1, 2, 3, 9], [4, 5, 6, 8])] and len(out.next_ids) == 5
+
+
+def test_draws_never_pick_a_filtered_token() -> None:
+    # Inverse-CDF draws over rows whose mass sits on a few tokens (the rest filtered to probability 0),
+    # for many seeds: the chosen token always has positive probability, and each row follows its own seed.
+    probs = torch.zeros(3, 50, dtype=torch.float32)
+    probs[0, [3, 49]] = torch.tensor([0.25, 0.75])
+    probs[1, 0] = 1.0
+    probs[2, 10:20] = 0.1
+    for seed in range(200):
+        drawn = sampler_module._draw(probs, [seed, seed + 1, seed + 2], [seed, 0, 7])
+        assert all(probs[r, t] > 0 for r, t in enumerate(drawn.tolist()))
+        alone = sampler_module._draw(probs[2:], [seed + 2], [7])
+        assert drawn[2] == alone[0]
+
+
+def test_batched_penalties_equal_row_by_row() -> None:
+    # One batched pass over rows with different penalties and history lengths (and one row left alone)
+    # gives every row exactly what penalizing it alone gives.
+    from spindle_server.sampling.logits import apply_penalties, apply_penalties_rows
+
+    logits = _logits(5, 200, 11)
+    params = [
+        SamplingParams(repetition_penalty=1.3),
+        GREEDY,
+        SamplingParams(frequency_penalty=0.7, presence_penalty=0.2, logit_bias=((5, 3.0),)),
+        SamplingParams(repetition_penalty=0.8, presence_penalty=-0.5),
+        SamplingParams(logit_bias=((7, -2.0),)),
+    ]
+    histories = [[1, 2, 2, 3], [4], [9, 9, 9, 150, 1], list(range(0, 200, 3)), []]
+    rows = [0, 2, 3, 4]
+    batched = apply_penalties_rows(logits.clone(), rows, histories, params, [0] * 5)
+    for i in range(5):
+        alone = apply_penalties(logits[i : i + 1].clone(), histories[i], params[i], 0) if i in rows else logits[i : i + 1]
+        assert torch.equal(batched[i : i + 1], alone), i

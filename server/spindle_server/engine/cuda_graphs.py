@@ -13,9 +13,9 @@ captured size >= n. The graphs read static buffers, so a step copies its inputs 
 
 and keeps the first n rows of the output hidden states (logits are computed eagerly, only for the rows
 the step needs). Shapes inside a graph never depend on the batch: the block tables are always
-`max_blocks_per_seq` wide (the blocks of the longest request the router may send), which is also what
-the attention kernels size their grids from (see spindle_kernels.attention), and nothing in a decode
-forward reads a tensor's values on the host.
+`max_blocks_per_seq` wide (the blocks of the longest request the router may send), the decode attention's
+split count follows the graph's size alone (each sequence splits its own length in the kernel, see
+spindle_kernels.attention), and nothing in a decode forward reads a tensor's values on the host.
 
 Prefill chunks, mixed prefill + decode steps, batches larger than the largest size and requests
 longer than `max_blocks_per_seq` blocks run eagerly.

@@ -16,7 +16,7 @@ import torch
 from spindle_server.engine.batch import ShardBatch
 from spindle_server.engine.cuda_graphs import DecodeGraphs
 from spindle_server.engine.generation import FinishedText, Generation, TokenList
-from spindle_server.engine.inputs import StepInputs, build_step_inputs
+from spindle_server.engine.inputs import HostStaging, StepInputs, build_step_inputs
 from spindle_server.engine.request import RequestState
 from spindle_server.kv_cache import KVCache
 from spindle_server.sampling import grammar as grammars
@@ -40,6 +40,7 @@ class ModelRunner:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
+        self.staging = HostStaging(device)  # pinned buffers the step inputs travel through (CUDA)
         # Set by the shard's Warmup once the KV cache exists; decode steps they can serve replay a graph.
         self.decode_graphs: DecodeGraphs | None = None
 
@@ -59,7 +60,7 @@ class ModelRunner:
         """Advance every request of `batch` by its next chunk; mutates the batch."""
         start = time.perf_counter_ns()
         requests = list(batch.requests)
-        inputs = build_step_inputs(requests, batch.block_size, self.device)
+        inputs = build_step_inputs(requests, batch.block_size, self.device, self.staging)
         masks = self._start_masks(requests, inputs)  # on a worker thread, while the forward runs
         logits = self.forward(inputs, kv_cache)
         forward_ns = time.perf_counter_ns() - start
@@ -92,6 +93,9 @@ class ModelRunner:
             return
         # log_softmax of the raw logits: prompt log-probs ignore sampling parameters.
         log_probs = torch.log_softmax(logits, dim=-1)
+        picks: list[tuple[RequestState, int]] = []  # (request, how many of its prompt log-probs this step)
+        rows_all: list[int] = []
+        targets_all: list[int] = []
         for r, rows in zip(requests, inputs.prompt_rows):
             if rows is None:
                 continue
@@ -99,10 +103,19 @@ class ModelRunner:
             last = min(a + r.next_len, r.prompt_len - 1)  # the last prompt position this chunk predicts
             if last < a + 1:
                 continue
-            row_idx = torch.tensor(list(rows[: last - a]), dtype=torch.int64, device=log_probs.device)
-            targets = torch.tensor(r.all_ids[a + 1 : last + 1], dtype=torch.int64, device=log_probs.device)
-            picked = log_probs.index_select(0, row_idx).gather(1, targets[:, None]).squeeze(1)
-            r.prompt_logprobs.extend(picked.tolist())
+            rows_all.extend(rows[: last - a])
+            targets_all.extend(r.all_ids[a + 1 : last + 1])
+            picks.append((r, last - a))
+        if not picks:
+            return
+        # One gather and one device-to-host read for the whole step (not one sync per request).
+        row_idx = torch.tensor(rows_all, dtype=torch.int64, device=log_probs.device)
+        targets = torch.tensor(targets_all, dtype=torch.int64, device=log_probs.device)
+        picked = log_probs.index_select(0, row_idx).gather(1, targets[:, None]).squeeze(1).tolist()
+        offset = 0
+        for r, count in picks:
+            r.prompt_logprobs.extend(picked[offset : offset + count])
+            offset += count
 
     def _sample_and_stop(
         self, requests: list[RequestState], inputs: StepInputs, logits: torch.Tensor | None,

@@ -24,7 +24,13 @@ from spindle_server.engine.errors import BatchNotFoundError, InvalidArgumentErro
 from spindle_server.engine.generation import Generation
 from spindle_server.engine.request import RequestState
 from spindle_server.engine.runner import ModelRunner
-from spindle_server.kv_cache import KVCache, KVCacheShape, agree_num_blocks, cache_budget_bytes
+from spindle_server.kv_cache import (
+    KVCache,
+    KVCacheShape,
+    activation_reserve_bytes,
+    agree_num_blocks,
+    cache_budget_bytes,
+)
 from spindle_server.layers.linear import warm_packed_linears
 from spindle_server.models.registry import ModelConfig
 from spindle_server.sampling.detokenizer import IncrementalDetokenizer
@@ -186,8 +192,14 @@ class ShardEngine:
         lengths = _split(spec.max_prefill_tokens, max(1, seq_cap), spec.max_batch_size)
         temp = KVCache(self.kv_shape, sum(math.ceil(n / bs) for n in lengths), self.device)
         batch = ShardBatch(0, self._dummy_requests(lengths), bs)
+        is_cuda, resident = self.device.type == "cuda", 0
+        if is_cuda:  # the activations of the largest forward: held back from the KV cache below
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            resident = torch.cuda.memory_allocated(self.device)
         try:
             self.runner.step(batch, temp)
+            prefill_peak = torch.cuda.max_memory_allocated(self.device) - resident if is_cuda else 0
             probe = PROBE_TOKENS[self.device.type == "cuda"]
             base_ns, token_ns = self._measure_step_cost(temp, min(probe, spec.max_prefill_tokens, seq_cap))
         except torch.OutOfMemoryError as exc:
@@ -204,10 +216,15 @@ class ShardEngine:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
-        # CUDA graphs are captured below, after the cache exists (they hold its addresses): their memory
-        # pool (decode activations of the largest size, small next to a prefill's) is not subtracted
-        # here and comes out of the (1 - cuda_memory_fraction) headroom; its size is logged at capture.
-        budget = cache_budget_bytes(self.device, self.settings.kv_cache_bytes, self.settings.cuda_memory_fraction)
+        # CUDA graphs are captured below, after the cache exists (they hold its addresses), so their pool is
+        # estimated from the prefill's peak (the real size is logged at capture).
+        graph_sizes = self.graph_settings.sizes if is_cuda and not self.graph_settings.eager_replay else ()
+        reserve = activation_reserve_bytes(prefill_peak, sum(lengths), max(graph_sizes, default=0))
+        budget = cache_budget_bytes(self.device, self.settings.kv_cache_bytes, self.settings.cuda_memory_fraction,
+                                    reserve)
+        if is_cuda:
+            log.info("activations: %.1f MiB at the largest prefill; %.1f MiB held back from the KV cache "
+                     "(with the decode graphs' pool)", prefill_peak / 2**20, reserve / 2**20)
         num_blocks = agree_num_blocks(budget // self.kv_shape.bytes_per_block, self.dist, self.device)
         needed = math.ceil(max(spec.max_total_tokens, 1) / bs)
         if num_blocks < needed:

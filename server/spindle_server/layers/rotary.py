@@ -223,6 +223,8 @@ class RotaryEmbedding(torch.nn.Module):
         k: torch.Tensor,
         cu_seqlens_q: torch.Tensor,
         context_lens: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        cos, sin = self.cos_sin(positions, cu_seqlens_q, context_lens)
+        """cos_sin: this forward's `self.cos_sin(...)` if the caller computed it once for every layer."""
+        cos, sin = cos_sin if cos_sin is not None else self.cos_sin(positions, cu_seqlens_q, context_lens)
         self.ops.rotary_embedding(q, k, cos, sin)

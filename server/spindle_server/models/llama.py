@@ -123,10 +123,12 @@ class LlamaDecoderLayer(torch.nn.Module):
         residual: torch.Tensor | None,
         kv_cache: tuple[torch.Tensor, torch.Tensor],
         meta: AttentionMetadata,
+        cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pre-norm block; the residual stream is carried separately so each norm fuses its add."""
+        """Pre-norm block; the residual stream is carried separately so each norm fuses its add. cos_sin:
+        this forward's rotary cos/sin for the layer's rope (None: the attention computes them)."""
         hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(positions, hidden, kv_cache, meta)
+        hidden = self.self_attn(positions, hidden, kv_cache, meta, cos_sin)
         if self.pre_feedforward_layernorm is None or self.post_feedforward_layernorm is None:
             hidden, residual = self.post_attention_layernorm(hidden, residual)
             return self.mlp(hidden), residual
@@ -157,6 +159,7 @@ class LlamaForCausalLM(CausalLM):
         rotaries: dict[RopeConfig, RotaryEmbedding] = {}  # one table per distinct rope (Gemma 3: two)
         for rope in {config.rope_of(i) for i in range(config.num_layers)}:
             rotaries[rope] = RotaryEmbedding(rope, config.head_dim, config.max_position_embeddings, ops, device)
+        self.rotaries = list(rotaries.values())
         self.layers = torch.nn.ModuleList(
             LlamaDecoderLayer(config, i, rotaries[config.rope_of(i)], dist, ops, dtype, device)
             for i in range(config.num_layers)
@@ -195,8 +198,12 @@ class LlamaForCausalLM(CausalLM):
         if self.embed_scale is not None:
             hidden = hidden * self.embed_scale
         residual = None
+        # cos/sin depend only on the positions (and lengths): once per forward and rope, not once per layer
+        tables = {id(rotary): rotary.cos_sin(positions, meta.cu_seqlens_q, meta.context_lens)
+                  for rotary in self.rotaries}
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden, residual = layer(positions, hidden, residual, kv_cache, meta)
+            cos_sin = tables[id(layer.self_attn.rotary)]
+            hidden, residual = layer(positions, hidden, residual, kv_cache, meta, cos_sin)
         hidden, _ = self.norm(hidden, residual)
         return hidden
 

@@ -108,19 +108,62 @@ def apply_penalties(
 ) -> torch.Tensor:
     """On one row `scores` [1, V]: repetition, frequency and presence penalty over `history` (TGI's order),
     then the logit bias, then, while fewer than min_new_tokens were generated, the banned stop ids."""
-    if history:
-        ids = torch.tensor(history, dtype=torch.int64, device=scores.device)
-        if params.repetition_penalty != 1.0:
-            scores = apply_repetition_penalty(scores, ids, params.repetition_penalty)
-        if params.frequency_penalty != 0.0:
-            scores = apply_frequency_penalty(scores, ids, params.frequency_penalty)
-        if params.presence_penalty != 0.0:
-            scores = apply_presence_penalty(scores, ids, params.presence_penalty)
-    if params.logit_bias:
-        scores = apply_logit_bias(scores, params.logit_bias)
-    if num_generated < params.min_new_tokens and params.min_tokens_banned_ids:
-        scores[:, list(params.min_tokens_banned_ids)] = _FILTERED
+    return apply_penalties_rows(scores, [0], [history], [params], [num_generated])
+
+
+def apply_penalties_rows(
+    scores: torch.Tensor,
+    rows: Sequence[int],
+    histories: Sequence[Sequence[int]],
+    params: Sequence[SamplingParams],
+    num_generated: Sequence[int],
+) -> torch.Tensor:
+    """`apply_penalties` on `rows` of `scores` [B, V] in place (histories, params, num_generated indexed by
+    row). Each history penalty runs once for all its rows, on the seen ids [R, L] (one host-to-device copy
+    of the padded histories; torch.unique would sync once per row); only the frequency penalty, which needs
+    counts, makes a dense [R, V] tensor."""
+    with_history = [i for i in rows if histories[i]]
+    if with_history:
+        width = max(len(histories[i]) for i in with_history)
+        flat: list[int] = []
+        for i in with_history:  # padded with the row's first id: seen anyway, so gathers and scatters agree
+            flat.extend(histories[i])
+            flat.extend([histories[i][0]] * (width - len(histories[i])))
+        ids = torch.tensor(flat, dtype=torch.int64, device=scores.device).view(len(with_history), width)
+        _penalize_seen(scores, with_history, ids, [params[i].repetition_penalty for i in with_history], 1.0,
+                       lambda seen, p: torch.where(seen < 0, seen * p, seen / p))
+        freq = [k for k, i in enumerate(with_history) if params[i].frequency_penalty != 0.0]
+        if freq:
+            lengths = torch.tensor([len(histories[with_history[k]]) for k in freq], device=scores.device)
+            real = torch.arange(width, device=scores.device)[None, :] < lengths[:, None]  # not padding
+            counts = torch.zeros(len(freq), scores.shape[1], dtype=scores.dtype, device=scores.device)
+            counts.scatter_add_(1, ids[freq], real.to(scores.dtype))
+            index = torch.tensor([with_history[k] for k in freq], dtype=torch.int64, device=scores.device)
+            penalty = _column([params[with_history[k]].frequency_penalty for k in freq], scores)
+            scores.index_copy_(0, index, scores.index_select(0, index) - penalty * counts)
+        _penalize_seen(scores, with_history, ids, [params[i].presence_penalty for i in with_history], 0.0,
+                       lambda seen, p: seen - p)
+    for i in rows:
+        p = params[i]
+        if p.logit_bias:
+            scores[i : i + 1] = apply_logit_bias(scores[i : i + 1], p.logit_bias)
+        if num_generated[i] < p.min_new_tokens and p.min_tokens_banned_ids:
+            scores[i, list(p.min_tokens_banned_ids)] = _FILTERED
     return scores
+
+
+def _penalize_seen(scores, rows, ids, penalties, neutral, fn) -> None:  # type: ignore[no-untyped-def]
+    """scores[row, id] = fn(scores[row, id], penalty) for every id row has seen, rows whose penalty is not
+    `neutral` only (duplicate ids write the same value)."""
+    picked = [k for k, p in enumerate(penalties) if p != neutral]
+    if not picked:
+        return
+    index = torch.tensor([rows[k] for k in picked], dtype=torch.int64, device=scores.device)
+    seen_ids = ids[picked]
+    sub = scores.index_select(0, index)
+    seen = sub.gather(1, seen_ids)
+    sub.scatter_(1, seen_ids, fn(seen, _column([penalties[k] for k in picked], scores)))
+    scores.index_copy_(0, index, sub)
 
 
 def _on_rows(scores: torch.Tensor, rows: list[int], apply, values: list) -> torch.Tensor:

@@ -4,6 +4,11 @@ Per row, in TGI's order: repetition -> frequency -> presence penalty -> logit bi
 -> temperature -> top-k -> top-p -> min-p -> typical-p -> argmax (greedy) or a draw (sampling). Rows with default parameters cost nothing
 beyond the batch-wide argmax and log_softmax; penalties, filters and draws run only for the rows
 that ask for them.
+
+Draws are batched (one cumulative sum and one search for every sampling row) yet each row's token
+depends only on its own distribution, its seed and its step: inverse-CDF sampling with one uniform per
+row taken from step_seed(seed, step), so no generator object is made per row and no batch mate changes
+a draw.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from spindle_server.sampling.logits import apply_filters, apply_penalties, apply_temperature
+from spindle_server.sampling.logits import apply_filters, apply_penalties_rows, apply_temperature
 from spindle_server.sampling.params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -41,10 +46,22 @@ def step_seed(seed: int, step: int) -> int:
     return _splitmix64(_splitmix64(seed) ^ step)
 
 
-def _draw(probs: torch.Tensor, seed: int, step: int) -> torch.Tensor:
-    gen = torch.Generator(device=probs.device)
-    gen.manual_seed(step_seed(seed, step))
-    return torch.multinomial(probs, 1, generator=gen)
+def _uniform(seed: int, step: int) -> float:
+    """A number in (0, 1) from the top 53 bits of step_seed(seed, step)."""
+    return ((step_seed(seed, step) >> 11) + 0.5) / (1 << 53)
+
+
+def _draw(probs: torch.Tensor, seeds: Sequence[int], steps: Sequence[int]) -> torch.Tensor:
+    """One token per row of `probs` [R, V]: the first v whose cumulative probability exceeds u_r * total_r.
+
+    float64 sums, and a target strictly below each row's total, so a token of probability 0 (filtered)
+    is never chosen.
+    """
+    u = torch.tensor([_uniform(s, t) for s, t in zip(seeds, steps, strict=True)], dtype=torch.float64,
+                     device=probs.device)
+    cdf = probs.double().cumsum(dim=-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    return torch.searchsorted(cdf, target, right=True).squeeze(1).clamp_(max=probs.shape[1] - 1)
 
 
 def sample(
@@ -73,8 +90,8 @@ def sample(
     warped = [i for i, p in enumerate(params) if p.has_warpers]
     if (penalized or warped) and scores is logits:
         scores = scores.clone()  # never write into the caller's logits
-    for i in penalized:
-        apply_penalties(scores[i : i + 1], histories[i], params[i], steps[i])
+    if penalized:
+        apply_penalties_rows(scores, penalized, histories, params, steps)
     if warped:
         scores = apply_filters(apply_temperature(scores, params), params)
 
@@ -83,10 +100,11 @@ def sample(
     sampling = [i for i, p in enumerate(params) if p.is_sampling]
     if sampling:
         next_ids = next_ids.clone()
-        for i in sampling:
-            # Softmax of the row alone: the draw must not depend on how the batch was laid out.
-            probs = torch.softmax(scores[i], dim=-1)
-            next_ids[i] = _draw(probs, params[i].seed, steps[i])[0]
+        rows = torch.tensor(sampling, dtype=torch.int64, device=scores.device)
+        # softmax works row by row: a row's probabilities do not depend on how the batch was laid out
+        probs = torch.softmax(scores.index_select(0, rows), dim=-1)
+        drawn = _draw(probs, [params[i].seed for i in sampling], [steps[i] for i in sampling])
+        next_ids.index_copy_(0, rows, drawn)
     chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
 
     top_ids: list[list[int]] = [[] for _ in range(batch)]
