@@ -192,8 +192,9 @@ def test_tool_choice_auto_none_and_history(oai):
         check_call(m.tool_calls[0].function.name, m.tool_calls[0].function.arguments)
     else:
         assert isinstance(m.content, str)
+    # "none": free text. Unseeded sampling may end on EOS inside 4 tokens, so "stop" is as right as "length".
     r = oai.chat.completions.create(model="tgi", messages=CHAT, tools=TOOLS, tool_choice="none", max_tokens=4)
-    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("length", "stop")
     history = [
         *CHAT,
         {"role": "assistant", "content": None, "tool_calls": [
