@@ -23,7 +23,7 @@ import torch
 from spindle_kernels import ops_for
 from spindle_proto import generate_pb2 as pb
 from spindle_server.distributed import Distributed
-from spindle_server.engine.batch import ShardBatch
+from spindle_server.engine.batch import StepCall, request_from_proto
 from spindle_server.engine.shard import CacheSettings, ShardEngine, WarmupSpec
 from spindle_server.models.registry import load_model, read_model_config
 
@@ -47,14 +47,17 @@ def run(engine: ShardEngine, batch: int, max_new: int, grammar: pb.Grammar | Non
             r.grammar.CopyFrom(grammar)
         reqs.append(r)
         next_block += n
-    engine.clear(None)
+    engine.clear()
     start = time.perf_counter()
-    b = ShardBatch.from_proto(pb.Batch(id=1, requests=reqs), engine.batch_context())
-    out = engine.prefill(b, None, [])
+    ctx = engine.batch_context()
+    out = engine.step(StepCall(requests=tuple(request_from_proto(r, ctx) for r in reqs), num_requests=len(reqs)))
     tokens, mask_ns, forward_ns = len(out.generations), out.grammar_mask_ns, out.forward_ns
-    while out.batch is not None:
-        out = engine.decode([out.batch.id], [])
+    live = len(reqs) - sum(g.generated_text is not None for g in out.generations)
+    while live:
+        done = [g.request_id for g in out.generations if g.generated_text is not None]
+        out = engine.step(StepCall(dropped_ids=tuple(done), num_requests=live))
         tokens += len(out.generations)
+        live -= sum(g.generated_text is not None for g in out.generations)
         mask_ns += out.grammar_mask_ns
         forward_ns += out.forward_ns
     return tokens, time.perf_counter() - start, mask_ns, forward_ns

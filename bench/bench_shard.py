@@ -1,7 +1,7 @@
 """Decode step time and MFU of the shard engine, in process (no gRPC), on a random SmolLM2-135M-shaped Llama.
 
 For each batch size: prefill B prompts, then time `--steps` decode steps (forward + sample + stop +
-detokenize, exactly what a Decode RPC runs). MFU = tokens x 2 x params / wall time / peak, where the peak
+detokenize, exactly what a decode Step runs). MFU = tokens x 2 x params / wall time / peak, where the peak
 is the best matmul rate this script measures on shapes like the model's own (bench/flops.py).
 
     .venv/bin/python bench/bench_shard.py                       # the full model, batch 1, 8, 32
@@ -47,7 +47,7 @@ def make_engine(model_dir: Path, dtype: torch.dtype, block_size: int, kv_cache_b
 def time_decode(engine, batch_size: int, prompt_len: int, steps: int, vocab: int) -> list[float]:
     """Seconds per decode step for a batch of `batch_size` greedy requests."""
     from spindle_proto import generate_pb2 as pb
-    from spindle_server.engine.batch import ShardBatch
+    from spindle_server.engine.batch import StepCall, request_from_proto
 
     bs = engine.settings.block_size
     blocks_each = math.ceil((prompt_len + steps + 2) / bs)
@@ -60,16 +60,17 @@ def time_decode(engine, batch_size: int, prompt_len: int, steps: int, vocab: int
                                                      repetition_penalty=1.0),
             stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=steps + 2, ignore_eos_token=True),
         ))
-    engine.clear(None)
-    batch = ShardBatch.from_proto(pb.Batch(id=1, requests=requests), engine.batch_context())
-    engine.prefill(batch, None, [])
+    engine.clear()
+    ctx = engine.batch_context()
+    new = tuple(request_from_proto(r, ctx) for r in requests)
+    engine.step(StepCall(requests=new, num_requests=batch_size))
     times = []
     for _ in range(steps):
         start = time.perf_counter()
-        outcome = engine.decode([1], [])
+        outcome = engine.step(StepCall(num_requests=batch_size))
         times.append(time.perf_counter() - start)
         assert len(outcome.generations) == batch_size
-    engine.clear(None)
+    engine.clear()
     return times
 
 

@@ -257,6 +257,20 @@ def read_metrics(base_url: str) -> dict[str, float]:
     return samples
 
 
+def read_settled_metrics(base_url: str, timeout_s: float = 30.0) -> dict[str, float]:
+    """read_metrics once every step sent has been answered and absorbed: steps overlap, so the one sent
+    before a request's last answer came back may still run after the response."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = read_metrics(base_url)
+        sent = sum(v for k, v in m.items() if k.startswith("tgi_batch_inference_count{"))
+        done = sum(v for k, v in m.items() if k.startswith(("tgi_batch_inference_success{",
+                                                             "tgi_batch_inference_failure{")))
+        if sent == done or time.monotonic() > deadline:
+            return m
+        time.sleep(0.05)
+
+
 @pytest.fixture(scope="session")
 def metrics_of():
     """`metrics_of(base_url)`: the router's /metrics samples as a dict (see read_metrics)."""

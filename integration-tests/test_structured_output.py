@@ -17,6 +17,7 @@ import jsonschema
 import openai
 import pytest
 import requests
+from conftest import read_settled_metrics
 from huggingface_hub import InferenceClient
 from text_generation import Client
 
@@ -97,12 +98,12 @@ def test_compat_route_and_bad_grammars_are_422_before_queueing(stack, metrics_of
     url = stack.base_url
     before = metrics_of(url)
     r = requests.post(url + "/", json={"inputs": "hello", "parameters": {
-        "max_new_tokens": MAX, "return_full_text": False,
+        "max_new_tokens": MAX, "return_full_text": False, "details": True,
         "grammar": {"type": "json_schema", "value": {"name": "p", "schema": PERSON}}}},
         timeout=120)
     assert r.status_code == 200, r.text
     jsonschema.validate(json.loads(r.json()[0]["generated_text"]), PERSON)
-    after = metrics_of(url)
+    after = read_settled_metrics(url)
     steps = after["spindle_grammar_mask_duration_count"] - before.get("spindle_grammar_mask_duration_count", 0)
     assert steps == int(r.headers["x-generated-tokens"])  # one masked step per generated token
     assert after["spindle_grammar_compile_duration_count"] >= 1  # PERSON was compiled once (then cached)
@@ -191,8 +192,9 @@ def test_tool_choice_auto_none_and_history(oai):
         check_call(m.tool_calls[0].function.name, m.tool_calls[0].function.arguments)
     else:
         assert isinstance(m.content, str)
+    # "none": free text. Unseeded sampling may end on EOS inside 4 tokens, so "stop" is as right as "length".
     r = oai.chat.completions.create(model="tgi", messages=CHAT, tools=TOOLS, tool_choice="none", max_tokens=4)
-    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason == "length"
+    assert r.choices[0].message.tool_calls is None and r.choices[0].finish_reason in ("length", "stop")
     history = [
         *CHAT,
         {"role": "assistant", "content": None, "tool_calls": [

@@ -10,7 +10,7 @@ import requests
 from tests.helpers.otlp_receiver import OtlpReceiver, ReceivedSpan
 
 ROUTER_SPANS = {"POST /generate", "validation", "queue", "inference"}
-SHARD_RPCS = {"Prefill", "Decode"}
+SHARD_RPCS = {"Step"}
 
 
 def _rank(span: ReceivedSpan) -> int | None:
@@ -62,10 +62,10 @@ def test_traceparent_yields_one_tree_over_router_and_every_shard(start_launcher,
         assert {s.service for s in shard_spans} == {"it.shard"}
         for s in shard_spans:
             assert s.parent_span_id == inference.span_id, (s.name, _rank(s))
-        # One prefill and three decodes (4 tokens), on each of the two ranks.
+        # Four steps (4 tokens: a prefill, three decodes), on each of the two ranks.
         for rank in (0, 1):
             names = sorted(s.name for s in shard_spans if _rank(s) == rank)
-            assert names == ["Decode"] * 3 + ["Prefill"], (rank, names)
+            assert names == ["Step"] * 4, (rank, names)
         # The request's log line carries its id and trace id.
         success = [line for line in log.splitlines() if "Success" in line and "request_id=it-trace-1" in line]
         assert success and f"trace_id={trace_id}" in success[0], log[-3000:]

@@ -174,28 +174,6 @@ class Grammar(_message.Message):
     value: str
     def __init__(self, type: _Optional[_Union[GrammarType, str]] = ..., value: _Optional[str] = ...) -> None: ...
 
-class Batch(_message.Message):
-    __slots__ = ("id", "requests")
-    ID_FIELD_NUMBER: _ClassVar[int]
-    REQUESTS_FIELD_NUMBER: _ClassVar[int]
-    id: int
-    requests: _containers.RepeatedCompositeFieldContainer[Request]
-    def __init__(self, id: _Optional[int] = ..., requests: _Optional[_Iterable[_Union[Request, _Mapping]]] = ...) -> None: ...
-
-class CachedBatch(_message.Message):
-    __slots__ = ("id", "request_ids", "size", "current_tokens", "max_tokens")
-    ID_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
-    SIZE_FIELD_NUMBER: _ClassVar[int]
-    CURRENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
-    id: int
-    request_ids: _containers.RepeatedScalarFieldContainer[int]
-    size: int
-    current_tokens: int
-    max_tokens: int
-    def __init__(self, id: _Optional[int] = ..., request_ids: _Optional[_Iterable[int]] = ..., size: _Optional[int] = ..., current_tokens: _Optional[int] = ..., max_tokens: _Optional[int] = ...) -> None: ...
-
 class RequestUpdate(_message.Message):
     __slots__ = ("request_id", "blocks", "chunk_len")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -244,81 +222,41 @@ class Generation(_message.Message):
     generated_text: GeneratedText
     def __init__(self, request_id: _Optional[int] = ..., prefill_tokens: _Optional[_Union[Tokens, _Mapping]] = ..., tokens: _Optional[_Union[Tokens, _Mapping]] = ..., top_tokens: _Optional[_Iterable[_Union[Tokens, _Mapping]]] = ..., generated_text: _Optional[_Union[GeneratedText, _Mapping]] = ...) -> None: ...
 
-class PrefillRequest(_message.Message):
-    __slots__ = ("batch", "cached_batch", "updates")
-    BATCH_FIELD_NUMBER: _ClassVar[int]
-    CACHED_BATCH_FIELD_NUMBER: _ClassVar[int]
+class StepRequest(_message.Message):
+    __slots__ = ("dropped_ids", "updates", "requests", "num_requests", "seq")
+    DROPPED_IDS_FIELD_NUMBER: _ClassVar[int]
     UPDATES_FIELD_NUMBER: _ClassVar[int]
-    batch: Batch
-    cached_batch: CachedBatch
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    dropped_ids: _containers.RepeatedScalarFieldContainer[int]
     updates: _containers.RepeatedCompositeFieldContainer[RequestUpdate]
-    def __init__(self, batch: _Optional[_Union[Batch, _Mapping]] = ..., cached_batch: _Optional[_Union[CachedBatch, _Mapping]] = ..., updates: _Optional[_Iterable[_Union[RequestUpdate, _Mapping]]] = ...) -> None: ...
+    requests: _containers.RepeatedCompositeFieldContainer[Request]
+    num_requests: int
+    seq: int
+    def __init__(self, dropped_ids: _Optional[_Iterable[int]] = ..., updates: _Optional[_Iterable[_Union[RequestUpdate, _Mapping]]] = ..., requests: _Optional[_Iterable[_Union[Request, _Mapping]]] = ..., num_requests: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
-class PrefillResponse(_message.Message):
-    __slots__ = ("generations", "batch", "forward_ns", "decode_ns", "total_ns", "concat_ns", "grammar_compile_ns", "grammar_mask_ns")
+class StepResponse(_message.Message):
+    __slots__ = ("generations", "forward_ns", "decode_ns", "total_ns", "prepare_ns", "grammar_compile_ns", "grammar_mask_ns")
     GENERATIONS_FIELD_NUMBER: _ClassVar[int]
-    BATCH_FIELD_NUMBER: _ClassVar[int]
     FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
     DECODE_NS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
-    CONCAT_NS_FIELD_NUMBER: _ClassVar[int]
+    PREPARE_NS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_COMPILE_NS_FIELD_NUMBER: _ClassVar[int]
     GRAMMAR_MASK_NS_FIELD_NUMBER: _ClassVar[int]
     generations: _containers.RepeatedCompositeFieldContainer[Generation]
-    batch: CachedBatch
     forward_ns: int
     decode_ns: int
     total_ns: int
-    concat_ns: int
+    prepare_ns: int
     grammar_compile_ns: int
     grammar_mask_ns: int
-    def __init__(self, generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ..., batch: _Optional[_Union[CachedBatch, _Mapping]] = ..., forward_ns: _Optional[int] = ..., decode_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., concat_ns: _Optional[int] = ..., grammar_compile_ns: _Optional[int] = ..., grammar_mask_ns: _Optional[int] = ...) -> None: ...
-
-class DecodeRequest(_message.Message):
-    __slots__ = ("batches", "updates")
-    BATCHES_FIELD_NUMBER: _ClassVar[int]
-    UPDATES_FIELD_NUMBER: _ClassVar[int]
-    batches: _containers.RepeatedCompositeFieldContainer[CachedBatch]
-    updates: _containers.RepeatedCompositeFieldContainer[RequestUpdate]
-    def __init__(self, batches: _Optional[_Iterable[_Union[CachedBatch, _Mapping]]] = ..., updates: _Optional[_Iterable[_Union[RequestUpdate, _Mapping]]] = ...) -> None: ...
-
-class DecodeResponse(_message.Message):
-    __slots__ = ("generations", "batch", "forward_ns", "decode_ns", "total_ns", "concat_ns", "grammar_mask_ns")
-    GENERATIONS_FIELD_NUMBER: _ClassVar[int]
-    BATCH_FIELD_NUMBER: _ClassVar[int]
-    FORWARD_NS_FIELD_NUMBER: _ClassVar[int]
-    DECODE_NS_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_NS_FIELD_NUMBER: _ClassVar[int]
-    CONCAT_NS_FIELD_NUMBER: _ClassVar[int]
-    GRAMMAR_MASK_NS_FIELD_NUMBER: _ClassVar[int]
-    generations: _containers.RepeatedCompositeFieldContainer[Generation]
-    batch: CachedBatch
-    forward_ns: int
-    decode_ns: int
-    total_ns: int
-    concat_ns: int
-    grammar_mask_ns: int
-    def __init__(self, generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ..., batch: _Optional[_Union[CachedBatch, _Mapping]] = ..., forward_ns: _Optional[int] = ..., decode_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., concat_ns: _Optional[int] = ..., grammar_mask_ns: _Optional[int] = ...) -> None: ...
-
-class FilterBatchRequest(_message.Message):
-    __slots__ = ("batch_id", "request_ids")
-    BATCH_ID_FIELD_NUMBER: _ClassVar[int]
-    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
-    batch_id: int
-    request_ids: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, batch_id: _Optional[int] = ..., request_ids: _Optional[_Iterable[int]] = ...) -> None: ...
-
-class FilterBatchResponse(_message.Message):
-    __slots__ = ("batch",)
-    BATCH_FIELD_NUMBER: _ClassVar[int]
-    batch: CachedBatch
-    def __init__(self, batch: _Optional[_Union[CachedBatch, _Mapping]] = ...) -> None: ...
+    def __init__(self, generations: _Optional[_Iterable[_Union[Generation, _Mapping]]] = ..., forward_ns: _Optional[int] = ..., decode_ns: _Optional[int] = ..., total_ns: _Optional[int] = ..., prepare_ns: _Optional[int] = ..., grammar_compile_ns: _Optional[int] = ..., grammar_mask_ns: _Optional[int] = ...) -> None: ...
 
 class ClearCacheRequest(_message.Message):
-    __slots__ = ("id",)
-    ID_FIELD_NUMBER: _ClassVar[int]
-    id: int
-    def __init__(self, id: _Optional[int] = ...) -> None: ...
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class ClearCacheResponse(_message.Message):
     __slots__ = ()

@@ -49,20 +49,10 @@ class TextGenerationServiceStub:
                 request_serializer=generate__pb2.WarmupRequest.SerializeToString,
                 response_deserializer=generate__pb2.WarmupResponse.FromString,
                 _registered_method=True)
-        self.Prefill = channel.unary_unary(
-                '/spindle.v1.TextGenerationService/Prefill',
-                request_serializer=generate__pb2.PrefillRequest.SerializeToString,
-                response_deserializer=generate__pb2.PrefillResponse.FromString,
-                _registered_method=True)
-        self.Decode = channel.unary_unary(
-                '/spindle.v1.TextGenerationService/Decode',
-                request_serializer=generate__pb2.DecodeRequest.SerializeToString,
-                response_deserializer=generate__pb2.DecodeResponse.FromString,
-                _registered_method=True)
-        self.FilterBatch = channel.unary_unary(
-                '/spindle.v1.TextGenerationService/FilterBatch',
-                request_serializer=generate__pb2.FilterBatchRequest.SerializeToString,
-                response_deserializer=generate__pb2.FilterBatchResponse.FromString,
+        self.Step = channel.unary_unary(
+                '/spindle.v1.TextGenerationService/Step',
+                request_serializer=generate__pb2.StepRequest.SerializeToString,
+                response_deserializer=generate__pb2.StepResponse.FromString,
                 _registered_method=True)
         self.ClearCache = channel.unary_unary(
                 '/spindle.v1.TextGenerationService/ClearCache',
@@ -95,29 +85,17 @@ class TextGenerationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def Prefill(self, request, context):
-        """Admit new requests (optionally merged into a cached batch) and run one forward.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def Decode(self, request, context):
-        """Advance cached batches by one forward (merging them when more than one is named).
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def FilterBatch(self, request, context):
-        """Keep only the named requests of a cached batch.
+    def Step(self, request, context):
+        """Drop requests, update the held ones, admit new ones, and run one forward over all of them.
+        A bad call (unknown or duplicate ids, blocks out of range, nothing to compute, a count that
+        disagrees) is refused with INVALID_ARGUMENT before anything changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def ClearCache(self, request, context):
-        """Drop one cached batch, or every cached batch when `id` is absent.
+        """Forget every held request.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -141,20 +119,10 @@ def add_TextGenerationServiceServicer_to_server(servicer, server):
                     request_deserializer=generate__pb2.WarmupRequest.FromString,
                     response_serializer=generate__pb2.WarmupResponse.SerializeToString,
             ),
-            'Prefill': grpc.unary_unary_rpc_method_handler(
-                    servicer.Prefill,
-                    request_deserializer=generate__pb2.PrefillRequest.FromString,
-                    response_serializer=generate__pb2.PrefillResponse.SerializeToString,
-            ),
-            'Decode': grpc.unary_unary_rpc_method_handler(
-                    servicer.Decode,
-                    request_deserializer=generate__pb2.DecodeRequest.FromString,
-                    response_serializer=generate__pb2.DecodeResponse.SerializeToString,
-            ),
-            'FilterBatch': grpc.unary_unary_rpc_method_handler(
-                    servicer.FilterBatch,
-                    request_deserializer=generate__pb2.FilterBatchRequest.FromString,
-                    response_serializer=generate__pb2.FilterBatchResponse.SerializeToString,
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=generate__pb2.StepRequest.FromString,
+                    response_serializer=generate__pb2.StepResponse.SerializeToString,
             ),
             'ClearCache': grpc.unary_unary_rpc_method_handler(
                     servicer.ClearCache,
@@ -254,7 +222,7 @@ class TextGenerationService:
             _registered_method=True)
 
     @staticmethod
-    def Prefill(request,
+    def Step(request,
             target,
             options=(),
             channel_credentials=None,
@@ -267,63 +235,9 @@ class TextGenerationService:
         return grpc.experimental.unary_unary(
             request,
             target,
-            '/spindle.v1.TextGenerationService/Prefill',
-            generate__pb2.PrefillRequest.SerializeToString,
-            generate__pb2.PrefillResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def Decode(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/spindle.v1.TextGenerationService/Decode',
-            generate__pb2.DecodeRequest.SerializeToString,
-            generate__pb2.DecodeResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def FilterBatch(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_unary(
-            request,
-            target,
-            '/spindle.v1.TextGenerationService/FilterBatch',
-            generate__pb2.FilterBatchRequest.SerializeToString,
-            generate__pb2.FilterBatchResponse.FromString,
+            '/spindle.v1.TextGenerationService/Step',
+            generate__pb2.StepRequest.SerializeToString,
+            generate__pb2.StepResponse.FromString,
             options,
             channel_credentials,
             insecure,

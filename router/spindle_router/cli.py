@@ -71,6 +71,7 @@ def config_from_args(ns: argparse.Namespace) -> RouterConfig:
             max_batch_size=ns.max_batch_size,
             waiting_served_ratio=ns.waiting_served_ratio,
             prefix_caching=ns.prefix_caching,
+            overlap_steps=ns.overlap_steps,
         ),
         http=HttpConfig(hostname=ns.hostname, port=ns.port, api_key=ns.api_key, cors_allow_origin=tuple(cors)),
         telemetry=TelemetryConfig(
@@ -108,6 +109,7 @@ def router_argv(config: RouterConfig, drain_timeout_s: float) -> list[str]:
         "max-batch-size": s.max_batch_size,
         "waiting-served-ratio": s.waiting_served_ratio,
         "prefix-caching": str(s.prefix_caching).lower(),
+        "overlap-steps": str(s.overlap_steps).lower(),
         "otlp-endpoint": t.otlp_endpoint,
         "otlp-service-name": t.otlp_service_name,
         "json-output": str(t.json_output).lower(),

@@ -49,6 +49,10 @@ class SchedulerConfig:
     max_batch_size: int | None = None
     waiting_served_ratio: float = 0.3
     prefix_caching: bool = True
+    # Send step N + 1 before absorbing step N's answer, so the shards never wait for the router to turn
+    # an answer into events and plan (a request that finished on EOS costs one token computed past it).
+    # Off by default: with two ranks under load a step once stalled (not yet understood).
+    overlap_steps: bool = False
 
     def __post_init__(self) -> None:
         if self.max_batch_prefill_tokens <= 0:

@@ -191,6 +191,10 @@ FLAGS: tuple[Flag, ...] = (
          "lifting the max-decode-slowdown cap", BATCHING),
     Flag("prefix-caching", parse_bool, _S.prefix_caching, "reuse KV blocks of shared prompt prefixes", BATCHING,
          argparse_kw={"metavar": "BOOL"}),
+    Flag("overlap-steps", parse_bool, _S.overlap_steps,
+         "plan and send each step while the shards still run the one before (the router's work hides behind "
+         "theirs; a request that stops on EOS costs one token computed past its end); experimental", BATCHING,
+         argparse_kw={"metavar": "BOOL"}),
     # -- observability
     Flag("otlp-endpoint", str, None, "export OpenTelemetry spans over OTLP/gRPC to this URL", OBS),
     Flag("otlp-service-name", str, TelemetryConfig.otlp_service_name, "service.name of the exported spans", OBS),

@@ -105,6 +105,13 @@ class Metrics:
             "spindle_prefix_cache_prompt_tokens", "Prompt tokens looked up in the prefix cache", registry=r
         )
         self.preemptions = Counter("spindle_preemptions", "Requests preempted for KV space", registry=r)
+        # Where a scheduler step's time goes on the router: planning it, building its message, the call
+        # (serialization, RPC and the shards' own time, which tgi_batch_inference_duration has), and
+        # turning the answer into events.
+        self.step_phase_duration = Histogram(
+            "spindle_step_phase_duration", "Seconds of a scheduler step, by phase: plan, build, call, absorb",
+            ["phase"], buckets=DURATION_BUCKETS, registry=r,
+        )
         self.grammar_compile_duration = Histogram(
             "spindle_grammar_compile_duration",
             "Seconds a Prefill spent compiling grammars (compiled grammars are cached by grammar on the shard)",

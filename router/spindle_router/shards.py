@@ -1,8 +1,9 @@
 """gRPC client of the shards: the same call to every rank at once, all must succeed, rank 0's answer kept.
 
 Ranks are tensor-parallel slices of one model: each call runs collectives across all of them, so every
-rank must receive it (a call to a subset would hang the others). Their answers are identical by
-construction; rank 0's is returned.
+rank must receive it (a call to a subset would hang the others). Only rank 0 answers a Step with
+generations (the others sample the same tokens but neither detokenize nor report); rank 0's answer is
+returned.
 
 Every call has a deadline (`CallDeadlines`, applied in `_call_all`, the one place every RPC goes through):
 a shard that is alive but does not answer (SIGSTOP, a deadlock, a hung GPU) would otherwise hold every
@@ -77,20 +78,6 @@ class CallDeadlines:
         return max(self.floor_s, self.margin * estimate_s)
 
 
-def work_tokens(request: Any) -> int:
-    """Tokens the forward of a call computes (0 for calls without a forward): what its deadline scales with."""
-    if isinstance(request, pb.PrefillRequest):
-        new = sum(
-            r.chunk_len if r.HasField("chunk_len") else max(1, len(r.input_ids) - r.cache_len)
-            for r in request.batch.requests
-        )
-        cached = request.cached_batch.current_tokens if request.HasField("cached_batch") else 0
-        return new + cached + sum(u.chunk_len for u in request.updates)
-    if isinstance(request, pb.DecodeRequest):
-        return sum(b.current_tokens for b in request.batches) + sum(u.chunk_len for u in request.updates)
-    return 0
-
-
 @dataclass(frozen=True)
 class ShardInfo:
     model_type: str
@@ -156,16 +143,17 @@ class ShardClient:
     def world_size(self) -> int:
         return len(self._stubs)
 
-    async def _call(self, method: str, request: Any, metadata: Metadata = ()) -> Any:
+    async def _call(self, method: str, request: Any, metadata: Metadata = (), work_tokens: int = 0) -> Any:
         """`method` on every rank concurrently; rank 0's response, or ShardError if any rank failed."""
-        return (await self._call_all(method, request, metadata))[0]
+        return (await self._call_all(method, request, metadata, work_tokens))[0]
 
-    async def _call_all(self, method: str, request: Any, metadata: Metadata = ()) -> list[Any]:
-        """Every RPC goes through here, under its deadline (a new RPC gets one without asking)."""
+    async def _call_all(self, method: str, request: Any, metadata: Metadata = (), work_tokens: int = 0) -> list[Any]:
+        """Every RPC goes through here, under its deadline (a new RPC gets one without asking), which scales
+        with `work_tokens`, the tokens the call's forward computes (0: no forward)."""
         if self._closed:
             raise ShardError("Could not connect to shard: the client is closed")
         md = tuple(metadata) or None
-        timeout_s = self.deadlines.for_call(method, work_tokens(request))
+        timeout_s = self.deadlines.for_call(method, work_tokens)
         calls = [getattr(stub, method)(request, timeout=timeout_s, metadata=md) for stub in self._stubs]
         results = await asyncio.gather(*calls, return_exceptions=True)
         for path, result in zip(self.uds_paths, results):
@@ -218,33 +206,21 @@ class ShardClient:
         self.deadlines = replace(self.deadlines, base_ns=result.forward_base_ns, token_ns=result.forward_token_ns)
         return result
 
-    async def prefill(
-        self, batch: pb.Batch, cached_batch: pb.CachedBatch | None = None,
-        updates: Sequence[pb.RequestUpdate] = (), metadata: Metadata = (),
-    ) -> pb.PrefillResponse:
-        request = pb.PrefillRequest(batch=batch, updates=list(updates))
-        if cached_batch is not None:
-            request.cached_batch.CopyFrom(cached_batch)
-        return await self._call("Prefill", request, metadata=metadata)
+    async def step(
+        self, requests: Sequence[pb.Request] = (), updates: Sequence[pb.RequestUpdate] = (),
+        dropped_ids: Sequence[int] = (), *, num_requests: int, work_tokens: int, seq: int = 0,
+        metadata: Metadata = (),
+    ) -> pb.StepResponse:
+        """One forward: drop `dropped_ids`, apply `updates`, admit `requests`, advance the `num_requests`
+        requests left; `work_tokens` (the tokens it computes) sizes the deadline; `seq` numbers the steps (the
+        shards refuse one out of order). Rank 0's generations."""
+        request = pb.StepRequest(dropped_ids=list(dropped_ids), updates=list(updates), requests=list(requests),
+                                 num_requests=num_requests, seq=seq)
+        return await self._call("Step", request, metadata=metadata, work_tokens=work_tokens)
 
-    async def decode(
-        self, batches: Sequence[pb.CachedBatch], updates: Sequence[pb.RequestUpdate] = (), metadata: Metadata = ()
-    ) -> pb.DecodeResponse:
-        request = pb.DecodeRequest(batches=list(batches), updates=list(updates))
-        return await self._call("Decode", request, metadata=metadata)
-
-    async def filter_batch(
-        self, batch_id: int, request_ids: Sequence[int], metadata: Metadata = ()
-    ) -> pb.CachedBatch | None:
-        """Keep only `request_ids` of the batch; None when none is kept (the shards forgot it)."""
-        request = pb.FilterBatchRequest(batch_id=batch_id, request_ids=list(request_ids))
-        r = await self._call("FilterBatch", request, metadata=metadata)
-        return r.batch if r.HasField("batch") else None
-
-    async def clear_cache(self, batch_id: int | None = None) -> None:
-        request = pb.ClearCacheRequest() if batch_id is None else pb.ClearCacheRequest(id=batch_id)
-        await self._call("ClearCache", request)
-
+    async def clear_cache(self) -> None:
+        """Every rank forgets every request it holds."""
+        await self._call("ClearCache", pb.ClearCacheRequest())
     async def close(self) -> None:
         if self._closed:
             return

@@ -7,7 +7,7 @@ Spans of a request (`setup_tracing` installs the exporter when an endpoint is co
       ├─ validation
       ├─ queue                     (submit -> first scheduled into a shard batch)
       └─ inference                 (first scheduled -> last event)
-           └─ Prefill / Decode / FilterBatch on every rank, parented over gRPC metadata
+           └─ Step on every rank, parented over gRPC metadata
 
 A batch RPC serves many requests but has one parent: the oldest traced request it carries.
 """

@@ -1,6 +1,5 @@
 """The one place errors become gRPC status codes. The shard logs the error and keeps serving.
 
-    BatchNotFoundError    -> NOT_FOUND
     InvalidArgumentError  -> INVALID_ARGUMENT   (checked before any state changed)
     NotReadyError         -> FAILED_PRECONDITION
     anything else         -> INTERNAL, with the exception's message
@@ -14,12 +13,11 @@ from typing import Any
 
 import grpc
 
-from spindle_server.engine.errors import BatchNotFoundError, InvalidArgumentError, NotReadyError
+from spindle_server.engine.errors import InvalidArgumentError, NotReadyError
 
 log = logging.getLogger("spindle_server.interceptor")
 
 _STATUS: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (BatchNotFoundError, grpc.StatusCode.NOT_FOUND),
     (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (NotReadyError, grpc.StatusCode.FAILED_PRECONDITION),
 )

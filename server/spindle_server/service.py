@@ -19,24 +19,10 @@ import grpc
 import torch
 from spindle_proto import generate_pb2, generate_pb2_grpc
 
-from spindle_server.engine.batch import RequestUpdate, ShardBatch
+from spindle_server.engine.batch import RequestUpdate, StepCall, request_from_proto
 from spindle_server.engine.shard import ShardEngine, StepOutcome, WarmupSpec
 
 T = TypeVar("T")
-
-
-def _step_fields(outcome: StepOutcome) -> dict:
-    fields = dict(
-        generations=[g.to_proto() for g in outcome.generations],
-        forward_ns=outcome.forward_ns,
-        decode_ns=outcome.decode_ns,
-        total_ns=outcome.total_ns,
-        concat_ns=outcome.concat_ns,
-        grammar_mask_ns=outcome.grammar_mask_ns,
-    )
-    if outcome.batch is not None:
-        fields["batch"] = outcome.batch.to_proto()
-    return fields
 
 
 def engine_thread(device: torch.device | None = None) -> ThreadPoolExecutor:
@@ -95,32 +81,28 @@ class ShardService(generate_pb2_grpc.TextGenerationServiceServicer):
             forward_context_ns=result.forward_context_ns,
         )
 
-    async def Prefill(self, request: generate_pb2.PrefillRequest, context: grpc.aio.ServicerContext):
+    async def Step(self, request: generate_pb2.StepRequest, context: grpc.aio.ServicerContext):
         def call() -> StepOutcome:
-            batch = ShardBatch.from_proto(request.batch, self.engine.batch_context())
-            has_cached = request.HasField("cached_batch")
-            cached_id = request.cached_batch.id if has_cached else None
-            expected = list(request.cached_batch.request_ids) if has_cached else []
-            updates = [RequestUpdate.from_proto(u) for u in request.updates]
-            return self.engine.prefill(batch, cached_id, updates, expected)
+            ctx = self.engine.batch_context()
+            return self.engine.step(StepCall(
+                dropped_ids=tuple(request.dropped_ids),
+                updates=tuple(RequestUpdate.from_proto(u) for u in request.updates),
+                requests=tuple(request_from_proto(r, ctx) for r in request.requests),
+                num_requests=request.num_requests,
+                seq=request.seq,
+            ))
 
         outcome = await self._serial(call)
-        return generate_pb2.PrefillResponse(**_step_fields(outcome), grammar_compile_ns=outcome.grammar_compile_ns)
-
-    async def Decode(self, request: generate_pb2.DecodeRequest, context: grpc.aio.ServicerContext):
-        ids = [b.id for b in request.batches]
-        expected = [list(b.request_ids) for b in request.batches]
-        updates = [RequestUpdate.from_proto(u) for u in request.updates]
-        outcome = await self._serial(lambda: self.engine.decode(ids, updates, expected))
-        return generate_pb2.DecodeResponse(**_step_fields(outcome))
-
-    async def FilterBatch(self, request: generate_pb2.FilterBatchRequest, context: grpc.aio.ServicerContext):
-        kept = await self._serial(lambda: self.engine.filter(request.batch_id, list(request.request_ids)))
-        if kept is None:
-            return generate_pb2.FilterBatchResponse()
-        return generate_pb2.FilterBatchResponse(batch=kept.to_proto())
+        return generate_pb2.StepResponse(
+            generations=[g.to_proto() for g in outcome.generations],
+            forward_ns=outcome.forward_ns,
+            decode_ns=outcome.decode_ns,
+            total_ns=outcome.total_ns,
+            prepare_ns=outcome.prepare_ns,
+            grammar_compile_ns=outcome.grammar_compile_ns,
+            grammar_mask_ns=outcome.grammar_mask_ns,
+        )
 
     async def ClearCache(self, request: generate_pb2.ClearCacheRequest, context: grpc.aio.ServicerContext):
-        batch_id = request.id if request.HasField("id") else None
-        await self._serial(lambda: self.engine.clear(batch_id))
+        await self._serial(self.engine.clear)
         return generate_pb2.ClearCacheResponse()

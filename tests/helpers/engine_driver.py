@@ -1,8 +1,9 @@
 """An in-process shard engine (no gRPC) and a small driver that plays the router for it.
 
 The driver gives each request the blocks of its whole life up front, from block 1 on (block 0 is the
-block padding rows of a CUDA-graph batch read, so it is never a request's), then sends Prefill /
-Decode calls and records every generated token with its log-prob.
+block padding rows of a CUDA-graph batch read, so it is never a request's), then sends Step calls
+(dropping finished requests in the next one, as the router does) and records every generated token with
+its log-prob.
 """
 
 from __future__ import annotations
@@ -15,9 +16,9 @@ import torch
 from spindle_kernels import ops_for, triton_ops
 from spindle_proto import generate_pb2 as pb
 from spindle_server.distributed import Distributed
-from spindle_server.engine.batch import ShardBatch
+from spindle_server.engine.batch import StepCall, request_from_proto
 from spindle_server.engine.cuda_graphs import DecodeGraphSettings
-from spindle_server.engine.shard import CacheSettings, ShardEngine, StepOutcome, WarmupSpec
+from spindle_server.engine.shard import CacheSettings, ShardEngine, WarmupSpec
 from spindle_server.models.registry import load_model, read_model_config
 
 
@@ -58,7 +59,8 @@ class Driver:
         self.engine = engine
         self.block_size = engine.settings.block_size
         self.next_block = 1
-        self.batch_id: int | None = None
+        self.live: list[int] = []  # unfinished requests, in admission order: what the next step computes
+        self.to_drop: list[int] = []  # held by the engine, dropped by the next step (finished or dropped)
         self.out: dict[int, list[tuple[int, float]]] = {}  # request id -> (token, logprob) per step
 
     def request(self, rid: int, prompt_len: int, max_new_tokens: int, extra_blocks: int = 0) -> pb.Request:
@@ -73,23 +75,37 @@ class Driver:
             stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=max_new_tokens, ignore_eos_token=True),
         )
 
-    def prefill(self, batch_id: int, *requests: pb.Request) -> None:
-        """Prefill `requests`, merged after the running batch (a mixed prefill + decode step) if any."""
-        batch = ShardBatch.from_proto(pb.Batch(id=batch_id, requests=list(requests)), self.engine.batch_context())
-        self._record(self.engine.prefill(batch, self.batch_id, []))
+    def prefill(self, *requests: pb.Request) -> None:
+        """Admit `requests` after the running ones, which advance in the same forward (a mixed step)."""
+        ctx = self.engine.batch_context()
+        self._step(tuple(request_from_proto(r, ctx) for r in requests))
 
     def decode(self) -> None:
-        assert self.batch_id is not None
-        self._record(self.engine.decode([self.batch_id], []))
+        assert self.live
+        self._step(())
 
-    def _record(self, outcome: StepOutcome) -> None:
+    def drop(self, rid: int) -> None:
+        """`rid` leaves with the next step (a cancellation)."""
+        self.live.remove(rid)
+        self.to_drop.append(rid)
+
+    def _step(self, new: tuple) -> None:  # type: ignore[type-arg]
+        self.live += [r.id for r in new]
+        outcome = self.engine.step(StepCall(dropped_ids=tuple(self.to_drop), requests=new,
+                                            num_requests=len(self.live)))
+        self.to_drop = []
         for g in outcome.generations:
             self.out.setdefault(g.request_id, []).extend(zip(g.tokens.ids, g.tokens.logprobs))
-        self.batch_id = outcome.batch.id if outcome.batch is not None else None
+            if g.generated_text is not None:
+                self.drop(g.request_id)
+
+    @property
+    def is_running(self) -> bool:
+        return bool(self.live)
 
     @property
     def batch_size(self) -> int:
-        return len(self.engine.batches[self.batch_id]) if self.batch_id is not None else 0
+        return len(self.live)
 
 
 def replays(engine: ShardEngine) -> dict[int, int]:

@@ -8,45 +8,30 @@ import os
 import socket
 
 import pytest
-from spindle_proto import generate_pb2 as pb
 from spindle_proto.sockets import SocketInUse, is_listening, remove_stale_socket
 from spindle_router.config import SchedulerConfig
 from spindle_router.metrics import Metrics
 from spindle_router.scheduler.loop import Scheduler
 from spindle_router.scheduler.request import ErrorEvent, SamplingParams, StoppingParams, ValidRequest
-from spindle_router.shards import CallDeadlines, ShardStalled, work_tokens
+from spindle_router.shards import CallDeadlines, ShardStalled
 
 # ---------------------------------------------------------------------------------------------- deadlines
 
 
 def test_deadline_follows_the_work_with_a_floor_and_an_override() -> None:
     d = CallDeadlines(base_ns=20_000_000, token_ns=1_000_000)  # 20 ms a decode step, 1 ms a prefill token
-    assert d.for_call("Decode", 1) == d.floor_s  # 10 x 20 ms is far below the floor
-    assert d.for_call("Prefill", 8000) == pytest.approx(10 * (0.020 + 7999 * 0.001))  # 80 s: above the floor
-    assert d.for_call("FilterBatch", 0) == d.floor_s
+    assert d.for_call("Step", 1) == d.floor_s  # 10 x 20 ms is far below the floor
+    assert d.for_call("Step", 8000) == pytest.approx(10 * (0.020 + 7999 * 0.001))  # 80 s: above the floor
+    assert d.for_call("ClearCache", 0) == d.floor_s
     assert d.for_call("SomeFutureRpc", 0) == d.floor_s  # a new RPC gets a deadline without asking
     assert d.for_call("Health", 0) == d.probe_s
     assert d.for_call("Warmup", 0) == d.startup_s and d.for_call("Info", 0) == d.startup_s
     fixed = CallDeadlines(override_s=2.5, base_ns=20_000_000, token_ns=1_000_000)
-    assert {fixed.for_call(m, 8000) for m in ("Decode", "Prefill", "Health", "ClearCache")} == {2.5}
+    assert {fixed.for_call(m, 8000) for m in ("Step", "Health", "ClearCache")} == {2.5}
     assert fixed.for_call("Warmup", 0) == fixed.startup_s  # warmup is never cut short by a step deadline
     assert CallDeadlines(override_s=900.0).for_call("Warmup", 0) == 900.0
     with pytest.raises(ValueError, match="must be > 0"):
         CallDeadlines(override_s=0.0)
-
-
-def test_work_tokens_counts_what_the_forward_computes() -> None:
-    new = pb.Batch(id=1, requests=[
-        pb.Request(id=1, input_ids=list(range(100)), cache_len=32),  # 68 left, all computed
-        pb.Request(id=2, input_ids=list(range(500)), chunk_len=64),  # a chunk
-    ])
-    cached = pb.CachedBatch(id=0, request_ids=[7, 8, 9], size=3, current_tokens=3)
-    prefill = pb.PrefillRequest(batch=new, cached_batch=cached,
-                                updates=[pb.RequestUpdate(request_id=7, chunk_len=10)])
-    assert work_tokens(prefill) == 68 + 64 + 3 + 10
-    decode = pb.DecodeRequest(batches=[pb.CachedBatch(id=0, size=5, current_tokens=5)])
-    assert work_tokens(decode) == 5
-    assert work_tokens(pb.HealthRequest()) == 0
 
 
 # ----------------------------------------------------------------------------------- a stalled shard
@@ -57,19 +42,15 @@ class StalledShards:
 
     def __init__(self) -> None:
         self.calls: list[str] = []
+        self.steps: list[dict] = []  # the keyword arguments of each step call
 
     async def _stall(self, method: str, *args, **kw):  # type: ignore[no-untyped-def]
         self.calls.append(method)
         raise ShardStalled(f"Shard stalled: /tmp/x-0 did not answer {method} within 3.0s")
 
-    async def prefill(self, *a, **kw):  # type: ignore[no-untyped-def]
-        return await self._stall("Prefill")
-
-    async def decode(self, *a, **kw):  # type: ignore[no-untyped-def]
-        return await self._stall("Decode")
-
-    async def filter_batch(self, *a, **kw):  # type: ignore[no-untyped-def]
-        return await self._stall("FilterBatch")
+    async def step(self, *a, **kw):  # type: ignore[no-untyped-def]
+        self.steps.append(kw)
+        return await self._stall("Step")
 
     async def clear_cache(self, *a, **kw):  # type: ignore[no-untyped-def]
         return await self._stall("ClearCache")
@@ -83,10 +64,12 @@ def _request(n: int) -> ValidRequest:
                         stopping=StoppingParams(max_new_tokens=8))
 
 
-def test_a_stalled_shard_fails_every_request_and_the_scheduler_stops_calling() -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["overlap-off", "overlap-on"])
+def test_a_stalled_shard_fails_every_request_and_the_scheduler_stops_calling(overlap: bool) -> None:
     async def main():
         shards = StalledShards()
-        config = SchedulerConfig(max_batch_prefill_tokens=16, max_batch_size=1)  # the second one waits
+        # max_batch_size 1: the second request waits.
+        config = SchedulerConfig(max_batch_prefill_tokens=16, max_batch_size=1, overlap_steps=overlap)
         scheduler = Scheduler(shards, config, num_blocks=32, block_size=16, metrics=Metrics())
         scheduler.start()
         try:
@@ -105,7 +88,12 @@ def test_a_stalled_shard_fails_every_request_and_the_scheduler_stops_calling() -
     for events in (*ends, late):
         assert len(events) == 1 and isinstance(events[0], ErrorEvent)
         assert events[0].message.startswith("Shard stalled")
-    assert shards.calls == ["Prefill"]  # nothing more went to the stalled shard: no clear, no health probe
+    # Nothing more went to the stalled shard (no clear, no health probe) than the steps sent before its
+    # deadline passed: with overlap, the second step left before the first one's answer.
+    assert shards.calls == ["Step"] * (2 if overlap else 1)
+    # The deadline scales with the tokens the step computes: the first prompt, whole; one request.
+    assert shards.steps[0]["work_tokens"] == 5 and shards.steps[0]["num_requests"] == 1
+    assert [s["seq"] for s in shards.steps] == list(range(1, len(shards.steps) + 1))
     assert health is False and scheduler.is_healthy is False
     assert scheduler.blocks.allocator.num_free_blocks == scheduler.blocks.allocator.num_usable_blocks
     assert not scheduler.running and not scheduler.waiting

@@ -97,13 +97,16 @@ async def collect(stream) -> tuple[list[int], object]:
 
 async def wait_idle(scheduler: Scheduler) -> None:
     for _ in range(200):
-        if not scheduler.running and not scheduler.waiting and scheduler._inbox.empty():
+        if not scheduler.running and not scheduler.waiting and scheduler._inbox.empty() and scheduler._flight is None:
             return
         await asyncio.sleep(0.01)
     raise AssertionError("scheduler did not go idle")
 
 
-def test_concurrent_requests_under_kv_pressure_equal_the_reference(shard: Shard) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["overlap-off", "overlap-on"])
+def test_concurrent_requests_under_kv_pressure_equal_the_reference(shard: Shard, overlap: bool) -> None:
+    """Chunked prefill, prefix-cache hits and evictions, preemption: greedy tokens equal transformers' with
+    the steps overlapped or not (so the two equal each other), and every block comes back."""
     stem = [(5 * i) % 400 + 7 for i in range(40)]  # shared by several prompts: prefix-cache hits
     cases = [
         (prompt(37, 0, stem), 14), (prompt(45, 1, stem), 10), (prompt(5, 2), 16), (prompt(33, 3), 12),
@@ -112,7 +115,8 @@ def test_concurrent_requests_under_kv_pressure_equal_the_reference(shard: Shard)
     expected = [shard.ref(tuple(p), n) for p, n in cases]
 
     async def main():
-        config = SchedulerConfig(max_batch_prefill_tokens=32, max_batch_total_tokens=None, prefix_caching=True)
+        config = SchedulerConfig(max_batch_prefill_tokens=32, max_batch_total_tokens=None, prefix_caching=True,
+                                 overlap_steps=overlap)
         scheduler, client, metrics = await started(shard, config)
         evict = scheduler.blocks.cache.evict
 
@@ -156,12 +160,14 @@ def test_concurrent_requests_under_kv_pressure_equal_the_reference(shard: Shard)
     assert value("spindle_kv_blocks_total") == NUM_BLOCKS
 
 
-def test_cancel_frees_blocks_at_once_and_others_continue(shard: Shard) -> None:
+@pytest.mark.parametrize("overlap", [False, True], ids=["overlap-off", "overlap-on"])
+def test_cancel_frees_blocks_at_once_and_others_continue(shard: Shard, overlap: bool) -> None:
     long_prompt, other_prompt = prompt(30, 11), prompt(20, 12)
 
     async def main():
         scheduler, client, metrics = await started(shard, SchedulerConfig(max_batch_prefill_tokens=64,
-                                                                          prefix_caching=False))
+                                                                          prefix_caching=False,
+                                                                          overlap_steps=overlap))
         try:
             doomed = scheduler.submit(greedy(long_prompt, 40))
             other = scheduler.submit(greedy(other_prompt, 12))
@@ -183,8 +189,43 @@ def test_cancel_frees_blocks_at_once_and_others_continue(shard: Shard) -> None:
     (tokens, end), metrics, scheduler = asyncio.run(main())
     assert isinstance(end, EndEvent) and tokens == shard.ref(tuple(other_prompt), 12)
     assert metrics.registry.get_sample_value("spindle_kv_blocks_used") == 0
-    assert metrics.registry.get_sample_value("tgi_batch_inference_success_total", {"method": "filter"}) >= 1
+    # The cancelled request left the shard with the next step (no call of its own).
+    assert metrics.registry.get_sample_value("tgi_batch_filter_duration_count", {"method": "decode"}) >= 1
     assert scheduler.blocks.allocator.num_free_blocks == NUM_BLOCKS - 1
+
+
+@pytest.mark.parametrize("overlap", [False, True], ids=["overlap-off", "overlap-on"])
+def test_stop_token_ends_a_request_early_with_overlap_or_not(shard: Shard, overlap: bool) -> None:
+    """A request that stops on a token (not on length) is still in the step sent after the one that stopped
+    it when steps overlap: that step's token for it reaches nobody, the others are unaffected."""
+    prompts = [prompt(9, 50), prompt(26, 51), prompt(14, 52)]
+    full = [shard.ref(tuple(p), 12) for p in prompts]
+    stop_at = 4
+    stopper = full[0][stop_at]  # the first request stops on its 5th token (or earlier, if it repeats)
+    expected_first = full[0][: full[0].index(stopper) + 1]
+
+    async def main():
+        config = SchedulerConfig(max_batch_prefill_tokens=16, overlap_steps=overlap)  # the 26 tokens: 2 chunks
+        scheduler, client, metrics = await started(shard, config)
+        try:
+            first = scheduler.submit(ValidRequest(
+                input_ids=tuple(prompts[0]), sampling=SamplingParams(),
+                stopping=StoppingParams(max_new_tokens=12, ignore_eos_token=True, stop_token_ids=(stopper,))))
+            others = [scheduler.submit(greedy(p, 12)) for p in prompts[1:]]
+            results = await asyncio.gather(collect(first), *(collect(s) for s in others))
+            await wait_idle(scheduler)
+            scheduler.check_integrity()
+            assert scheduler.blocks.num_request_blocks(scheduler.running) == 0
+            return results
+        finally:
+            await scheduler.stop(drain_timeout_s=5)
+            await client.close()
+
+    (tokens, end), *rest = asyncio.run(main())
+    assert isinstance(end, EndEvent) and end.finish_reason == "eos_token" and tokens == expected_first
+    assert end.generated_tokens == len(expected_first) < 12
+    for (tokens, end), want in zip(rest, full[1:]):
+        assert isinstance(end, EndEvent) and tokens == want
 
 
 def test_shard_failure_errors_every_running_request_and_marks_unhealthy(shard: Shard) -> None:

@@ -53,25 +53,29 @@ def test_info_warmup_and_bad_calls_on_every_rank(two_ranks) -> None:
             num_blocks = (await client.warmup(max_input_tokens=63, max_prefill_tokens=64, max_total_tokens=64)).num_blocks
             assert num_blocks >= 4
             await client.health()
-            with pytest.raises(ShardError, match=r"^Server error: .*(7|not found)"):
-                await client.decode([pb.CachedBatch(id=7)])
-            with pytest.raises(ShardError, match=r"^Server error: .*block"):
-                await client.prefill(pb.Batch(id=1, requests=[pb.Request(
-                    id=1, input_ids=[1, 2, 3], stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=2),
-                    parameters=pb.NextTokenChooserParameters(temperature=1, top_p=1, typical_p=1,
-                                                             repetition_penalty=1),
-                    blocks=[num_blocks + 5])]))
-            # A good prefill on both ranks, then FilterBatch to nothing: the batch is gone everywhere.
             params = pb.NextTokenChooserParameters(temperature=1, top_p=1, typical_p=1, repetition_penalty=1)
-            response = await client.prefill(pb.Batch(id=2, requests=[pb.Request(
-                id=3, input_ids=[1, 5, 9], parameters=params, blocks=[1],
-                stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=5))]))
-            assert [g.request_id for g in response.generations] == [3] and response.batch.id == 2
-            assert await client.filter_batch(2, []) is None
-            with pytest.raises(ShardError, match="^Server error"):
-                await client.decode([response.batch])
+
+            def new(rid: int, blocks: list[int]) -> pb.Request:
+                return pb.Request(id=rid, input_ids=[1, 5, 9], parameters=params, blocks=blocks,
+                                  stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=5))
+
+            with pytest.raises(ShardError, match=r"^Server error: .*empty step"):
+                await client.step(num_requests=0, work_tokens=0)
+            with pytest.raises(ShardError, match=r"^Server error: .*block"):
+                await client.step([new(1, [num_blocks + 5])], num_requests=1, work_tokens=3)
+            # A good step on both ranks: rank 0 answers the generation, rank 1 samples it too but answers none.
+            answers = await client._call_all("Step", pb.StepRequest(requests=[new(3, [1])], num_requests=1), (), 3)
+            assert [g.request_id for g in answers[0].generations] == [3]
+            assert not answers[1].generations and answers[1].forward_ns > 0
+            response = await client.step(num_requests=1, work_tokens=1)  # request 3 decodes on every rank
+            assert [g.request_id for g in response.generations] == [3]
+            with pytest.raises(ShardError, match=r"^Server error: .*request 3 is already held"):
+                await client.step([new(3, [2])], num_requests=2, work_tokens=3)
+            # Dropped on both ranks: a step naming it is refused everywhere.
+            await client.step([new(4, [2])], dropped_ids=[3], num_requests=1, work_tokens=3)
+            with pytest.raises(ShardError, match=r"^Server error: .*request 3, which the shard does not hold"):
+                await client.step(dropped_ids=[3], num_requests=1, work_tokens=1)
             await client.clear_cache()
-            await client.clear_cache(99)
         finally:
             await client.close()
         with pytest.raises(ShardError, match="closed"):

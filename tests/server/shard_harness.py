@@ -1,8 +1,9 @@
 """Real `spindle-server serve` processes over unix sockets, and a small client that plays the router.
 
 `ShardGroup` starts one process per rank and sends every call to all ranks at once (the collectives need
-every rank in the call), returning rank 0's answer and checking the others agree. `MiniRouter` owns block
-ids the way the real router does and drives requests through Prefill / Decode until they finish.
+every rank in the call), returning rank 0's answer and checking the others agree (ranks other than 0 answer
+a Step without generations). `MiniRouter` owns block ids the way the real router does and drives
+requests through Step calls until they finish, dropping finished ones in the next step.
 """
 
 from __future__ import annotations
@@ -95,7 +96,10 @@ class ShardGroup:
         if errors:
             raise errors[0]
         for other in results[1:]:
-            assert other == results[0] or method in ("Prefill", "Decode"), f"ranks disagree on {method}"
+            if method == "Step":
+                assert not other.generations, "only rank 0 answers generations"
+            else:
+                assert other == results[0], f"ranks disagree on {method}"
         self.last_results = results
         return results[0]
 
@@ -164,16 +168,16 @@ class Req:
 
 
 class MiniRouter:
-    """Assigns blocks, builds Prefill / Decode calls, and tracks counters from the answers."""
+    """Assigns blocks, builds Step calls, and tracks counters from the answers."""
 
     def __init__(self, group: ShardGroup, num_blocks: int, block_size: int = BLOCK_SIZE) -> None:
         self.group = group
         self.block_size = block_size
         self.free = list(range(num_blocks))
-        self.batch_id: int | None = None
-        self.cached: pb.CachedBatch | None = None
+        self.held: list[int] = []  # ids the shard holds: active ones, and finished ones until the next step
         self.active: dict[int, Req] = {}
-        self._next_batch_id = 100
+        self.seq = 0  # of the last step sent
+        group.call("ClearCache", pb.ClearCacheRequest())  # a new router starts from an empty shard
 
     def _grow(self, req: Req, upto_tokens: int) -> list[int]:
         need = math.ceil(upto_tokens / self.block_size) - len(req.blocks)
@@ -218,38 +222,39 @@ class MiniRouter:
             if gen.HasField("generated_text"):
                 req.finished = gen.generated_text
                 del self.active[gen.request_id]
-        self.cached = response.batch if response.HasField("batch") else None
-        if self.cached is not None:
-            assert sorted(self.cached.request_ids) == sorted(self.active)
-            # Until updates say otherwise, a request's next forward computes everything it has left.
-            assert self.cached.current_tokens == sum(r.remaining for r in self.active.values())
-            assert self.cached.max_tokens == sum(len(r.blocks) for r in self.active.values()) * self.block_size
 
-    def prefill(self, reqs: list[Req]):
-        """Admit `reqs`, merged with the batch already running (which advances in the same forward)."""
-        updates = self._updates() if self.cached is not None else []
+    def step_request(self, reqs: list[Req] = ()) -> tuple[pb.StepRequest, dict[int, int]]:  # type: ignore[assignment]
+        """The next Step (drops of finished requests, updates, `reqs` admitted) and the tokens it plans."""
+        dropped = [i for i in self.held if i not in self.active]
+        updates = self._updates()
         planned = {r.id: r.next_len() for r in self.active.values()}
         msgs = [self._request_pb(r) for r in reqs]
         for r in reqs:
             self.active[r.id] = r
             planned[r.id] = r.next_len()
-        self._next_batch_id += 1
-        request = pb.PrefillRequest(batch=pb.Batch(id=self._next_batch_id, requests=msgs), updates=updates)
-        if self.cached is not None:
-            request.cached_batch.CopyFrom(self.cached)
-        response = self.group.call("Prefill", request)
+        self.seq += 1
+        request = pb.StepRequest(dropped_ids=dropped, updates=updates, requests=msgs, num_requests=len(planned),
+                                 seq=self.seq)
+        return request, planned
+
+    def step(self, reqs: list[Req] = ()):  # type: ignore[assignment]
+        """Admit `reqs` beside the running requests, which advance in the same forward."""
+        request, planned = self.step_request(reqs)
+        response = self.group.call("Step", request)
+        self.held = list(planned)
         self._absorb(response, planned)
         return response
 
     def decode(self):
-        updates = self._updates()
-        planned = {r.id: r.next_len() for r in self.active.values()}
-        response = self.group.call("Decode", pb.DecodeRequest(batches=[self.cached], updates=updates))
-        self._absorb(response, planned)
-        return response
+        assert self.active, "nothing to decode"
+        return self.step()
+
+    @property
+    def is_running(self) -> bool:
+        return bool(self.active)
 
     def run(self, reqs: list[Req]) -> list[Req]:
-        self.prefill(reqs)
-        while self.cached is not None:
-            self.decode()
+        self.step(reqs)
+        while self.active:
+            self.step()
         return reqs

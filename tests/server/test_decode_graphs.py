@@ -54,26 +54,26 @@ def test_padded_decode_equals_eager(model_dir):
         sizes_seen.append(replays(padded.engine))
 
     # Very different context lengths (1 to 9 blocks); 3 requests -> size 4.
-    both(lambda d: d.prefill(1, d.request(10, 3, 12), d.request(11, 40, 12), d.request(12, 130, 12)))
+    both(lambda d: d.prefill(d.request(10, 3, 12), d.request(11, 40, 12), d.request(12, 130, 12)))
     assert sizes_seen[-1] == {}  # a prefill runs eagerly
     for _ in range(3):
         both(lambda d: d.decode())
     assert sizes_seen[-1] == {4: 3}
     # Two prompts join the running batch: a mixed prefill + decode step, eager.
-    both(lambda d: d.prefill(2, d.request(13, 17, 8), d.request(14, 2, 10)))
+    both(lambda d: d.prefill(d.request(13, 17, 8), d.request(14, 2, 10)))
     assert sizes_seen[-1] == {4: 3}
     # 5 requests -> size 8.
     for _ in range(2):
         both(lambda d: d.decode())
     assert sizes_seen[-1] == {4: 3, 8: 2} and padded.batch_size == 5
     # Four more join (mixed step): 9 requests, larger than the largest size, run eagerly.
-    both(lambda d: d.prefill(3, *(d.request(20 + i, 5 + 7 * i, 3) for i in range(4))))
+    both(lambda d: d.prefill(*(d.request(20 + i, 5 + 7 * i, 3) for i in range(4))))
     for _ in range(2):
         assert padded.batch_size == 9
         both(lambda d: d.decode())
     assert sizes_seen[-1] == {4: 3, 8: 2}
     # The four finished (3 tokens): 5 left -> size 8; then 10, 11, 12 and 13 finish: 1 left -> size 1.
-    while plain.batch_id is not None:
+    while plain.is_running:
         both(lambda d: d.decode())
     assert sizes_seen[-1] == {4: 3, 8: 4, 1: 2}
 
@@ -92,13 +92,13 @@ def test_single_request_uses_size_one_and_odd_sizes(model_dir):
     plain = Driver(make_engine(model_dir, None))
     padded = Driver(make_engine(model_dir, DecodeGraphSettings((1, 3), eager_replay=True)))
     for d in (plain, padded):
-        d.prefill(1, d.request(1, 9, 4))
-        while d.batch_id is not None:
+        d.prefill(d.request(1, 9, 4))
+        while d.is_running:
             d.decode()
     assert replays(padded.engine) == {1: 3}
     for d in (plain, padded):
-        d.prefill(2, d.request(2, 20, 4), d.request(3, 33, 4))
-        while d.batch_id is not None:
+        d.prefill(d.request(2, 20, 4), d.request(3, 33, 4))
+        while d.is_running:
             d.decode()
     assert replays(padded.engine) == {1: 3, 3: 3}  # 2 requests -> size 3
     assert_same_results(plain, padded)
@@ -110,14 +110,15 @@ def test_requests_wider_than_the_graph_tables_run_eagerly(model_dir):
     graphs = engine.runner.decode_graphs
     assert graphs is not None and graphs.max_blocks_per_seq == 3
     d = Driver(engine)
-    d.prefill(1, d.request(1, 5, 3), d.request(2, 5, 3, extra_blocks=3))
-    inputs = build_step_inputs(engine.batches[1].requests, BS, torch.device("cpu"))
+    d.prefill(d.request(1, 5, 3), d.request(2, 5, 3, extra_blocks=3))
+    inputs = build_step_inputs(engine.batch.requests, BS, torch.device("cpu"))
     assert inputs.meta.is_decode and inputs.meta.block_tables.shape[1] == 4
     assert not graphs.can_run(inputs, engine.kv_cache)
     d.decode()
     assert replays(engine) == {}
-    engine.batches[1].remove([2])
-    assert graphs.can_run(build_step_inputs(engine.batches[1].requests, BS, torch.device("cpu")), engine.kv_cache)
+    d.drop(2)
+    narrow = [r for r in engine.batch.requests if r.id != 2]
+    assert graphs.can_run(build_step_inputs(narrow, BS, torch.device("cpu")), engine.kv_cache)
     d.decode()
     assert replays(engine) == {1: 1}
 
@@ -130,8 +131,8 @@ def test_graphs_follow_the_cache_of_the_last_warmup(model_dir):
     assert first is not None and second is not None and second is not first
     assert second.kv_cache is engine.kv_cache and second.max_blocks_per_seq == 4
     d = Driver(engine)
-    d.prefill(1, d.request(1, 5, 2))
-    inputs = build_step_inputs(engine.batches[1].requests, BS, torch.device("cpu"))
+    d.prefill(d.request(1, 5, 2))
+    inputs = build_step_inputs(engine.batch.requests, BS, torch.device("cpu"))
     assert second.can_run(inputs, engine.kv_cache) and not first.can_run(inputs, engine.kv_cache)
 
 
@@ -191,10 +192,10 @@ def _triton_padded_path(model_dir: str) -> dict[int, int]:
     triton = Driver(make_engine(path, DecodeGraphSettings((1, 3, 8), eager_replay=True), max_total_tokens=1024,
                                 attention_impl="triton", use_triton=True, max_prefill_tokens=128))
     for d in (plain, triton):
-        d.prefill(1, d.request(10, 3, 6), d.request(11, 100, 6))
+        d.prefill(d.request(10, 3, 6), d.request(11, 100, 6))
         d.decode()
-        d.prefill(2, d.request(12, 40, 3), d.request(13, 17, 5), d.request(14, 2, 3))
-        while d.batch_id is not None:
+        d.prefill(d.request(12, 40, 3), d.request(13, 17, 5), d.request(14, 2, 3))
+        while d.is_running:
             d.decode()
     assert_same_results(plain, triton)
     for (k0, v0), (k1, v1) in zip(plain.engine.kv_cache.layers, triton.engine.kv_cache.layers):
@@ -252,8 +253,8 @@ def test_padded_decode_of_a_mixture_of_experts_model(tmp_path_factory):
     plain = Driver(make_engine(model_dir, None))
     padded = Driver(make_engine(model_dir, DecodeGraphSettings((1, 4), eager_replay=True)))
     for d in (plain, padded):
-        d.prefill(1, d.request(1, 9, 3), d.request(2, 40, 6), d.request(3, 3, 3))
-        while d.batch_id is not None:
+        d.prefill(d.request(1, 9, 3), d.request(2, 40, 6), d.request(3, 3, 3))
+        while d.is_running:
             d.decode()
     assert replays(padded.engine) == {4: 2, 1: 3}
     assert_same_results(plain, padded)

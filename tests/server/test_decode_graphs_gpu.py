@@ -41,14 +41,14 @@ def model_dir(tmp_path_factory):
 
 def scenario(d: Driver) -> None:
     """3 requests (size 4, contexts 3..480 tokens), +2 (size 8), +4 (9: eager), then drain to 1."""
-    d.prefill(1, d.request(10, 3, 12), d.request(11, 40, 12), d.request(12, 480, 12))
+    d.prefill(d.request(10, 3, 12), d.request(11, 40, 12), d.request(12, 480, 12))
     for _ in range(3):
         d.decode()
-    d.prefill(2, d.request(13, 17, 8), d.request(14, 2, 10))
+    d.prefill(d.request(13, 17, 8), d.request(14, 2, 10))
     for _ in range(2):
         d.decode()
-    d.prefill(3, *(d.request(20 + i, 5 + 7 * i, 3) for i in range(4)))
-    while d.batch_id is not None:
+    d.prefill(*(d.request(20 + i, 5 + 7 * i, 3) for i in range(4)))
+    while d.is_running:
         d.decode()
 
 
@@ -134,8 +134,8 @@ def test_rewarmup_recaptures_on_the_new_cache(model_dir):
     assert second is not None and second is not first()
     assert second.is_captured and second.kv_cache is engine.kv_cache and second.max_blocks_per_seq == 4
     d = Driver(engine)
-    d.prefill(1, d.request(1, 5, 4), d.request(2, 30, 4))
-    while d.batch_id is not None:
+    d.prefill(d.request(1, 5, 4), d.request(2, 30, 4))
+    while d.is_running:
         d.decode()
     assert replays(engine) == {2: 3} and [len(v) for v in d.out.values()] == [4, 4]
 

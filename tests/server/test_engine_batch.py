@@ -1,4 +1,4 @@
-"""Batch bookkeeping without a model: from_proto validation, filter, concatenate, updates, step inputs."""
+"""Batch bookkeeping without a model: request validation, Step calls (drops, updates, admissions), step inputs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 from spindle_proto import generate_pb2 as pb
-from spindle_server.engine.batch import BatchContext, RequestUpdate, ShardBatch
+from spindle_server.engine.batch import BatchContext, RequestUpdate, ShardBatch, StepCall, request_from_proto
 from spindle_server.engine.errors import InvalidArgumentError
 from spindle_server.engine.inputs import build_step_inputs
 
@@ -31,22 +31,24 @@ def request(rid: int, n: int, blocks, **kw) -> pb.Request:
     )
 
 
-def batch(ctx, batch_id: int, *reqs: pb.Request) -> ShardBatch:
-    return ShardBatch.from_proto(pb.Batch(id=batch_id, requests=list(reqs)), ctx)
+def batch(ctx, *reqs: pb.Request) -> ShardBatch:
+    """A batch holding `reqs`, admitted by one Step."""
+    b = ShardBatch([], BS)
+    b.apply_step(StepCall(requests=tuple(request_from_proto(r, ctx) for r in reqs), num_requests=len(reqs)),
+                 num_blocks=ctx.num_blocks)
+    return b
 
 
-def test_counters_and_cached_batch(ctx):
-    b = batch(ctx, 1, request(1, 10, [3, 4, 5]), request(2, 6, [6, 7], cache_len=4),
+def test_counters(ctx):
+    b = batch(ctx, request(1, 10, [3, 4, 5]), request(2, 6, [6, 7], cache_len=4),
               request(3, 9, [8, 9], chunk_len=5))
+    assert b.request_ids == [1, 2, 3]
     assert [r.next_len for r in b.requests] == [10, 2, 5]
     assert [r.completes_context for r in b.requests] == [True, True, False]
-    cached = b.to_proto()
-    assert (cached.id, list(cached.request_ids), cached.size) == (1, [1, 2, 3], 3)
-    assert cached.current_tokens == 17 and cached.max_tokens == 7 * BS
 
 
 def test_step_inputs_slots_positions_and_logit_rows(ctx):
-    b = batch(ctx, 1, request(1, 6, [9, 2]), request(2, 7, [5, 6], cache_len=4),
+    b = batch(ctx, request(1, 6, [9, 2]), request(2, 7, [5, 6], cache_len=4),
               request(3, 9, [8, 1], chunk_len=5, prefill_logprobs=True))
     inputs = build_step_inputs(b.requests, BS, torch.device("cpu"))
     assert inputs.positions.tolist() == [0, 1, 2, 3, 4, 5, 4, 5, 6, 0, 1, 2, 3, 4]
@@ -63,7 +65,7 @@ def test_step_inputs_slots_positions_and_logit_rows(ctx):
 
 
 def test_decode_step_is_decode(ctx):
-    b = batch(ctx, 1, request(1, 3, [0]), request(2, 1, [1]))
+    b = batch(ctx, request(1, 3, [0]), request(2, 1, [1]))
     for r in b.requests:  # as after a prefill that sampled one token
         r.computed_len = len(r.all_ids)
         r.all_ids.append(42)
@@ -72,10 +74,23 @@ def test_decode_step_is_decode(ctx):
     assert inputs.input_ids.tolist() == [42, 42] and inputs.sample_row == [0, 1]
 
 
+def test_step_drops_updates_and_admits_in_order(ctx):
+    b = batch(ctx, request(1, 3, [0]), request(2, 3, [1]), request(3, 3, [2]))
+    new = request_from_proto(request(4, 3, [3]), ctx)
+    b.apply_step(StepCall(dropped_ids=(2,), updates=(RequestUpdate(3, blocks=(5,)),), requests=(new,),
+                          num_requests=3), num_blocks=64)
+    assert b.request_ids == [1, 3, 4]
+    assert b.requests[1].block_table == [2, 5]
+    # A dropped id may come back as a new request in the same step (a preempted request resumed).
+    again = request_from_proto(request(1, 3, [6]), ctx)
+    b.apply_step(StepCall(dropped_ids=(1,), requests=(again,), num_requests=3), num_blocks=64)
+    assert b.request_ids == [3, 4, 1] and b.requests[2].block_table == [6]
+
+
 def test_mixed_step_lists_single_token_requests_first(ctx):
     # r1 and r3 decode (one new token), r2 prefills 6: the step's rows are r1, r3, then r2's chunk, and the
     # decode rows come with their own metadata for the decode kernel.
-    b = batch(ctx, 1, request(1, 3, [0]), request(2, 6, [1, 2], prefill_logprobs=True), request(3, 5, [3, 4]))
+    b = batch(ctx, request(1, 3, [0]), request(2, 6, [1, 2], prefill_logprobs=True), request(3, 5, [3, 4]))
     for r in (b.requests[0], b.requests[2]):
         r.computed_len = len(r.all_ids)
         r.all_ids.append(42)
@@ -152,34 +167,52 @@ def test_mixed_step_attention_equals_one_varlen_call():
     torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
 
 
-def test_filter_keeps_order_and_id(ctx):
-    b = batch(ctx, 7, request(1, 3, [0]), request(2, 3, [1]), request(3, 3, [2]))
-    kept = b.filter([3, 1])
-    assert kept.id == 7 and kept.request_ids == [1, 3]
-    assert b.filter([]) is None
-    with pytest.raises(InvalidArgumentError):
-        b.filter([4])
-    assert b.request_ids == [1, 2, 3]
+def _state(b: ShardBatch) -> list:
+    return [(x.id, list(x.block_table), x.chunk_len, x.computed_len) for x in b.requests]
 
 
-def test_concatenate(ctx):
-    a = batch(ctx, 1, request(1, 3, [0]))
-    b = batch(ctx, 2, request(2, 3, [1]), request(3, 5, [2, 3]))
-    merged = ShardBatch.concatenate([a, b], 2)
-    assert merged.id == 2 and merged.request_ids == [1, 2, 3] and merged.max_tokens == 4 * BS
-    with pytest.raises(InvalidArgumentError, match="two batches"):
-        ShardBatch.concatenate([a, batch(ctx, 3, request(1, 3, [4]))], 3)
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (StepCall(dropped_ids=(9,), num_requests=1), "drop of request 9, which the shard does not hold"),
+        (StepCall(updates=(RequestUpdate(9),), num_requests=2), "update for request 9, which the shard does not"),
+        (StepCall(dropped_ids=(1, 1), num_requests=1), "request 1 appears twice"),
+        (StepCall(updates=(RequestUpdate(2), RequestUpdate(2)), num_requests=2), "request 2 appears twice"),
+        (StepCall(dropped_ids=(1,), updates=(RequestUpdate(1),), num_requests=1), "dropped by this step"),
+        (StepCall(dropped_ids=(1, 2), num_requests=0), "empty step"),
+        (StepCall(num_requests=3), "names 3 requests to compute, the shard would compute 2"),
+    ],
+)
+def test_bad_step_changes_nothing(ctx, call, match):
+    b = batch(ctx, request(1, 3, [0]), request(2, 3, [1]))
+    before = _state(b)
+    with pytest.raises(InvalidArgumentError, match=match):
+        b.apply_step(call, num_blocks=64)
+    assert _state(b) == before
+
+
+def test_new_request_ids_must_be_new_and_distinct(ctx):
+    b = batch(ctx, request(1, 3, [0]))
+    before = _state(b)
+    held = request_from_proto(request(1, 3, [2]), ctx)
+    with pytest.raises(InvalidArgumentError, match="new request 1 is already held"):
+        b.apply_step(StepCall(requests=(held,), num_requests=2), num_blocks=64)
+    twice = tuple(request_from_proto(request(5, 3, [k]), ctx) for k in (3, 4))
+    with pytest.raises(InvalidArgumentError, match="request 5 appears twice"):
+        b.apply_step(StepCall(requests=twice, num_requests=3), num_blocks=64)
+    with pytest.raises(InvalidArgumentError, match="empty step"):
+        ShardBatch([], BS).apply_step(StepCall(), num_blocks=64)
+    assert _state(b) == before
 
 
 def test_updates_append_blocks_and_set_chunks(ctx):
-    b = batch(ctx, 1, request(1, 10, [0], chunk_len=4))
+    b = batch(ctx, request(1, 10, [0], chunk_len=4))
     r = b.requests[0]
     r.computed_len += r.next_len
     r.chunk_len = None
     assert r.remaining_len == 6
-    b.apply([RequestUpdate(1, blocks=(5,), chunk_len=3)], num_blocks=64)
+    b.apply_step(StepCall(updates=(RequestUpdate(1, blocks=(5,), chunk_len=3),), num_requests=1), num_blocks=64)
     assert r.block_table == [0, 5] and r.next_len == 3
-    assert b.current_tokens == 3
 
 
 @pytest.mark.parametrize(
@@ -193,13 +226,13 @@ def test_updates_append_blocks_and_set_chunks(ctx):
     ],
 )
 def test_bad_update_changes_nothing(ctx, update, match):
-    b = batch(ctx, 1, request(1, 10, [0, 1], chunk_len=4), request(2, 3, [2]))
+    b = batch(ctx, request(1, 10, [0, 1], chunk_len=4), request(2, 3, [2]))
     r = b.requests[0]
     r.computed_len, r.chunk_len = 4, None
     before = [(list(x.block_table), x.chunk_len, x.computed_len) for x in b.requests]
     good = RequestUpdate(2, blocks=(3,))
     with pytest.raises(InvalidArgumentError, match=match):
-        b.apply([good, update], num_blocks=64)
+        b.apply_step(StepCall(updates=(good, update), num_requests=2), num_blocks=64)
     assert [(list(x.block_table), x.chunk_len, x.computed_len) for x in b.requests] == before
 
 
@@ -215,27 +248,20 @@ def test_bad_update_changes_nothing(ctx, update, match):
 )
 def test_from_proto_rejects(ctx, req, match):
     with pytest.raises(InvalidArgumentError, match=match):
-        batch(ctx, 1, req)
-
-
-def test_from_proto_rejects_empty_and_duplicate(ctx):
-    with pytest.raises(InvalidArgumentError, match="empty"):
-        batch(ctx, 1)
-    with pytest.raises(InvalidArgumentError, match="twice"):
-        batch(ctx, 1, request(1, 3, [0]), request(1, 3, [1]))
+        request_from_proto(req, ctx)
 
 
 def test_resumed_request_counts_its_tokens(ctx):
     req = request(1, 5, [0, 1], generated_ids=[50, 51], prefill_logprobs=True)
-    (r,) = batch(ctx, 1, req).requests
+    (r,) = batch(ctx, req).requests
     assert r.all_ids[-2:] == [50, 51] and r.num_generated == 2 and r.num_resumed == 2
     assert r.next_len == 7 and r.completes_context
     assert not r.wants_prompt_logprobs  # reported before the preemption
     too_many = request(1, 5, [0, 1], generated_ids=[50] * 5)
     with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
-        batch(ctx, 1, too_many)
+        batch(ctx, too_many)
 
 
 def test_prompt_logprobs_start_with_nan_for_cached_positions(ctx):
-    (r,) = batch(ctx, 1, request(1, 10, [0, 1, 2], cache_len=4, prefill_logprobs=True)).requests
+    (r,) = batch(ctx, request(1, 10, [0, 1, 2], cache_len=4, prefill_logprobs=True)).requests
     assert len(r.prompt_logprobs) == 5 and all(math.isnan(x) for x in r.prompt_logprobs)

@@ -145,7 +145,7 @@ def test_invalid_grammar_is_invalid_argument_and_changes_nothing(group):
     r = router(group)
     bad = Req(id=7, prompt=prompt(7), max_new_tokens=4, grammar=pb.Grammar(type=pb.GRAMMAR_TYPE_REGEX, value="[a-"))
     with pytest.raises(grpc.RpcError) as err:
-        r.prefill([bad])
+        r.step([bad])
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "regex" in err.value.details()
     ok = router(group).run([requests()[0]])[0]

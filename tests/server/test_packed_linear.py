@@ -6,14 +6,21 @@ import pytest
 import torch
 from spindle_server.distributed import Distributed
 from spindle_server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from spindle_server.layers.linear import MergedColumnParallelLinear, RowParallelLinear, pack_linear_weights
+from spindle_server.layers.linear import (
+    EXACT_ROWS,
+    MergedColumnParallelLinear,
+    RowParallelLinear,
+    pack_linear_weights,
+    padded_rows,
+    warm_packed_linears,
+)
 
 SOLO = Distributed(rank=0, world_size=1, group=None)
 TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol": 2e-2, "rtol": 2e-2}}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7, 64])
+@pytest.mark.parametrize("rows", [1, 7, 17, 64, 100])  # 17 and 100 run padded (to 18 and 104)
 def test_packed_layers_equal_plain_ones(dtype, rows):
     torch.manual_seed(rows)
     column = MergedColumnParallelLinear(48, [32, 32], SOLO, bias=True, dtype=dtype)
@@ -39,3 +46,50 @@ def test_float16_is_left_unpacked():
     layer = RowParallelLinear(16, 8, SOLO, dtype=torch.float16)
     layer.pack()
     assert layer.packed is None and layer.weight.shape == (8, 16)
+
+
+def test_padded_rows_are_few_and_close():
+    """Row counts bucket to 8 per octave above 16: at most 12.5% padding, and few distinct matmul shapes, so
+    oneDNN's per-shape primitive caches stop growing (one entry per row count and weight shape)."""
+    assert [padded_rows(n) for n in range(1, EXACT_ROWS + 1)] == list(range(1, EXACT_ROWS + 1))
+    assert [padded_rows(n) for n in (17, 18, 19, 33, 100, 1000, 1025, 8192)] == [18, 18, 20, 36, 104, 1024, 1152, 8192]
+    padded = [padded_rows(n) for n in range(1, 8193)]
+    assert all(n <= p <= n * 1.125 for n, p in zip(range(1, 8193), padded))
+    assert padded == sorted(padded)  # monotone: more rows never run smaller
+    assert len(set(padded)) == 16 + 8 * 9  # 16 exact, then 8 per octave from 16 to 8192
+    assert all(padded_rows(p) == p for p in set(padded))  # a bucket is its own bucket
+
+
+def test_packed_output_has_the_callers_rows():
+    layer = RowParallelLinear(24, 8, SOLO, bias=True)
+    for p in layer.parameters():
+        p.data.normal_(0, 0.1)
+    x = torch.randn(37, 24)
+    with torch.inference_mode():
+        plain = layer(x)
+        layer.pack()
+        packed = layer(x)
+    assert packed.shape == (37, 8) and packed.is_contiguous()
+    torch.testing.assert_close(packed, plain, atol=1e-5, rtol=1e-5)
+
+
+def test_warm_runs_each_packed_shape_once_per_bucket():
+    """Warmup builds every oneDNN primitive serving will use: each distinct packed shape (layers of one shape
+    share theirs) at each row bucket up to the forward's row cap; unpacked layers have none."""
+    same = [RowParallelLinear(48, 32, SOLO) for _ in range(3)]
+    other = MergedColumnParallelLinear(48, [32, 32], SOLO, bias=True)
+    model = torch.nn.ModuleList([*same, other, RowParallelLinear(16, 8, SOLO, dtype=torch.float16)])
+    assert warm_packed_linears(model, 100) == 0  # nothing packed yet
+    pack_linear_weights(model)
+    buckets = {padded_rows(n) for n in range(1, 101)}
+    assert len(buckets) == 16 + 8 + 8 + 5  # 1..16, 18..32, 36..64, 72..104 (the bucket of 100 is 104)
+    assert warm_packed_linears(model, 100) == 2 * len(buckets)
+    # A row-parallel layer adds its bias after the all-reduce: its matmul (and so its primitive) has none.
+    biased_row = RowParallelLinear(48, 32, SOLO, bias=True)
+    biased_row.pack()
+    assert warm_packed_linears(torch.nn.ModuleList([same[0], biased_row]), 100) == len(buckets)
+    head = ParallelLMHead(100, 48, SOLO)
+    head.pack()
+    assert warm_packed_linears(head, 100) == len(buckets)
+    head.max_warm_rows = 32  # the LM head caps its own rows
+    assert warm_packed_linears(head, 100) == 16 + 8

@@ -27,9 +27,9 @@ def shard(tmp_path_factory):
     path = make_tiny_model(tmp_path_factory.mktemp("model") / "llama", TinyModelSpec(arch="llama", seed=21))
     group = ShardGroup(path)
     try:
-        # Before Warmup there is no KV cache: a Prefill is refused, and the shard keeps serving.
+        # Before Warmup there is no KV cache: a Step is refused, and the shard keeps serving.
         with pytest.raises(grpc.RpcError) as err:
-            group.call("Prefill", pb.PrefillRequest(batch=pb.Batch(id=1, requests=[_request(1, prompt(4))])))
+            group.call("Step", pb.StepRequest(requests=[_request(1, prompt(4))], num_requests=1))
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         num_blocks = warmup(group).num_blocks
         model, tokenizer = load_reference(path)
@@ -102,95 +102,101 @@ def test_same_seed_same_tokens_alone_and_in_a_batch_of_eight(router, shard):
     assert len({tuple(m.tokens) for m in mates} | {tuple(alone.tokens)}) > 1
 
 
-def _status(group: ShardGroup, method: str, request) -> grpc.StatusCode:
+def _refused(group: ShardGroup, request: pb.StepRequest) -> str:
+    """The Step's error message; its status must be INVALID_ARGUMENT."""
     with pytest.raises(grpc.RpcError) as err:
-        group.call(method, request)
+        group.call("Step", request)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert err.value.details()  # a message a person can act on
-    return err.value.code()
+    return err.value.details()
 
 
-def test_bad_calls_get_the_right_status_and_change_nothing(shard, router):
-    group, num_blocks, model, _ = shard
-    NOT_FOUND, INVALID = grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT
-    req = Req(3, prompt(12), 6)
-    router.prefill([req])
-    cached = router.cached
-
-    assert _status(group, "Decode", pb.DecodeRequest(batches=[pb.CachedBatch(id=999)])) == NOT_FOUND
-    assert _status(group, "FilterBatch", pb.FilterBatchRequest(batch_id=999, request_ids=[3])) == NOT_FOUND
-    prefill = pb.PrefillRequest(batch=pb.Batch(id=7, requests=[_request(8, prompt(4))]),
-                                cached_batch=pb.CachedBatch(id=999))
-    assert _status(group, "Prefill", prefill) == NOT_FOUND
-    bad_prefills = {
-        "empty batch": pb.Batch(id=7),
-        "block out of range": pb.Batch(id=7, requests=[_request(8, prompt(4), blocks=[num_blocks])]),
-        "too few blocks": pb.Batch(id=7, requests=[_request(8, prompt(20), blocks=[5])]),
-        "duplicate id": pb.Batch(id=7, requests=[_request(8, prompt(4), [5]), _request(8, prompt(4), [6])]),
-        "id already running": pb.Batch(id=7, requests=[_request(3, prompt(4), [5])]),
-        "chunk beyond prompt": pb.Batch(id=7, requests=[_request(8, prompt(4), [5], chunk_len=5)]),
-        "cache_len covers the prompt": pb.Batch(id=7, requests=[_request(8, prompt(4), [5], cache_len=4)]),
-        "token outside vocab": pb.Batch(id=7, requests=[_request(8, [1, 10**6], [5])]),
-        "invalid params": pb.Batch(id=7, requests=[pb.Request(
-            id=8, input_ids=prompt(4), blocks=[5],
-            parameters=pb.NextTokenChooserParameters(temperature=-1.0, top_p=1.0, typical_p=1.0),
-            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=4))]),
-        "max_new_tokens 0": pb.Batch(id=7, requests=[_request(8, prompt(4), [5])]),
-    }
-    bad_prefills["max_new_tokens 0"].requests[0].stopping_parameters.max_new_tokens = 0
-    for what, batch in bad_prefills.items():
-        assert _status(group, "Prefill", pb.PrefillRequest(batch=batch)) == INVALID, what
-    stale = pb.PrefillRequest(batch=pb.Batch(id=7, requests=[_request(8, prompt(4), [5])]),
-                              cached_batch=pb.CachedBatch(id=cached.id, request_ids=[3, 99]))
-    assert _status(group, "Prefill", stale) == INVALID
-    # A bad update (block out of range) in a Decode is refused before anything moves.
-    bad_update = pb.DecodeRequest(batches=[cached], updates=[pb.RequestUpdate(request_id=3, blocks=[num_blocks])])
-    assert _status(group, "Decode", bad_update) == INVALID
-    unknown = pb.DecodeRequest(batches=[cached], updates=[pb.RequestUpdate(request_id=42)])
-    assert _status(group, "Decode", unknown) == INVALID
-    assert _status(group, "FilterBatch", pb.FilterBatchRequest(batch_id=cached.id, request_ids=[42])) == INVALID
-
-    # The batch is untouched: it decodes on to exactly the reference tokens.
-    assert router.cached == cached
-    while router.cached is not None:
-        router.decode()
-    ids = list(req.prompt)
+def _reference(model, ids: list[int], n: int) -> list[int]:
+    ids = list(ids)
     with torch.no_grad():
-        for _ in range(6):
+        for _ in range(n):
             ids.append(int(model(torch.tensor([ids])).logits[0, -1].argmax()))
-    assert req.tokens == ids[len(req.prompt):]
+    return ids[-n:]
+
+
+def test_bad_steps_get_invalid_argument_and_change_nothing(shard, router):
+    """The step contract: bad ids, duplicate ids, an empty step, bad blocks or chunks, a wrong count are each
+    refused before anything changes, and the shard serves on as if they had never come."""
+    group, num_blocks, model, _ = shard
+    req = Req(3, prompt(12), 6)
+    router.step([req])
+    free = router.free[0]
+
+    def step(**kw) -> pb.StepRequest:
+        return pb.StepRequest(num_requests=kw.pop("num_requests", 1), **kw)
+
+    bad_steps = {
+        "drop of an unknown id": (step(dropped_ids=[42]), "drop of request 42, which the shard does not hold"),
+        "update of an unknown id": (step(updates=[pb.RequestUpdate(request_id=42)]), "request 42"),
+        "new id already held": (step(requests=[_request(3, prompt(4), [free])], num_requests=2),
+                                "new request 3 is already held"),
+        "new id twice": (step(requests=[_request(8, prompt(4), [free]), _request(8, prompt(4), [free + 1])],
+                              num_requests=3), "request 8 appears twice"),
+        "two updates of one id": (step(updates=[pb.RequestUpdate(request_id=3)] * 2), "request 3 appears twice"),
+        "drop twice": (step(dropped_ids=[3, 3], requests=[_request(8, prompt(4), [free])]),
+                       "request 3 appears twice"),
+        "update of a dropped id": (step(dropped_ids=[3], updates=[pb.RequestUpdate(request_id=3)],
+                                        requests=[_request(8, prompt(4), [free])]), "dropped by this step"),
+        "empty step": (step(dropped_ids=[3], num_requests=0), "empty step"),
+        "count disagrees": (step(num_requests=2), "names 2 requests"),
+        "update block out of range": (step(updates=[pb.RequestUpdate(request_id=3, blocks=[num_blocks])]),
+                                      "out of range"),
+        "a step out of order": (step(seq=router.seq + 2), "steps must run in the order sent"),
+    }
+    bad_new = {
+        "block out of range": _request(8, prompt(4), blocks=[num_blocks]),
+        "too few blocks": _request(8, prompt(20), blocks=[free]),
+        "chunk beyond prompt": _request(8, prompt(4), [free], chunk_len=5),
+        "cache_len covers the prompt": _request(8, prompt(4), [free], cache_len=4),
+        "token outside vocab": _request(8, [1, 10**6], [free]),
+        "invalid params": pb.Request(
+            id=8, input_ids=prompt(4), blocks=[free],
+            parameters=pb.NextTokenChooserParameters(temperature=-1.0, top_p=1.0, typical_p=1.0),
+            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=4)),
+        "max_new_tokens 0": _request(8, prompt(4), [free]),
+    }
+    bad_new["max_new_tokens 0"].stopping_parameters.max_new_tokens = 0
+    for what, new in bad_new.items():
+        bad_steps[what] = (step(requests=[new], num_requests=2), "request 8")
+    for what, (request, message) in bad_steps.items():
+        assert message in _refused(group, request), what
+
+    # Nothing moved: the shard still holds exactly request 3 (a Step counting one request is accepted, so no
+    # bad new request was kept, nor 3 dropped), and it decodes on to exactly the reference tokens (its KV
+    # blocks were not written by a refused call).
+    assert router.held == [3] and list(router.active) == [3]
+    while router.is_running:
+        router.decode()
+    assert req.tokens == _reference(model, req.prompt, 6)
+    # The finished request is dropped by the next step, which the blocks the refused calls named serve.
+    late = Req(8, prompt(4), 3)
+    router.step([late])
+    assert router.held == [8]
+    while router.is_running:
+        router.decode()
+    assert late.tokens == _reference(model, late.prompt, 3)
     group.call("Health", pb.HealthRequest())
 
 
-def test_filter_and_clear(shard, router):
+def test_finished_requests_stay_until_dropped(shard, router):
+    """A finished request stays on the shard until a step drops it: without the drop the count disagrees."""
     group, _, _, _ = shard
-    reqs = [Req(i, prompt(6 + i), 20) for i in range(3)]
-    router.prefill(reqs)
-    batch_id = router.cached.id
-    kept = group.call("FilterBatch", pb.FilterBatchRequest(batch_id=batch_id, request_ids=[0, 2]))
-    assert list(kept.batch.request_ids) == [0, 2] and kept.batch.size == 2
-    assert kept.batch.max_tokens == 2 * 16
-    none = group.call("FilterBatch", pb.FilterBatchRequest(batch_id=batch_id, request_ids=[]))
-    assert not none.HasField("batch")
-    assert _status(group, "Decode", pb.DecodeRequest(batches=[kept.batch])) == grpc.StatusCode.NOT_FOUND
-    # ClearCache of an unknown id is fine (the goal state holds); of all, too.
-    group.call("ClearCache", pb.ClearCacheRequest(id=12345))
+    a, b = Req(0, prompt(5), 2), Req(1, prompt(9, offset=4), 5)
+    router.step([a, b])
+    router.decode()
+    assert a.finished is not None and router.held == [0, 1] and list(router.active) == [1]
+    assert "names 1 requests to compute, the shard would compute 2" in _refused(group, pb.StepRequest(num_requests=1))
+    router.decode()  # drops 0
+    assert router.held == [1]
+    # ClearCache forgets everything: a step naming request 1 is refused after it.
     group.call("ClearCache", pb.ClearCacheRequest())
-
-
-def test_decode_merges_batches(shard, router):
-    group, num_blocks, _, _ = shard
-    a, b = Req(0, prompt(5), 3), Req(1, prompt(9, offset=4), 6)
-    router.prefill([a])
-    first = router.cached
-    other = MiniRouter(group, num_blocks)
-    other._next_batch_id = 500
-    other.free = [blk for blk in router.free]  # disjoint blocks: take them from the first router's pool
-    router.free = router.free[len(router.free) // 2 :]
-    other.free = other.free[: len(other.free) // 2]
-    other.prefill([b])
-    response = group.call("Decode", pb.DecodeRequest(batches=[first, other.cached]))
-    assert response.batch.id == first.id and sorted(response.batch.request_ids) == [0, 1]
-    assert {g.request_id for g in response.generations} == {0, 1}
+    assert "does not hold" in _refused(group, pb.StepRequest(updates=[pb.RequestUpdate(request_id=1)],
+                                                             num_requests=1))
 
 
 def test_info(shard):

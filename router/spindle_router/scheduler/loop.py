@@ -6,12 +6,21 @@ the blocks). A step:
 
     drain messages (new requests, cancellations)
     plan = plan_step(running, waiting, blocks, limits)          batcher.py: tokens, chunks, blocks, preemption
-    FilterBatch  if cancelled / preempted requests are still in the shard batch
-    Prefill(new requests, cached_batch, updates)  when requests join (one mixed forward with the decodes)
-      or Decode([cached_batch], updates)           otherwise
+    Step(new requests, updates, dropped ids)     one call, one mixed forward; dropped: the requests the
+                                                 shards hold that left `running` (finished, cancelled,
+                                                 preempted), so leaving costs no round trip of its own
     generations -> events; finished requests free their blocks; full prompts enter the prefix cache
 
-On a failed shard call every request in the batch gets an ErrorEvent, the shards' batches are cleared and
+Overlap (`overlap_steps`, off by default): a step is sent before the previous one's answer is absorbed, so
+the shards run step N + 1 while the router turns step N into events and plans N + 2; the shards execute
+steps in the order sent. Counters advance when a step is sent, as if it had run, and a token being sampled
+holds a PENDING_TOKEN place in `generated_ids` until its answer fills it. What the router cannot know in
+advance: a request that stops on EOS or a stop sequence at step N is still in step N + 1, whose token for it
+nobody reads (it is dropped with N + 2). A request's last token by max_new_tokens is known: it leaves
+`running` (and its blocks) when that step is sent. Blocks freed while a step that wrote them is in flight
+can only be written again by later steps, which run after it.
+
+On a failed shard call every request in the batch gets an ErrorEvent, the shards are cleared and
 `is_healthy` turns False (until a health check passes). Waiting requests stay queued. A shard that misses a
 call's deadline (ShardStalled) is fatal instead: every request, running or waiting, gets an ErrorEvent, new
 ones are refused, `is_healthy` stays False and `failed` is set, so the server exits (the launcher, or
@@ -109,6 +118,24 @@ class _Stream:
         self._scheduler._post(_Cancel(self.request_id))
 
 
+PENDING_TOKEN = -1  # a generated_ids place whose token a step in flight is sampling
+
+
+@dataclass
+class _Flight:
+    """A step sent to the shards whose answer is not absorbed yet."""
+
+    stepped: list[ScheduledRequest]  # running then admitted, as sent
+    admitted: bool  # the step admitted requests
+    num_running: int  # requests it carried that were running before it
+    samples: dict[int, int]  # request id -> index in its generated_ids of the token this step samples
+    num_tokens: int  # tokens its forward computes
+    method: str  # "prefill" when it admitted requests, else "decode" (TGI's metric labels)
+    dropped: bool  # it dropped requests from the shards
+    sent_at: float  # time.perf_counter()
+    call: asyncio.Future[pb.StepResponse]
+
+
 @dataclass(frozen=True)
 class _Submit:
     sr: ScheduledRequest
@@ -142,9 +169,14 @@ class Scheduler:
         self.running: list[ScheduledRequest] = []  # admission order; == the shard batch after each step
         self._streams: dict[int, _Stream] = {}
         self._inbox: asyncio.Queue[_Submit | _Cancel] = asyncio.Queue()
-        self._cached: pb.CachedBatch | None = None  # the shards' batch, as they last reported it
+        # Ids the shards hold: those of `running`, plus requests that left it since the last step (they
+        # are dropped by the next Step: a finished request stays on the shards until then).
+        self._held: list[int] = []
+        self._flight: _Flight | None = None  # a step sent whose answer is not absorbed yet (overlap)
+        # Left `running` when their last token was sent for (max_new_tokens): their stream ends on the answer.
+        self._finishing: list[ScheduledRequest] = []
         self._next_request_id = 0
-        self._next_batch_id = 0
+        self._next_seq = 1  # of the next Step: the shards run steps strictly in this order
         self._healthy = True
         self._accepting = True
         self.fatal_error: str | None = None  # set when a shard stalled: nothing more is sent to the shards
@@ -212,8 +244,9 @@ class Scheduler:
             except asyncio.CancelledError:
                 pass
             self._task = None
-        if self.running or self.waiting:
-            self._fail(self.running + list(self.waiting), "the server is shutting down")
+        await self._abandon_flight()
+        if self.running or self.waiting or self._finishing:
+            self._fail(self.running + list(self.waiting) + self._finishing, "the server is shutting down")
             self.waiting.clear()
             if self.fatal_error is None:  # a stalled shard would only make us wait for another deadline
                 try:
@@ -228,20 +261,27 @@ class Scheduler:
     # ---- the task -------------------------------------------------------------------------------
     async def _run(self) -> None:
         while True:
-            if not self.running and not self.waiting:
+            if not self.running and not self.waiting and self._flight is None:
                 self._handle(await self._inbox.get())
             while not self._inbox.empty():
                 self._handle(self._inbox.get_nowait())
-            if not self.running and not self.waiting:
+            if not self.running and not self.waiting and self._flight is None:
                 self._update_gauges()  # cancellations may have emptied the batch: no step will say so
                 continue
+            start = time.perf_counter()
             plan = plan_step(self.running, self.waiting, self.blocks, self.limits)
+            self.metrics.step_phase_duration.labels(phase="plan").observe(time.perf_counter() - start)
             self._note_plan(plan)
             try:
-                await self._sync_shard_batch()
-                if not plan.is_empty:
-                    await self._step(plan)
+                sent = self._send(plan) if not plan.is_empty else None
+                previous, self._flight = self._flight, sent
+                if previous is not None:  # overlap: absorb step N while the shards run step N + 1
+                    await self._finish(previous)
+                if sent is not None and not self.config.overlap_steps:
+                    self._flight = None
+                    await self._finish(sent)
             except ShardStalled as exc:
+                await self._abandon_flight()
                 self._stalled(str(exc))
                 return
             except Exception as exc:  # a shard error, or a bug here: never leave streams hanging
@@ -249,17 +289,29 @@ class Scheduler:
                     log.error("shard call failed: %s", exc)
                 else:
                     log.exception("scheduler step failed")
+                await self._abandon_flight()
                 self._healthy = False
                 message = str(exc) if isinstance(exc, ShardError) else f"Scheduler error: {exc!r}"
-                self._fail(list(self.running), message)
-                self._cached = None
+                self._fail(list(self.running) + self._finishing, message)
+                for sr in self.waiting:  # preempted while a lost step was sampling for them: it never came
+                    while sr.generated_ids and sr.generated_ids[-1] == PENDING_TOKEN:
+                        sr.generated_ids.pop()
+                self._held = []
                 try:
                     await self.shards.clear_cache()
                 except ShardError:
                     pass
             self._update_gauges()
-            if plan.is_empty and not self.running and self.waiting:
+            if plan.is_empty and not self.running and self.waiting and self._flight is None:
                 self._handle(await self._inbox.get())  # nothing could be admitted: wait for news
+
+    async def _abandon_flight(self) -> None:
+        """Cancel the step still in flight (its answer no longer matters: the shards get cleared)."""
+        flight, self._flight = self._flight, None
+        if flight is not None:
+            flight.call.cancel()
+            await asyncio.gather(flight.call, return_exceptions=True)
+            self.metrics.batch_inference_failure.labels(method=flight.method).inc()
 
     def _stalled(self, message: str) -> None:
         """A shard missed a deadline: fail every request, refuse new ones, and tell the server to exit."""
@@ -267,9 +319,9 @@ class Scheduler:
                   message, len(self.running), len(self.waiting))
         self.fatal_error = message
         self._healthy = False
-        self._fail(self.running + list(self.waiting), message)
+        self._fail(self.running + list(self.waiting) + self._finishing, message)
         self.waiting.clear()
-        self._cached = None
+        self._held = []
         while not self._inbox.empty():  # requests submitted meanwhile
             queued = self._inbox.get_nowait()
             if isinstance(queued, _Submit):
@@ -288,7 +340,7 @@ class Scheduler:
                 return
         for sr in self.running:
             if sr.id == message.request_id:
-                self.running.remove(sr)  # its blocks free now; the shard batch is filtered before the next step
+                self.running.remove(sr)  # its blocks free now; the next Step drops it from the shards
                 self._forget(sr)
                 return
 
@@ -298,41 +350,73 @@ class Scheduler:
         if not self._streams:
             self._idle.set()  # every accepted request has ended
 
-    async def _sync_shard_batch(self) -> None:
-        """FilterBatch out the requests the shards hold that left `running` (cancelled or preempted)."""
-        if self._cached is None:
-            return
-        planned = {sr.id for sr in self.running}
-        keep = [i for i in self._cached.request_ids if i in planned]
-        if len(keep) == len(self._cached.request_ids):
-            return
+    def _send(self, plan: StepPlan) -> _Flight:
+        """Start the step's call, and advance every counter as if it had run: the next plan (made while this
+        step runs, with overlap) starts from there. A token being sampled holds a PENDING_TOKEN place."""
+        phase = self.metrics.step_phase_duration
         start = time.perf_counter()
-        md = _carrier(self.running)
-        self._cached = await self._timed("filter", self.shards.filter_batch(self._cached.id, keep, metadata=md))
-        self.metrics.batch_filter_duration.labels(method="filter").observe(time.perf_counter() - start)
-
-    async def _step(self, plan: StepPlan) -> None:
+        stepped = plan.running + plan.admitted
+        live = {sr.id for sr in plan.running}
+        dropped = [i for i in self._held if i not in live]  # finished, cancelled or preempted since
         updates = [u for u in (self._update(sr, plan.new_blocks.get(sr.id, [])) for sr in plan.running) if u]
         if plan.admitted:
             now = time.monotonic()
             for sr in plan.admitted:
                 sr.started_at = sr.started_at if sr.started_at is not None else now
-            batch = pb.Batch(id=self._next_batch_id, requests=[self._request(sr) for sr in plan.admitted])
-            self._next_batch_id += 1
-            if self._cached is not None:
+            if plan.running:
                 self.metrics.batch_concat.labels(reason="chunking").inc()
             self.metrics.batch_next_size.observe(len(plan.admitted))
-            method = "prefill"
             md = _carrier(plan.admitted, ask_all=True) or _carrier(plan.running)
-            response = await self._timed(method, self.shards.prefill(batch, self._cached, updates, metadata=md))
         else:
-            assert self._cached is not None, "running requests without a shard batch"
-            method = "decode"
             md = _carrier(plan.running)
-            response = await self._timed(method, self.shards.decode([self._cached], updates, metadata=md))
-        self._observe(method, response)
-        self._learn_step_cost(plan, response)
-        self._absorb(plan, response)
+        requests = [self._request(sr) for sr in plan.admitted]
+        num_tokens = plan.num_tokens
+        # TGI's method names, for its dashboards: a step that admits is a "prefill".
+        method = "prefill" if plan.admitted else "decode"
+        self.metrics.batch_inference_count.labels(method=method).inc()
+        # Its deadline starts now, so it covers the step still in flight ahead of it (overlap) too.
+        ahead = self._flight.num_tokens if self._flight is not None else 0
+        call = asyncio.ensure_future(self.shards.step(
+            requests, updates, dropped, num_requests=len(stepped), work_tokens=num_tokens + ahead,
+            seq=self._next_seq, metadata=md,
+        ))
+        self._next_seq += 1
+        self._held = [sr.id for sr in stepped]
+        samples: dict[int, int] = {}
+        for sr in stepped:
+            sr.computed_tokens += sr.scheduled_tokens
+            sr.scheduled_tokens = 0
+            self.blocks.cache_prompt(sr)  # a later step reading these blocks runs after this one
+            if sr.computed_tokens == sr.context_len:  # the step completes its context: it samples a token
+                samples[sr.id] = sr.num_generated
+                sr.generated_ids.append(PENDING_TOKEN)
+        for sr in stepped:
+            if sr.id in samples and sr.num_generated >= sr.request.stopping.max_new_tokens:
+                # Its last token: it leaves the batch now (its blocks are free for steps after this one).
+                self.running.remove(sr)
+                self.blocks.release(sr)
+                self._finishing.append(sr)
+        flight = _Flight(stepped=stepped, admitted=bool(plan.admitted), num_running=len(plan.running),
+                         samples=samples, num_tokens=num_tokens, method=method, dropped=bool(dropped),
+                         sent_at=time.perf_counter(), call=call)
+        phase.labels(phase="build").observe(flight.sent_at - start)
+        return flight
+
+    async def _finish(self, flight: _Flight) -> None:
+        """Wait for a sent step's answer and absorb it. Counted a success only once absorbed (a scrape that
+        sees inference_count == success + failure sees every answer absorbed)."""
+        try:
+            response = await flight.call  # on failure the error path clears the shards
+        except ShardError:
+            self.metrics.batch_inference_failure.labels(method=flight.method).inc()
+            raise
+        answered = time.perf_counter()
+        self.metrics.step_phase_duration.labels(phase="call").observe(answered - flight.sent_at)
+        self._observe(flight.method, response, flight.dropped, flight.admitted and flight.num_running > 0)
+        self._learn_step_cost(flight, response)
+        self._absorb(flight, response)
+        self.metrics.batch_inference_success.labels(method=flight.method).inc()
+        self.metrics.step_phase_duration.labels(phase="absorb").observe(time.perf_counter() - answered)
 
     def _request(self, sr: ScheduledRequest) -> pb.Request:
         """A new request, sent whole once (STYLE 8)."""
@@ -380,39 +464,43 @@ class Scheduler:
             update.chunk_len = chunk
         return update
 
-    def _absorb(self, plan: StepPlan, response: pb.PrefillResponse | pb.DecodeResponse) -> None:
-        """Check the answer against the plan, then advance counters and send events."""
-        stepped = plan.running + plan.admitted
-        generations = {g.request_id: g for g in response.generations}
-        for sr in stepped:
-            completes = sr.computed_tokens + sr.scheduled_tokens == sr.context_len
-            if completes != (sr.id in generations):
-                raise ShardError(f"Server error: request {sr.id} {'got no' if completes else 'got a'} token this step")
-        if len(generations) != sum(sr.id in generations for sr in stepped):
-            raise ShardError("Server error: a generation for a request that was not in the step")
-        finished = {i for i, g in generations.items() if g.HasField("generated_text")}
-        expected = {sr.id for sr in stepped} - finished
-        held = set(response.batch.request_ids) if response.HasField("batch") else set()
-        if held != expected:
-            raise ShardError(f"Server error: the shards hold requests {sorted(held)}, expected {sorted(expected)}")
-        self._cached = response.batch if response.HasField("batch") else None
-        for sr in stepped:
-            sr.computed_tokens += sr.scheduled_tokens
-            sr.scheduled_tokens = 0
-            self.blocks.cache_prompt(sr)
-            gen = generations.get(sr.id)
-            if gen is not None:
-                self._emit(sr, gen)
-        for sr in [sr for sr in stepped if sr.id in finished]:
-            self.running.remove(sr)
-            self._forget(sr)
+    def _absorb(self, flight: _Flight, response: pb.StepResponse) -> None:
+        """Check the answer against what the step was sent to do, then fill in tokens and send events.
 
-    def _emit(self, sr: ScheduledRequest, gen: pb.Generation) -> None:
-        stream = self._streams.get(sr.id)
-        token = _tokens(gen.tokens)[0]
-        sr.generated_ids.append(token.id)
-        if stream is None:
-            return
+        With overlap a request may have left since the step was sent: cancelled (its stream is gone), or
+        finished by the step before (EOS, a stop sequence: the shards computed one token past its end).
+        Their tokens reach nobody."""
+        generations = {g.request_id: g for g in response.generations}
+        for sr in flight.stepped:
+            samples = sr.id in flight.samples
+            if samples != (sr.id in generations):
+                raise ShardError(f"Server error: request {sr.id} {'got no' if samples else 'got a'} token this step")
+        if len(generations) != sum(sr.id in generations for sr in flight.stepped):
+            raise ShardError("Server error: a generation for a request that was not in the step")
+        for sr in flight.stepped:
+            gen = generations.get(sr.id)
+            if gen is None:
+                continue
+            token = _tokens(gen.tokens)[0]
+            sr.generated_ids[flight.samples[sr.id]] = token.id
+            if sr.id not in self._streams:
+                continue  # cancelled, or finished by an earlier step
+            self._emit(sr, gen, token)
+            if gen.HasField("generated_text"):
+                self._end(sr)
+
+    def _end(self, sr: ScheduledRequest) -> None:
+        """A finished request leaves wherever it is (the next Step drops it from the shards)."""
+        if sr in self.running:
+            self.running.remove(sr)
+        elif sr in self._finishing:
+            self._finishing.remove(sr)
+        elif sr in self.waiting:  # preempted by a plan made before this answer came
+            self.waiting.remove(sr)
+        self._forget(sr)
+
+    def _emit(self, sr: ScheduledRequest, gen: pb.Generation, token: Token) -> None:
+        stream = self._streams[sr.id]
         if gen.HasField("prefill_tokens") and gen.prefill_tokens.ids and not sr.prefill_event_sent:
             sr.prefill_event_sent = True
             stream.push(PrefillEvent(_tokens(gen.prefill_tokens)))
@@ -435,37 +523,33 @@ class Scheduler:
                 stream.push(ErrorEvent(message))
             if sr in self.running:
                 self.running.remove(sr)
+            if sr in self._finishing:
+                self._finishing.remove(sr)
             self._forget(sr)
 
     # ---- metrics --------------------------------------------------------------------------------
-    async def _timed(self, method: str, call):  # type: ignore[no-untyped-def]
-        self.metrics.batch_inference_count.labels(method=method).inc()
-        try:
-            result = await call
-        except ShardError:
-            self.metrics.batch_inference_failure.labels(method=method).inc()
-            raise
-        self.metrics.batch_inference_success.labels(method=method).inc()
-        return result
-
-    def _observe(self, method: str, response: pb.PrefillResponse | pb.DecodeResponse) -> None:
+    def _observe(self, method: str, response: pb.StepResponse, dropped: bool, joined: bool) -> None:
+        """Shard timings under TGI's metric names: the step's preparation (drops, updates, admissions) counts
+        as "filter" when it dropped requests and as "concat" when new ones joined running ones."""
         m = self.metrics
         m.batch_forward_duration.labels(method=method).observe(response.forward_ns / 1e9)
         m.batch_decode_duration.labels(method=method).observe(response.decode_ns / 1e9)
         m.batch_inference_duration.labels(method=method).observe(response.total_ns / 1e9)
-        if response.concat_ns:
-            m.batch_concat_duration.labels(method=method).observe(response.concat_ns / 1e9)
-        if method == "prefill" and response.grammar_compile_ns:
+        if dropped:
+            m.batch_filter_duration.labels(method=method).observe(response.prepare_ns / 1e9)
+        if joined:
+            m.batch_concat_duration.labels(method=method).observe(response.prepare_ns / 1e9)
+        if response.grammar_compile_ns:
             m.grammar_compile_duration.observe(response.grammar_compile_ns / 1e9)
         if response.grammar_mask_ns:
             m.grammar_mask_duration.observe(response.grammar_mask_ns / 1e9)
 
-    def _learn_step_cost(self, plan: StepPlan, response: pb.PrefillResponse | pb.DecodeResponse) -> None:
+    def _learn_step_cost(self, flight: _Flight, response: pb.StepResponse) -> None:
         """Decode-only steps teach the stall-free budget what decode rows cost at today's context lengths."""
         cost = self.limits.step_cost
-        if cost is None or plan.admitted or plan.num_tokens != len(plan.running):
+        if cost is None or flight.admitted or flight.num_tokens != flight.num_running:
             return
-        learned = cost.observe_decode_step(len(plan.running), response.forward_ns)
+        learned = cost.observe_decode_step(flight.num_running, response.forward_ns)
         self.limits = dataclasses.replace(self.limits, step_cost=learned)
 
     def _note_plan(self, plan: StepPlan) -> None:
@@ -487,7 +571,7 @@ class Scheduler:
         m = self.metrics
         m.queue_size.set(len(self.waiting))
         m.batch_current_size.set(len(self.running))
-        m.batch_current_max_tokens.set(self._cached.max_tokens if self._cached is not None else 0)
+        m.batch_current_max_tokens.set(sum(len(sr.blocks) for sr in self.running) * self.blocks.block_size)
         m.kv_blocks_used.set(self.blocks.num_request_blocks(self.running))
         m.prefix_cache_blocks.set(self.blocks.num_cached_blocks)
 

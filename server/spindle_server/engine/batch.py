@@ -1,7 +1,8 @@
-"""The shard's batch: the requests one cached batch id stands for, and their conversions.
+"""The shard's batch: the requests it holds, and how one Step call changes them.
 
-`from_proto` validates a whole `Batch` message before building anything; `apply` validates every
-update before changing any request. Both raise `InvalidArgumentError`, so a bad call changes nothing.
+`request_from_proto` validates one new request before building it; `ShardBatch.check_step` validates a
+whole step (ids, blocks, chunks, coverage) before `apply_step` changes anything. Both raise
+`InvalidArgumentError`, so a bad call changes nothing.
 """
 
 from __future__ import annotations
@@ -172,22 +173,23 @@ def _grammar_matcher(pb: generate_pb2.Request, ctx: BatchContext, generated: lis
     return matcher
 
 
-class ShardBatch:
-    """A cached batch: its id, its requests in order, and the KV block size their tables use."""
+@dataclass(frozen=True)
+class StepCall:
+    """One Step RPC in domain terms: drops, then updates, then admissions, then one forward over all."""
 
-    def __init__(self, batch_id: int, requests: list[RequestState], block_size: int) -> None:
-        self.id = batch_id
+    dropped_ids: tuple[int, ...] = ()
+    updates: tuple[RequestUpdate, ...] = ()
+    requests: tuple[RequestState, ...] = ()  # new, built (and each checked) by request_from_proto
+    num_requests: int = 0  # requests the forward computes, as the router counts them
+    seq: int = 0  # the router's step counter; 0: unchecked
+
+
+class ShardBatch:
+    """The requests a shard holds, in admission order, and the KV block size their tables use."""
+
+    def __init__(self, requests: list[RequestState], block_size: int) -> None:
         self.requests = requests
         self.block_size = block_size
-
-    @classmethod
-    def from_proto(cls, pb: generate_pb2.Batch, ctx: BatchContext) -> ShardBatch:
-        if not pb.requests:
-            raise InvalidArgumentError(f"batch {pb.id} is empty")
-        ids = [r.id for r in pb.requests]
-        if len(set(ids)) != len(ids):
-            raise InvalidArgumentError(f"batch {pb.id} names a request id twice")
-        return cls(pb.id, [request_from_proto(r, ctx) for r in pb.requests], ctx.block_size)
 
     @property
     def request_ids(self) -> list[int]:
@@ -196,83 +198,65 @@ class ShardBatch:
     def __len__(self) -> int:
         return len(self.requests)
 
-    @property
-    def current_tokens(self) -> int:
-        """Tokens the next forward computes."""
-        return sum(r.next_len for r in self.requests)
-
-    @property
-    def max_tokens(self) -> int:
-        """KV slots covered by the block tables."""
-        return sum(len(r.block_table) for r in self.requests) * self.block_size
-
-    def filter(self, keep_ids: Sequence[int]) -> ShardBatch | None:
-        """The same batch id with only `keep_ids` (every one must be held); None when none is kept."""
+    def check_step(self, call: StepCall, num_blocks: int) -> None:
+        """Raise InvalidArgumentError unless `apply_step(call)` leaves a non-empty batch, every request ready
+        to step. Checks the whole call; nothing changes here."""
         held = {r.id: r for r in self.requests}
-        unknown = [i for i in keep_ids if i not in held]
+        dropped = _distinct("drops", call.dropped_ids)
+        unknown = [i for i in call.dropped_ids if i not in held]
         if unknown:
-            raise InvalidArgumentError(f"batch {self.id} holds no request {unknown[0]}")
-        keep = set(keep_ids)
-        if not keep:
-            return None
-        return ShardBatch(self.id, [r for r in self.requests if r.id in keep], self.block_size)
-
-    @staticmethod
-    def concatenate(batches: Sequence[ShardBatch], batch_id: int) -> ShardBatch:
-        """One batch holding every request of `batches` in order; request ids must be distinct."""
-        if not batches:
-            raise InvalidArgumentError("no batch to concatenate")
-        requests = [r for b in batches for r in b.requests]
-        ids = [r.id for r in requests]
-        if len(set(ids)) != len(ids):
-            dup = next(i for i in ids if ids.count(i) > 1)
-            raise InvalidArgumentError(f"request {dup} appears in two batches")
-        block_sizes = {b.block_size for b in batches}
-        if len(block_sizes) != 1:
-            raise InvalidArgumentError(f"batches use different block sizes {sorted(block_sizes)}")
-        return ShardBatch(batch_id, requests, batches[0].block_size)
-
-    def check_updates(self, updates: Sequence[RequestUpdate], num_blocks: int) -> None:
-        """Raise InvalidArgumentError unless `apply(updates)` would leave every request ready to step."""
-        held = {r.id: r for r in self.requests}
-        seen: set[int] = set()
-        for u in updates:
-            if u.request_id not in held:
-                raise InvalidArgumentError(f"update for request {u.request_id}, which batch {self.id} does not hold")
-            if u.request_id in seen:
-                raise InvalidArgumentError(f"two updates for request {u.request_id}")
-            seen.add(u.request_id)
-            r = held[u.request_id]
-            _check_blocks(r.id, u.blocks, num_blocks)
-            _check_chunk(r.id, u.chunk_len, r.remaining_len)
-        by_id = {u.request_id: u for u in updates}
+            raise InvalidArgumentError(f"drop of request {unknown[0]}, which the shard does not hold")
+        new_ids = _distinct("new requests", [r.id for r in call.requests])
+        again = [i for i in new_ids if i in held and i not in dropped]
+        if again:
+            raise InvalidArgumentError(f"new request {again[0]} is already held (drop it first)")
+        updated = _distinct("updates", [u.request_id for u in call.updates])
+        for u in call.updates:
+            if u.request_id not in held or u.request_id in dropped:
+                what = "dropped by this step" if u.request_id in dropped else "which the shard does not hold"
+                raise InvalidArgumentError(f"update for request {u.request_id}, {what}")
+        num_requests = len(held) - len(dropped) + len(new_ids)
+        if num_requests == 0:
+            raise InvalidArgumentError("an empty step: no request is left to compute")
+        if call.num_requests != num_requests:
+            raise InvalidArgumentError(
+                f"the step names {call.num_requests} requests to compute, the shard would compute "
+                f"{num_requests} (held {len(held)} - dropped {len(dropped)} + new {len(new_ids)})"
+            )
+        by_id = {u.request_id: u for u in call.updates}
+        for rid in updated:
+            r, u = held[rid], by_id[rid]
+            _check_blocks(rid, u.blocks, num_blocks)
+            _check_chunk(rid, u.chunk_len, r.remaining_len)
         for r in self.requests:
+            if r.id in dropped:
+                continue
             u = by_id.get(r.id)
-            extra = len(u.blocks) if u else 0
             if u is None:
-                next_len = r.next_len
+                blocks, next_len = len(r.block_table), r.next_len
             else:
+                blocks = len(r.block_table) + len(u.blocks)
                 next_len = r.remaining_len if u.chunk_len is None else u.chunk_len
-            _check_coverage(r.id, len(r.block_table) + extra, r.computed_len + next_len, self.block_size)
+            _check_coverage(r.id, blocks, r.computed_len + next_len, self.block_size)
 
-    def apply(self, updates: Sequence[RequestUpdate], num_blocks: int) -> None:
-        """Append blocks and set next chunks; validates everything first (a bad update changes nothing)."""
-        self.check_updates(updates, num_blocks)
+    def apply_step(self, call: StepCall, num_blocks: int) -> None:
+        """Drop, update, admit; validates everything first (a bad call changes nothing)."""
+        self.check_step(call, num_blocks)
+        if call.dropped_ids:
+            gone = set(call.dropped_ids)
+            self.requests = [r for r in self.requests if r.id not in gone]
         held = {r.id: r for r in self.requests}
-        for u in updates:
+        for u in call.updates:
             r = held[u.request_id]
             r.block_table.extend(u.blocks)
             r.chunk_len = u.chunk_len
+        self.requests.extend(call.requests)
 
-    def remove(self, request_ids: Iterable[int]) -> None:
-        gone = set(request_ids)
-        self.requests = [r for r in self.requests if r.id not in gone]
 
-    def to_proto(self) -> generate_pb2.CachedBatch:
-        return generate_pb2.CachedBatch(
-            id=self.id,
-            request_ids=self.request_ids,
-            size=len(self.requests),
-            current_tokens=self.current_tokens,
-            max_tokens=self.max_tokens,
-        )
+def _distinct(what: str, ids: Sequence[int]) -> set[int]:
+    seen: set[int] = set()
+    for i in ids:
+        if i in seen:
+            raise InvalidArgumentError(f"request {i} appears twice in the step's {what}")
+        seen.add(i)
+    return seen

@@ -1,7 +1,10 @@
 """One step of a batch: forward -> prompt log-probs -> sample -> stop -> detokenize -> Generations.
 
 Requests whose chunk does not reach the end of their tokens only advance `computed_len`: their logits
-are not even computed, and they produce no Generation. Requests that finish leave the batch.
+are not even computed, and they produce no Generation. A request that finishes stays in the batch until
+the router drops it. A runner that does not report (ranks other than 0) samples and appends the token (its
+next input), and skips everything only a reader needs: prompt log-probs, top tokens, detokenization,
+stopping and Generations.
 """
 
 from __future__ import annotations
@@ -26,8 +29,7 @@ from spindle_server.sampling.sampler import sample
 
 @dataclass
 class StepResult:
-    generations: list[Generation]
-    finished_ids: list[int]  # already removed from the batch
+    generations: list[Generation]  # empty when the step does not report
     forward_ns: int
     decode_ns: int
     grammar_mask_ns: int = 0  # worker-thread time computing token masks (overlaps the forward)
@@ -59,8 +61,9 @@ class ModelRunner:
             return None
         return self.model.compute_logits(hidden.index_select(0, inputs.logit_rows)).float()
 
-    def step(self, batch: ShardBatch, kv_cache: KVCache) -> StepResult:
-        """Advance every request of `batch` by its next chunk; mutates the batch."""
+    @torch.inference_mode()  # sampling may write into the logits (grammar masks), inference tensors
+    def step(self, batch: ShardBatch, kv_cache: KVCache, report: bool = True) -> StepResult:
+        """Advance every request of `batch` by its next chunk; Generations only when `report`."""
         start = time.perf_counter_ns()
         requests = list(batch.requests)
         inputs = build_step_inputs(requests, batch.block_size, self.device, self.staging)
@@ -69,16 +72,16 @@ class ModelRunner:
         forward_ns = time.perf_counter_ns() - start
 
         start = time.perf_counter_ns()
-        self._record_prompt_logprobs(requests, inputs, logits)
+        if report:
+            self._record_prompt_logprobs(requests, inputs, logits)
         for r in requests:  # the chunk is in the cache now; the next chunk comes with the next call
             end = min(r.computed_len + r.next_len, r.prompt_len)
             self.num_prompt_tokens_computed += max(0, end - r.computed_len)
             r.computed_len += r.next_len
             r.chunk_len = None
-        generations, finished = self._sample_and_stop(requests, inputs, logits, masks)
-        batch.remove(finished)
+        generations = self._sample_and_stop(requests, inputs, logits, masks, report)
         mask_ns = masks.mask_ns if masks is not None else 0
-        return StepResult(generations, finished, forward_ns, time.perf_counter_ns() - start, mask_ns)
+        return StepResult(generations, forward_ns, time.perf_counter_ns() - start, mask_ns)
 
     def _start_masks(self, requests: list[RequestState], inputs: StepInputs) -> grammars.MaskJob | None:
         """Token masks for the rows that sample this step, one per sampling row in order (unconstrained rows
@@ -116,7 +119,7 @@ class ModelRunner:
         # One gather and one device-to-host read for the whole step (not one sync per request).
         row_idx = torch.tensor(rows_all, dtype=torch.int64, device=log_probs.device)
         targets = torch.tensor(targets_all, dtype=torch.int64, device=log_probs.device)
-        picked = log_probs.index_select(0, row_idx).gather(1, targets[:, None]).squeeze(1).tolist()
+        picked = log_probs[row_idx, targets].tolist()  # advanced indexing: index_select is slow on CPU
         offset = 0
         for r, count in picks:
             r.prompt_logprobs.extend(picked[offset : offset + count])
@@ -124,14 +127,18 @@ class ModelRunner:
 
     def _sample_and_stop(
         self, requests: list[RequestState], inputs: StepInputs, logits: torch.Tensor | None,
-        masks: grammars.MaskJob | None = None,
-    ) -> tuple[list[Generation], list[int]]:
+        masks: grammars.MaskJob | None = None, report: bool = True,
+    ) -> list[Generation]:
         chosen = [(r, row) for r, row in zip(requests, inputs.sample_row) if row is not None]
         if not chosen:
-            return [], []
+            return []
         assert logits is not None
-        rows = torch.tensor([row for _, row in chosen], dtype=torch.int64, device=logits.device)
-        scores = logits.index_select(0, rows)
+        sample_rows = [row for _, row in chosen]
+        if sample_rows == list(range(logits.shape[0])):  # every logit row samples, in order (decode): no copy
+            scores = logits
+        else:
+            # Advanced indexing: torch 2.13's CPU index_select took ~300 ms for 32 rows of a 49k vocabulary.
+            scores = logits[torch.tensor(sample_rows, dtype=torch.int64, device=logits.device)]
         if masks is not None:  # before penalties and warpers: greedy and sampled rows both obey it
             masks.apply(scores)
         out = sample(
@@ -139,10 +146,15 @@ class ModelRunner:
             [r.params for r, _ in chosen],
             [r.all_ids for r, _ in chosen],
             [r.num_generated for r, _ in chosen],
-            [r.top_n_tokens for r, _ in chosen],
+            [r.top_n_tokens if report else 0 for r, _ in chosen],
         )
+        if not report:
+            for (r, _), token in zip(chosen, out.next_ids):
+                r.all_ids.append(token)
+                if r.grammar is not None:
+                    grammars.advance(r.grammar, token)
+            return []
         generations: list[Generation] = []
-        finished: list[int] = []
         for i, (r, _) in enumerate(chosen):
             token = out.next_ids[i]
             prefill = self._prefill_tokens(r) if r.prefill_logprobs and r.num_generated == r.num_resumed else None
@@ -167,9 +179,8 @@ class ModelRunner:
                     finish_reason=reason,
                     seed=r.params.seed if r.params.is_sampling else None,
                 )
-                finished.append(r.id)
             generations.append(gen)
-        return generations, finished
+        return generations
 
     def _prefill_tokens(self, r: RequestState) -> TokenList | None:
         if r.num_resumed > 0:  # its prompt log-probs went out before it was preempted

@@ -1,12 +1,13 @@
-"""The shard's engine: the model, its KV cache and the cached batches, driven by the RPCs.
+"""The shard's engine: the model, its KV cache and the one batch of requests it holds, driven by the RPCs.
 
 Every method checks the whole call before touching state, so a call rejected with an
-`InvalidArgumentError` / `BatchNotFoundError` / `NotReadyError` leaves the shard exactly as it was.
-All ranks receive identical calls, so they take identical branches and run the same collectives.
+`InvalidArgumentError` / `NotReadyError` leaves the shard exactly as it was. All ranks receive identical
+calls, so they take identical branches and run the same collectives; only rank 0 reports generations.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import math
 import time
@@ -17,9 +18,9 @@ import tokenizers
 import torch
 
 from spindle_server.distributed import Distributed
-from spindle_server.engine.batch import BatchContext, RequestUpdate, ShardBatch
+from spindle_server.engine.batch import BatchContext, ShardBatch, StepCall
 from spindle_server.engine.cuda_graphs import DecodeGraphs, DecodeGraphSettings
-from spindle_server.engine.errors import BatchNotFoundError, InvalidArgumentError, NotReadyError
+from spindle_server.engine.errors import InvalidArgumentError, NotReadyError
 from spindle_server.engine.generation import Generation
 from spindle_server.engine.request import RequestState
 from spindle_server.engine.runner import ModelRunner
@@ -30,6 +31,7 @@ from spindle_server.kv_cache import (
     agree_num_blocks,
     cache_budget_bytes,
 )
+from spindle_server.layers.linear import warm_packed_linears
 from spindle_server.models.registry import ModelConfig
 from spindle_server.sampling.detokenizer import IncrementalDetokenizer
 from spindle_server.sampling.grammar import GrammarCompiler, GrammarSpec
@@ -94,12 +96,11 @@ class WarmupResult:
 
 @dataclass
 class StepOutcome:
-    generations: list[Generation]
-    batch: ShardBatch | None  # None when every request finished
+    generations: list[Generation]  # empty on ranks other than 0
     forward_ns: int
     decode_ns: int
     total_ns: int
-    concat_ns: int
+    prepare_ns: int  # validating the call, applying drops / updates / admissions
     grammar_compile_ns: int = 0  # compiling grammars of requests admitted by this call (cache misses)
     grammar_mask_ns: int = 0
 
@@ -137,7 +138,9 @@ class ShardEngine:
             dtype=dtype,
         )
         self.kv_cache: KVCache | None = None  # allocated by warmup
-        self.batches: dict[int, ShardBatch] = {}
+        self.batch = ShardBatch([], settings.block_size)  # every request held, in admission order
+        self._last_seq = 0  # seq of the last step run (0: none since start or ClearCache)
+        self.reports = dist.rank == 0  # only rank 0 detokenizes and answers generations
         self._grammars: GrammarCompiler | None = None  # built on the first grammar (wraps the vocabulary once)
 
     # ---- static facts -------------------------------------------------------------------------
@@ -184,13 +187,13 @@ class ShardEngine:
         if spec.max_prefill_tokens < 1:
             raise InvalidArgumentError("max_prefill_tokens must be at least 1")
         bs = self.settings.block_size
-        self.batches.clear()
+        self.clear()
         self.kv_cache = None
         self.runner.decode_graphs = None  # they point into the old cache
         seq_cap = min(spec.max_input_tokens or spec.max_prefill_tokens, self.config.max_position_embeddings)
         lengths = _split(spec.max_prefill_tokens, max(1, seq_cap), spec.max_batch_size)
         temp = KVCache(self.kv_shape, sum(math.ceil(n / bs) for n in lengths), self.device)
-        batch = ShardBatch(0, self._dummy_requests(lengths), bs)
+        batch = ShardBatch(self._dummy_requests(lengths), bs)
         is_cuda, resident = self.device.type == "cuda", 0
         if is_cuda:  # the activations of the largest forward: held back from the KV cache below
             torch.cuda.synchronize(self.device)
@@ -208,6 +211,11 @@ class ShardEngine:
                 "max_prefill_tokens"
             ) from exc
         del temp, batch
+        start = time.perf_counter()
+        if primitives := warm_packed_linears(self.runner.model, spec.max_prefill_tokens):  # CPU: memory flat from here
+            log.info("oneDNN: %d packed matmul primitives built (every row bucket up to %d rows) in %.1f s",
+                     primitives, spec.max_prefill_tokens, time.perf_counter() - start)
+        _return_freed_heap()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -248,7 +256,7 @@ class ShardEngine:
         def best_ns(n: int, after: int = 0) -> int:
             times = []
             for _ in range(3):
-                batch = ShardBatch(0, self._dummy_requests([n], after), self.settings.block_size)
+                batch = ShardBatch(self._dummy_requests([n], after), self.settings.block_size)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize(self.device)
                 start = time.perf_counter_ns()
@@ -310,98 +318,48 @@ class ShardEngine:
             next_block += num
         return requests
 
-    # ---- batches --------------------------------------------------------------------------------
-    def _get(self, batch_id: int) -> ShardBatch:
-        batch = self.batches.get(batch_id)
-        if batch is None:
-            raise BatchNotFoundError(batch_id)
-        return batch
-
-    def prefill(
-        self, batch: ShardBatch, cached_batch_id: int | None, updates: Sequence[RequestUpdate],
-        expected_request_ids: Sequence[int] = (),
-    ) -> StepOutcome:
-        """Admit `batch` (merged after `cached_batch_id`'s requests, which get `updates`) and step it."""
+    # ---- steps ----------------------------------------------------------------------------------
+    def step(self, call: StepCall) -> StepOutcome:
+        """Drop, update and admit as `call` says (all checked first), then advance every held request."""
         start = time.perf_counter_ns()
         kv_cache = self._cache()
-        cached = self._get(cached_batch_id) if cached_batch_id is not None else None
-        if cached is not None:
-            _check_holds(cached, expected_request_ids)
-        if batch.id in self.batches and batch.id != cached_batch_id:
-            raise InvalidArgumentError(f"batch id {batch.id} is already cached")
-        for other in self.batches.values():
-            dup = set(other.request_ids).intersection(batch.request_ids)
-            if dup:
-                raise InvalidArgumentError(f"request {min(dup)} is already in cached batch {other.id}")
-        if cached is None:
-            if updates:
-                raise InvalidArgumentError("updates given without a cached batch")
-            merged = batch
-        else:
-            cached.check_updates(updates, kv_cache.num_blocks)
-            merged = ShardBatch.concatenate([cached, batch], batch.id)
-            cached.apply(updates, kv_cache.num_blocks)
-            del self.batches[cached.id]
-        return self._step(merged, kv_cache, start, time.perf_counter_ns() - start)
-
-    def decode(self, batch_ids: Sequence[int], updates: Sequence[RequestUpdate],
-               expected_request_ids: Sequence[Sequence[int]] = ()) -> StepOutcome:
-        """Step the named batches, merged into the first id when several are named."""
-        start = time.perf_counter_ns()
-        kv_cache = self._cache()
-        if not batch_ids:
-            raise InvalidArgumentError("Decode names no batch")
-        if len(set(batch_ids)) != len(batch_ids):
-            raise InvalidArgumentError("Decode names a batch twice")
-        batches = [self._get(i) for i in batch_ids]
-        for b, expected in zip(batches, expected_request_ids):
-            _check_holds(b, expected)
-        merged = batches[0] if len(batches) == 1 else ShardBatch.concatenate(batches, batch_ids[0])
-        merged.apply(updates, kv_cache.num_blocks)  # validates first
-        for i in batch_ids:
-            del self.batches[i]
-        return self._step(merged, kv_cache, start, time.perf_counter_ns() - start)
-
-    def _step(self, batch: ShardBatch, kv_cache: KVCache, start: int, concat_ns: int) -> StepOutcome:
-        # The batch left the cache; if the forward fails, its requests are gone (the router fails them).
-        result = self.runner.step(batch, kv_cache)
-        kept = batch if len(batch) else None
-        if kept is not None:
-            self.batches[kept.id] = kept
+        if call.seq and self._last_seq and len(self.batch) and call.seq != self._last_seq + 1:
+            raise InvalidArgumentError(
+                f"step {call.seq} arrived after step {self._last_seq}: steps must run in the order sent"
+            )
+        self.batch.apply_step(call, kv_cache.num_blocks)
+        self._last_seq = call.seq
+        prepare_ns = time.perf_counter_ns() - start
+        try:
+            result = self.runner.step(self.batch, kv_cache, report=self.reports)
+        except BaseException:
+            # Half-advanced requests cannot be trusted: forget them all (the router fails them and clears).
+            self.clear()
+            raise
         return StepOutcome(
             generations=result.generations,
-            batch=kept,
             forward_ns=result.forward_ns,
             decode_ns=result.decode_ns,
             total_ns=time.perf_counter_ns() - start,
-            concat_ns=concat_ns,
+            prepare_ns=prepare_ns,
             grammar_compile_ns=self._grammars.take_compile_ns() if self._grammars is not None else 0,
             grammar_mask_ns=result.grammar_mask_ns,
         )
 
-    def filter(self, batch_id: int, keep_ids: Sequence[int]) -> ShardBatch | None:
-        kept = self._get(batch_id).filter(keep_ids)
-        if kept is None:
-            del self.batches[batch_id]
-        else:
-            self.batches[batch_id] = kept
-        return kept
-
-    def clear(self, batch_id: int | None) -> None:
-        """Forget one batch (unknown ids are fine: the goal state holds), or all."""
-        if batch_id is None:
-            self.batches.clear()
-        else:
-            self.batches.pop(batch_id, None)
+    def clear(self) -> None:
+        """Forget every held request."""
+        self.batch = ShardBatch([], self.settings.block_size)
+        self._last_seq = 0
 
 
-def _check_holds(batch: ShardBatch, expected_request_ids: Sequence[int]) -> None:
-    """The router's CachedBatch must name the requests the shard holds (when it names any)."""
-    if expected_request_ids and sorted(expected_request_ids) != sorted(batch.request_ids):
-        raise InvalidArgumentError(
-            f"batch {batch.id} holds requests {sorted(batch.request_ids)}, the call names "
-            f"{sorted(expected_request_ids)}"
-        )
+def _return_freed_heap() -> None:
+    """Hand the heap memory Warmup's largest activations freed back to the OS. glibc keeps freed blocks of a
+    process that has freed large ones (its mmap threshold rises), so without this a shard's resident memory
+    keeps Warmup's peak (over 250 MiB on SmolLM2-135M's shapes at 4096 rows) whether serving needs it or not."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: its allocator decides
+        pass
 
 
 def _split(total: int, cap: int, max_batch_size: int) -> list[int]:

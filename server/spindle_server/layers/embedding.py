@@ -68,6 +68,11 @@ class VocabParallelEmbedding(torch.nn.Module):
 class ParallelLMHead(torch.nn.Module):
     """hidden [N, hidden] -> float32 logits [N, vocab_size], full vocabulary on every rank."""
 
+    # Warmup builds this head's oneDNN primitives up to this many rows only (`warm_packed_linears`): a step's
+    # logit rows are one per sampling request, more only with prompt log-probs, and warming a vocabulary-wide
+    # matmul at every bucket up to max_prefill_tokens would cost more than the warmup forward itself.
+    max_warm_rows = 256
+
     def __init__(
         self,
         vocab_size: int,
