@@ -232,10 +232,9 @@ async def serve(config: RouterConfig, drain_timeout_s: float = 90.0) -> None:
         metrics = Metrics(max_input_tokens=lim.max_input_tokens, max_total_tokens=lim.max_total_tokens)
         metrics.batch_max_total_tokens.set(resolved.max_supported_total_tokens)
         metrics.kv_blocks_total.set(num_blocks)
-        # The shards also measure forward_context_ns (what a chunk's earlier context costs); pricing chunks by
-        # it is not on yet: the one quiet serving A/B showed multi-second stalls during a long prefill that
-        # are not explained (see StepCost.context_ns). Pass context_ns=warm.forward_context_ns to turn it on.
-        step_cost = StepCost(warm.forward_base_ns, warm.forward_token_ns) if warm.forward_token_ns else None
+        # context_ns prices each prefill chunk by the context it attends (a late chunk of a long prompt costs more)
+        step_cost = (StepCost(warm.forward_base_ns, warm.forward_token_ns, context_ns=warm.forward_context_ns)
+                     if warm.forward_token_ns else None)
         scheduler = Scheduler(shards, resolved.scheduler, num_blocks, info.block_size, metrics, step_cost)
         backend = SupervisedBackend(scheduler)
         app = build_app(
