@@ -6,6 +6,12 @@ thread, always the same: the OpenMP pool torch's CPU kernels run on belongs to t
 them, and the default executor's rotating workers each grew a pool whose idle threads spun against the
 next call's (served decode steps took 1.5-1.8x their in-process time on 2 cores); on CUDA, the
 current device is per thread and is set once, here.
+
+Steps run in the order the router numbered them (`seq`). gRPC does not promise that two calls sent back to
+back start in that order (with overlapped steps the router sends step N + 1 before N's answer), and two ranks
+that ran N and N + 1 in different orders would wait for each other at a collective forever. So a step that
+arrives early waits, holding no engine time, until the step before it has run; if that step has not even
+arrived within `order_grace_s`, it never will, and the engine refuses the early one as out of order.
 """
 
 from __future__ import annotations
@@ -36,14 +42,33 @@ def engine_thread(device: torch.device | None = None) -> ThreadPoolExecutor:
 
 
 class ShardService(generate_pb2_grpc.TextGenerationServiceServicer):
-    def __init__(self, engine: ShardEngine, executor: ThreadPoolExecutor | None = None) -> None:
+    def __init__(
+        self, engine: ShardEngine, executor: ThreadPoolExecutor | None = None, order_grace_s: float = 2.0
+    ) -> None:
         self.engine = engine
         self._executor = executor or engine_thread(engine.device)
         self._lock = asyncio.Lock()
+        self._ran = asyncio.Condition(self._lock)  # notified after every engine call
+        self._arrived: set[int] = set()  # seqs of the steps received and not finished
+        self.order_grace_s = order_grace_s
 
-    async def _serial(self, fn: Callable[[], T]) -> T:
-        async with self._lock:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+    async def _serial(self, fn: Callable[[], T], seq: int = 0) -> T:
+        async with self._ran:
+            if seq:
+                await self._wait_turn(seq)
+            try:
+                return await asyncio.get_running_loop().run_in_executor(self._executor, fn)
+            finally:
+                self._ran.notify_all()
+
+    async def _wait_turn(self, seq: int) -> None:
+        """Wait (lock held on return) until step `seq - 1` has run, or for as long as it keeps not arriving."""
+        while seq > self.engine.last_seq + 1:
+            try:
+                await asyncio.wait_for(self._ran.wait(), self.order_grace_s)
+            except TimeoutError:
+                if seq - 1 not in self._arrived and seq > self.engine.last_seq + 1:
+                    return  # it is not coming: the engine refuses this step as out of order
 
     async def Info(self, request: generate_pb2.InfoRequest, context: grpc.aio.ServicerContext):
         info = self.engine.info()
@@ -92,7 +117,11 @@ class ShardService(generate_pb2_grpc.TextGenerationServiceServicer):
                 seq=request.seq,
             ))
 
-        outcome = await self._serial(call)
+        self._arrived.add(request.seq)
+        try:
+            outcome = await self._serial(call, request.seq)
+        finally:
+            self._arrived.discard(request.seq)
         return generate_pb2.StepResponse(
             generations=[g.to_proto() for g in outcome.generations],
             forward_ns=outcome.forward_ns,

@@ -110,3 +110,53 @@ def test_scheduler_over_two_ranks_equals_the_reference(two_ranks) -> None:
 
     got = asyncio.run(main())
     assert got == [reference_greedy(model, p, 6) for p in prompts]
+
+
+def test_ranks_run_steps_in_seq_order_whichever_arrives_first(two_ranks) -> None:
+    """With overlapped steps the router sends step N + 1 before N's answer, and gRPC may start them in either
+    order on each rank. Here rank 0 receives every pair reversed and rank 1 in order: a rank that ran them in
+    arrival order would wait at a collective for the other forever, or compute different tokens."""
+    path, uds = two_ranks
+    model, _ = load_reference(path)
+    prompt = [1] + [(7 * i) % 300 + 3 for i in range(23)]  # 24 tokens: three chunks of 8, then a decode
+    params = pb.NextTokenChooserParameters(temperature=1, top_p=1, typical_p=1, repetition_penalty=1)
+    steps = [
+        pb.StepRequest(requests=[pb.Request(
+            id=1, input_ids=prompt, parameters=params, blocks=[0], chunk_len=8,
+            stopping_parameters=pb.StoppingCriteriaParameters(max_new_tokens=2, ignore_eos_token=True))],
+            num_requests=1),
+        pb.StepRequest(updates=[pb.RequestUpdate(request_id=1, chunk_len=8)], num_requests=1),
+        pb.StepRequest(updates=[pb.RequestUpdate(request_id=1, blocks=[1], chunk_len=8)], num_requests=1),
+        pb.StepRequest(updates=[pb.RequestUpdate(request_id=1)], num_requests=1),
+    ]
+    for seq, step in enumerate(steps, start=1):
+        step.seq = seq
+
+    async def main():
+        client = await ShardClient.connect(uds, timeout_s=60)
+        await client.warmup(max_input_tokens=63, max_prefill_tokens=64, max_total_tokens=64)
+        await client.clear_cache()  # a cleared shard expects step 1 next
+        stubs = client._stubs
+        try:
+            answers: list[pb.StepResponse] = []
+            for first, second in (steps[0:2], steps[2:4]):
+                late = asyncio.Event()
+
+                async def call(rank: int, step: pb.StepRequest, after: asyncio.Event | None = None):
+                    if after is not None:
+                        await asyncio.sleep(0.3)  # well after the other has reached the shard
+                        after.set()
+                    return await stubs[rank].Step(step, timeout=60)
+
+                rank0 = [call(0, second), call(0, first, after=late)]  # reversed
+                rank1 = [call(1, first), call(1, second)]
+                out = await asyncio.gather(*rank0, *rank1)
+                assert late.is_set()
+                answers += [out[1], out[0]]  # rank 0's answers, in seq order
+                assert not out[2].generations and not out[3].generations
+            return [t for a in answers for g in a.generations for t in g.tokens.ids]
+        finally:
+            await client.clear_cache()
+            await client.close()
+
+    assert asyncio.run(main()) == reference_greedy(model, prompt, 2)

@@ -249,10 +249,7 @@ class Scheduler:
             self._fail(self.running + list(self.waiting) + self._finishing, "the server is shutting down")
             self.waiting.clear()
             if self.fatal_error is None:  # a stalled shard would only make us wait for another deadline
-                try:
-                    await self.shards.clear_cache()
-                except ShardError:
-                    pass
+                await self._clear_shards()
         self._update_gauges()
 
     def _post(self, message: _Submit | _Cancel) -> None:
@@ -297,10 +294,7 @@ class Scheduler:
                     while sr.generated_ids and sr.generated_ids[-1] == PENDING_TOKEN:
                         sr.generated_ids.pop()
                 self._held = []
-                try:
-                    await self.shards.clear_cache()
-                except ShardError:
-                    pass
+                await self._clear_shards()
             self._update_gauges()
             if plan.is_empty and not self.running and self.waiting and self._flight is None:
                 self._handle(await self._inbox.get())  # nothing could be admitted: wait for news
@@ -312,6 +306,14 @@ class Scheduler:
             flight.call.cancel()
             await asyncio.gather(flight.call, return_exceptions=True)
             self.metrics.batch_inference_failure.labels(method=flight.method).inc()
+
+    async def _clear_shards(self) -> None:
+        """The shards forget every request; steps count from 1 again (a cleared shard expects step 1 next)."""
+        self._next_seq = 1
+        try:
+            await self.shards.clear_cache()
+        except ShardError:
+            pass
 
     def _stalled(self, message: str) -> None:
         """A shard missed a deadline: fail every request, refuse new ones, and tell the server to exit."""

@@ -323,7 +323,7 @@ class ShardEngine:
         """Drop, update and admit as `call` says (all checked first), then advance every held request."""
         start = time.perf_counter_ns()
         kv_cache = self._cache()
-        if call.seq and self._last_seq and len(self.batch) and call.seq != self._last_seq + 1:
+        if call.seq and call.seq != self._last_seq + 1:
             raise InvalidArgumentError(
                 f"step {call.seq} arrived after step {self._last_seq}: steps must run in the order sent"
             )
@@ -345,6 +345,11 @@ class ShardEngine:
             grammar_compile_ns=self._grammars.take_compile_ns() if self._grammars is not None else 0,
             grammar_mask_ns=result.grammar_mask_ns,
         )
+
+    @property
+    def last_seq(self) -> int:
+        """The seq of the last step run: 0 since start or ClearCache, when the next is 1."""
+        return self._last_seq
 
     def clear(self) -> None:
         """Forget every held request."""
