@@ -266,3 +266,24 @@ def test_windowed_decode_at_a_native_head_dim(window, softcap):
     got = cpu.paged_decode_attention(d.q, d.k_cache, d.v_cache, d.block_tables, d.context_lens, d.scale,
                                      window=window, softcap=softcap)
     torch.testing.assert_close(got, _naive_attention(d, window, softcap), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (300, None), (7, 0.5)])
+def test_native_decode_splits_long_rows_and_merges_them(threads, window, softcap):
+    # Few sequences and long contexts: the C++ kernel cuts each sequence's visible rows into splits (how many
+    # follows the thread count) and merges their partial softmaxes; a padding row and a row shorter than a
+    # split ride along. Any split count must give the unsplit answer.
+    d = make_paged_case([1] * 4, [700, 1, 3, 259], num_heads=9, num_kv_heads=3, head_dim=64, block_size=16,
+                        seed=threads)
+    want = _naive_attention(d, window, softcap)
+    want[1] = 0.0
+    d.context_lens[1] = 0  # a padding row: attends to nothing
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = torch.ops.spindle_cpu.paged_decode_attention(d.q, d.k_cache, d.v_cache, d.block_tables,
+                                                            d.context_lens, d.scale, window or 0, softcap or 0.0)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
