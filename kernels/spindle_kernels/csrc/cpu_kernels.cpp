@@ -76,6 +76,107 @@ inline float softmax_exp(float x) {
 // the vectorizer's prologue and remainder code, several times the arithmetic itself.
 inline bf16* BF(const at::Tensor& t) { return reinterpret_cast<bf16*>(t.data_ptr<c10::BFloat16>()); }
 
+// ---- 16-lane float vectors (GCC vector extensions: one zmm with AVX-512, two ymm with AVX2) ----
+typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf16_u __attribute__((vector_size(64), aligned(4)));
+typedef uint16_t vh16_u __attribute__((vector_size(32), aligned(2)));
+typedef uint32_t vu16 __attribute__((vector_size(64)));
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline vf16 load16(const float* p) { return *reinterpret_cast<const vf16_u*>(p); }
+inline vf16 load16(const bf16* p) {  // bf16 -> float32 is a 16-bit shift of the bits
+  const vu16 wide = __builtin_convertvector(*reinterpret_cast<const vh16_u*>(p), vu16) << 16;
+  return reinterpret_cast<const vf16&>(wide);
+}
+inline void store16(float* p, vf16 v) { *reinterpret_cast<vf16_u*>(p) = v; }
+
+// Lane i of the result: the sum of the 16 lanes of v[i]. A tree of pairwise shuffles and adds (45 ops for
+// 16 sums, where one horizontal sum per vector costs ~8): level k halves the partial sums per row and
+// doubles the rows per vector, keeping rows in order.
+inline vf16 row_sums16(vf16 v[16]) {
+  const vi16 a1 = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const vi16 b1 = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const vi16 a2 = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const vi16 b2 = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  const vi16 a3 = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  const vi16 b3 = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+  const vi16 a4 = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const vi16 b4 = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  vf16 w[8], x[4], y[2];
+  for (int k = 0; k < 8; ++k) w[k] = __builtin_shuffle(v[2 * k], v[2 * k + 1], a1) + __builtin_shuffle(v[2 * k], v[2 * k + 1], b1);
+  for (int k = 0; k < 4; ++k) x[k] = __builtin_shuffle(w[2 * k], w[2 * k + 1], a2) + __builtin_shuffle(w[2 * k], w[2 * k + 1], b2);
+  for (int k = 0; k < 2; ++k) y[k] = __builtin_shuffle(x[2 * k], x[2 * k + 1], a3) + __builtin_shuffle(x[2 * k], x[2 * k + 1], b3);
+  return __builtin_shuffle(y[0], y[1], a4) + __builtin_shuffle(y[0], y[1], b4);
+}
+
+constexpr int kTile = 16;
+
+inline void prefetch_bytes(const char* p, int64_t bytes) {
+  for (int64_t byte = 0; byte < bytes; byte += 64) __builtin_prefetch(p + byte, 0, 3);
+}  // cached rows per tile: one score vector per query head
+
+// Scores of `rows` (<= kTile rows, `row_stride` apart, this KV head's head_dim elements each) against GC
+// query heads (qf: GC x head_dim, scaled): out[g * out_stride + t]. Writes a whole vector per head (rows past
+// `rows` get 0), so out rows need kTile - 1 elements of slack.
+template <typename T, int64_t head_dim, int GC>
+inline void tile_scores(const float* qf, const T* k, int64_t row_stride, int rows, float* out, int64_t out_stride,
+                        const char* ahead, int64_t ahead_stride) {
+  constexpr int C = head_dim / 16;
+  vf16 qv[GC][C];
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < C; ++c) qv[g][c] = load16(qf + g * head_dim + c * 16);
+  vf16 part[GC][kTile];
+  for (int t = 0; t < kTile; ++t) {
+    if (t < rows) {
+      if (ahead != nullptr) prefetch_bytes(ahead + t * ahead_stride, head_dim * sizeof(T));
+      vf16 kv[C];
+      for (int c = 0; c < C; ++c) kv[c] = load16(k + t * row_stride + c * 16);
+      for (int g = 0; g < GC; ++g) {
+        vf16 a = qv[g][0] * kv[0];
+        for (int c = 1; c < C; ++c) a += qv[g][c] * kv[c];
+        part[g][t] = a;
+      }
+    } else {
+      for (int g = 0; g < GC; ++g) part[g][t] = vf16{};
+    }
+  }
+  for (int g = 0; g < GC; ++g) store16(out + g * out_stride, row_sums16(part[g]));
+}
+
+// acc[g] (head_dim floats each) += sum over the tile's rows of p[g * p_stride + t] * v[t], for GC query heads.
+template <typename T, int64_t head_dim, int GC>
+inline void tile_values(const float* p, int64_t p_stride, const T* v, int64_t row_stride, int rows, float* acc,
+                        const char* ahead, int64_t ahead_stride) {
+  constexpr int C = head_dim / 16;
+  vf16 av[GC][C];
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < C; ++c) av[g][c] = load16(acc + g * head_dim + c * 16);
+  for (int t = 0; t < rows; ++t) {
+    if (ahead != nullptr) prefetch_bytes(ahead + t * ahead_stride, head_dim * sizeof(T));
+    vf16 vv[C];
+    for (int c = 0; c < C; ++c) vv[c] = load16(v + t * row_stride + c * 16);
+    for (int g = 0; g < GC; ++g) {
+      const float w = p[g * p_stride + t];
+      for (int c = 0; c < C; ++c) av[g][c] += w * vv[c];
+    }
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < C; ++c) store16(acc + g * head_dim + c * 16, av[g][c]);
+}
+
+// The query heads of one KV head in runs of at most 4 (the accumulators of a run stay in registers).
+template <typename F>
+inline void for_head_runs(int64_t group, F&& f) {
+  for (int64_t g0 = 0; g0 < group; g0 += 4) {
+    switch (std::min<int64_t>(4, group - g0)) {
+      case 1: f(g0, std::integral_constant<int, 1>{}); break;
+      case 2: f(g0, std::integral_constant<int, 2>{}); break;
+      case 3: f(g0, std::integral_constant<int, 3>{}); break;
+      default: f(g0, std::integral_constant<int, 4>{}); break;
+    }
+  }
+}
+
 // Decode attention is memory-bound: every step reads each sequence's whole K and V. One work item is a
 // sequence (or a split of its visible rows, when there are too few sequences to keep every thread busy) and
 // reads all KV heads of each row it covers, so a block is one contiguous run of block_size x kv_heads x
@@ -113,9 +214,10 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
     part_acc.resize(batch * splits * num_heads * head_dim);
   }
   const int64_t row_bytes = row_stride * static_cast<int64_t>(sizeof(T));
+  const int64_t head_bytes = head_dim * static_cast<int64_t>(sizeof(T));
 
   at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(num_heads * head_dim), acc(num_heads * head_dim), scores, wide(row_stride);
+    std::vector<float> qf(num_heads * head_dim), acc(num_heads * head_dim), scores;
     std::vector<float> top(num_heads), total(num_heads);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / splits, split = item % splits;
@@ -139,51 +241,45 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
         const T* qp = q + b * q_stride_b + hg * q_stride_h;
         for (int64_t d = 0; d < head_dim; ++d) qf[hg * head_dim + d] = to_float(qp[d]) * scale;
       }
-      scores.resize(num_heads * n);
+      // Scores are rows of ns = n + kTile: a tile writes whole vectors (the last one up to kTile - 1 past n).
+      const int64_t ns = n + kTile;
+      scores.resize(num_heads * ns);
       const int32_t* table = tables + b * table_width;
 
-      // Every row of [lo, hi): f(row as float32, its index from lo), prefetching a block ahead.
-      auto for_each_row = [&](const T* cache, auto&& f) {
+      // Every tile of [lo, hi) (consecutive rows of one block): f(its first row, its row count, its index
+      // from lo, the same rows of the next block or nullptr). Each KV head's pass over a tile prefetches its
+      // part of those rows, a row per row it reads: the next block streams in while this one computes, and
+      // never more lines at once than the core can have in flight.
+      auto for_each_tile = [&](const T* cache, auto&& f) {
         for (int64_t start = lo - lo % block_size; start < hi; start += block_size) {
           const T* block = cache + table[start / block_size] * block_stride;
           const bool more = start + block_size < hi;
           const char* next = more ? reinterpret_cast<const char*>(cache + table[start / block_size + 1] * block_stride)
                                   : nullptr;
           const int64_t stop = std::min(block_size, hi - start);
-          for (int64_t j = std::max<int64_t>(lo - start, 0); j < stop; ++j) {
-            if (more) {
-              for (int64_t byte = 0; byte < row_bytes; byte += 64) __builtin_prefetch(next + j * row_bytes + byte, 0, 3);
-            }
-            const T* src = block + j * row_stride;
-            const float* row;
-            if constexpr (std::is_same_v<T, float>) {
-              row = src;
-            } else {
-#pragma omp simd
-              for (int64_t i = 0; i < row_stride; ++i) wide[i] = to_float(src[i]);
-              row = wide.data();
-            }
-            f(row, start + j - lo);
+          for (int64_t j = std::max<int64_t>(lo - start, 0); j < stop; j += kTile) {
+            const int rows = static_cast<int>(std::min<int64_t>(kTile, stop - j));
+            f(block + j * row_stride, rows, start + j - lo, more ? next + j * row_bytes : nullptr);
           }
         }
       };
 
-      for_each_row(k_cache, [&](const float* row, int64_t t) {
+      for_each_tile(k_cache, [&](const T* tile, int rows, int64_t t, const char* ahead) {
         for (int64_t h = 0; h < num_kv_heads; ++h) {
-          const float* kh = row + h * head_dim;
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t hg = h * group + g;
-            const float* qg = qf.data() + hg * head_dim;
-            float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < head_dim; ++d) s += qg[d] * kh[d];
-            if (softcap > 0.0f) s = softcap * std::tanh(s / softcap);  // Gemma 2's soft-capped logits
-            scores[hg * n + t] = s;
-          }
+          for_head_runs(group, [&](int64_t g0, auto gc) {
+            const int64_t hg = h * group + g0;
+            tile_scores<T, head_dim, decltype(gc)::value>(qf.data() + hg * head_dim, tile + h * head_dim, row_stride,
+                                                           rows, scores.data() + hg * ns + t, ns,
+                                                           g0 == 0 && ahead ? ahead + h * head_bytes : nullptr,
+                                                           row_bytes);
+          });
         }
       });
       for (int64_t hg = 0; hg < num_heads; ++hg) {
-        float* sg = scores.data() + hg * n;
+        float* sg = scores.data() + hg * ns;
+        if (softcap > 0.0f) {  // Gemma 2's soft-capped logits
+          for (int64_t t = 0; t < n; ++t) sg[t] = softcap * std::tanh(sg[t] / softcap);
+        }
         float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
         for (int64_t t = 0; t < n; ++t) m = std::max(m, sg[t]);
@@ -198,16 +294,15 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
       }
 
       std::fill(acc.begin(), acc.end(), 0.0f);
-      for_each_row(v_cache, [&](const float* row, int64_t t) {
+      for_each_tile(v_cache, [&](const T* tile, int rows, int64_t t, const char* ahead) {
         for (int64_t h = 0; h < num_kv_heads; ++h) {
-          const float* vh = row + h * head_dim;
-          for (int64_t g = 0; g < group; ++g) {
-            const int64_t hg = h * group + g;
-            const float p = scores[hg * n + t];
-            float* ag = acc.data() + hg * head_dim;
-#pragma omp simd
-            for (int64_t d = 0; d < head_dim; ++d) ag[d] += p * vh[d];
-          }
+          for_head_runs(group, [&](int64_t g0, auto gc) {
+            const int64_t hg = h * group + g0;
+            tile_values<T, head_dim, decltype(gc)::value>(scores.data() + hg * ns + t, ns, tile + h * head_dim,
+                                                           row_stride, rows, acc.data() + hg * head_dim,
+                                                           g0 == 0 && ahead ? ahead + h * head_bytes : nullptr,
+                                                           row_bytes);
+          });
         }
       });
       if (splits == 1) {
