@@ -264,6 +264,13 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
         }
       };
 
+      // The first block of each pass has no block before it to prefetch it: K's now, V's during the softmax.
+      auto prefetch_first = [&](const T* cache) {
+        const int64_t j = lo % block_size, rows = std::min(block_size - j, hi - lo);
+        prefetch_bytes(reinterpret_cast<const char*>(cache + table[lo / block_size] * block_stride + j * row_stride),
+                       rows * row_bytes);
+      };
+      prefetch_first(k_cache);
       for_each_tile(k_cache, [&](const T* tile, int rows, int64_t t, const char* ahead) {
         for (int64_t h = 0; h < num_kv_heads; ++h) {
           for_head_runs(group, [&](int64_t g0, auto gc) {
@@ -275,6 +282,7 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
           });
         }
       });
+      prefetch_first(v_cache);
       for (int64_t hg = 0; hg < num_heads; ++hg) {
         float* sg = scores.data() + hg * ns;
         if (softcap > 0.0f) {  // Gemma 2's soft-capped logits
