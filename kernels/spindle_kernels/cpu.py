@@ -49,7 +49,7 @@ def paged_decode_attention(
     """One query token per sequence, q [batch, num_heads, head_dim]; see `reference.paged_decode_attention`."""
     reference.check_window(window)
     reference.check_softcap(softcap)
-    if q.dtype in NATIVE_DTYPES and q.shape[-1] in NATIVE_HEAD_DIMS and cpu_native.load():
+    if _native(q):
         return torch.ops.spindle_cpu.paged_decode_attention(
             q, k_cache, v_cache, block_tables, context_lens, scale, window or 0, softcap or 0.0
         )
@@ -99,9 +99,31 @@ def paged_attention(
     window: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Varlen chunks over paged context; see `reference.paged_attention`. Decode rows take the path above."""
+    """Varlen chunks over paged context; see `reference.paged_attention`. With the C++ kernels, every row of
+    every chunk attends from the cache in one call (each over the context up to its own position); else
+    decode rows take the path above and each chunk torch's SDPA over its gathered context."""
+    if _native(q):
+        reference.check_window(window)
+        reference.check_softcap(softcap)
+        row_seqs, row_lens = _rows_of(cu_seqlens_q, context_lens, q.shape[0])
+        return torch.ops.spindle_cpu.attention_rows(
+            q, k_cache, v_cache, block_tables, row_seqs, row_lens, scale, window or 0, softcap or 0.0
+        )
     return reference.varlen_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
                                       paged_decode_attention, _chunk_attention, window=window, softcap=softcap)
+
+
+def _native(q: torch.Tensor) -> bool:
+    return q.dtype in NATIVE_DTYPES and q.shape[-1] in NATIVE_HEAD_DIMS and cpu_native.load()
+
+
+def _rows_of(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query row's sequence and visible length: a chunk's rows are the last q_len positions of its
+    context, so row i of a q_len-row chunk over ctx positions sees ctx - q_len + 1 + i of them."""
+    cu = cu_seqlens_q.long()
+    seqs = torch.repeat_interleave(cu[1:] - cu[:-1], output_size=num_rows)
+    lens = context_lens.long()[seqs] - cu[1:][seqs] + 1 + torch.arange(num_rows)
+    return seqs.int(), lens.int()
 
 
 def _chunk_attention(

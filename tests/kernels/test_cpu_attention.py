@@ -287,3 +287,28 @@ def test_native_decode_splits_long_rows_and_merges_them(threads, window, softcap
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("softcap", [None, 0.5], ids=["no-cap", "softcap"])
+@pytest.mark.parametrize("window", WINDOWS)
+@pytest.mark.parametrize("heads", NATIVE_HEADS)
+def test_native_chunk_rows_match_naive(heads, window, softcap):
+    # At head sizes the C++ kernels take, chunks attend row by row from the cache (`attention_rows`): a fresh
+    # prompt, a chunk after cached context, decode rows and an empty slot in one call.
+    num_heads, num_kv_heads, head_dim = heads
+    c = make_paged_case([7, 1, 0, 19, 1, 40], [7, 20, 6, 40, 13, 75], num_heads=num_heads,
+                        num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=16, seed=head_dim)
+    args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
+    got = cpu.paged_attention(*args, window=window, softcap=softcap)
+    torch.testing.assert_close(got, _naive_attention(c, window, softcap), atol=2e-5, rtol=1e-5)
+
+
+def test_attention_rows_rejects_rows_outside_the_tables():
+    c = make_paged_case([3], [5], num_heads=2, num_kv_heads=1, head_dim=64, block_size=4)
+    lens = torch.tensor([3, 4, 5], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="row_seqs out of range"):
+        torch.ops.spindle_cpu.attention_rows(c.q, c.k_cache, c.v_cache, c.block_tables,
+                                             torch.tensor([0, 0, 1], dtype=torch.int32), lens, c.scale)
+    with pytest.raises(RuntimeError, match="longer than its block table"):
+        torch.ops.spindle_cpu.attention_rows(c.q, c.k_cache, c.v_cache, c.block_tables,
+                                             torch.zeros(3, dtype=torch.int32), lens * 10, c.scale)

@@ -1,14 +1,16 @@
 // Spindle's C++ CPU kernels: paged decode attention, RMSNorm (+ residual), rotary, SiLU-and-mul, KV cache write.
 //
-// Decode attention (one query token per sequence) reads straight from the paged KV cache. The torch
-// path (cpu.py) gathers every sequence's blocks into a contiguous copy before two bmm calls: at long
-// contexts that copy is most of the work. Here each (sequence, KV head) pair walks its block table once
-// for the scores and once for the values, in float32 (bf16 rows widened on the fly), with the pair's
-// query heads (GQA group) sharing every K/V row they read. Work is split over torch's own intra-op
-// thread pool (at::parallel_for), so no second OpenMP pool competes with the GEMMs.
+// Attention reads straight from the paged KV cache, one query row at a time: a decode row per sequence, or
+// the rows of a prefill chunk, each over the context up to its own position (`attention_rows`). The torch
+// path (cpu.py) gathers every sequence's blocks into a contiguous copy first: at long contexts that copy is
+// most of the work. Here a sequence's rows are walked once for the scores and once for the values, in
+// float32 (bf16 widened on the fly), each KV head's query heads (GQA group) sharing every K/V row they read.
+// Work is split over torch's own intra-op thread pool (at::parallel_for; the build has -fopenmp, else that
+// header template runs serially), so no second OpenMP pool competes with the GEMMs.
 //
 // Built on first use by spindle_kernels/cpu_native.py for the host CPU (-march=native) and registered as
-// torch.ops.spindle_cpu.{paged_decode_attention, rms_norm, rotary_embedding, silu_and_mul, reshape_and_cache}.
+// torch.ops.spindle_cpu.{paged_decode_attention, attention_rows, rms_norm, rotary_embedding, silu_and_mul,
+// reshape_and_cache}.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -190,8 +192,8 @@ constexpr int64_t kMinSplitRows = 64;   // below this a split's merge costs more
 constexpr int64_t kItemsPerThread = 4;  // enough items that uneven lengths still balance
 
 template <typename T, int64_t head_dim>
-void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t* tables, const int32_t* lens,
-                   T* out, int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
+void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t* tables, const int32_t* row_seqs,
+                   const int32_t* lens, T* out, int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
                    int64_t table_width, float scale, int64_t window, float softcap, int64_t q_stride_b,
                    int64_t q_stride_h) {
   const int64_t group = num_heads / num_kv_heads;
@@ -244,7 +246,7 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
       // Scores are rows of ns = n + kTile: a tile writes whole vectors (the last one up to kTile - 1 past n).
       const int64_t ns = n + kTile;
       scores.resize(num_heads * ns);
-      const int32_t* table = tables + b * table_width;
+      const int32_t* table = tables + (row_seqs != nullptr ? row_seqs[b] : b) * table_width;
 
       // Every tile of [lo, hi) (consecutive rows of one block): f(its first row, its row count, its index
       // from lo, the same rows of the next block or nullptr). Each KV head's pass over a tile prefetches its
@@ -354,53 +356,64 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
   });
 }
 
-at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
-                                  int64_t window, double softcap) {
-  TORCH_CHECK(q.dim() == 3, "q must be [batch, num_heads, head_dim]");
+// Row r of q attends over positions [.., row_lens[r]) of sequence row_seqs[r]'s blocks (row_seqs undefined:
+// row r is sequence r). Decode rows are one per sequence; a prefill chunk's rows each see the context up to
+// their own position, so a chunk runs as rows of its sequence with lengths ctx - q_len + 1 .. ctx (on 2 Zen 4
+// cores 1.7-1.9x faster than torch's SDPA over the gathered context at 16 x 256-token prompts).
+at::Tensor attention_rows(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                          const at::Tensor& block_tables, const c10::optional<at::Tensor>& row_seqs,
+                          const at::Tensor& row_lens, double scale, int64_t window, double softcap) {
+  TORCH_CHECK(q.dim() == 3, "q must be [rows, num_heads, head_dim]");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes(),
               "k_cache and v_cache must both be [num_blocks, block_size, num_kv_heads, head_dim]");
   TORCH_CHECK(k_cache.is_contiguous() && v_cache.is_contiguous(), "the KV caches must be contiguous");
   TORCH_CHECK(q.scalar_type() == k_cache.scalar_type() && q.scalar_type() == v_cache.scalar_type(),
               "q and the KV caches must share a dtype");
-  TORCH_CHECK(block_tables.scalar_type() == at::kInt && context_lens.scalar_type() == at::kInt,
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && row_lens.scalar_type() == at::kInt,
               "block_tables and context_lens must be int32");
-  const int64_t batch = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
+  const int64_t rows = q.size(0), num_heads = q.size(1), head_dim = q.size(2);
   const int64_t block_size = k_cache.size(1), num_kv_heads = k_cache.size(2);
   TORCH_CHECK(k_cache.size(3) == head_dim && num_heads % num_kv_heads == 0, "head shapes do not match");
-  TORCH_CHECK(block_tables.dim() == 2 && block_tables.size(0) == batch && context_lens.numel() == batch,
-              "block_tables must be [batch, width] and context_lens [batch]");
+  TORCH_CHECK(block_tables.dim() == 2 && row_lens.numel() == rows, "block_tables must be 2-d, one length per row");
+  at::Tensor seqs;
+  if (row_seqs.has_value()) {
+    seqs = row_seqs->contiguous();
+    TORCH_CHECK(seqs.scalar_type() == at::kInt && seqs.numel() == rows, "row_seqs must be int32, one per row");
+  } else {
+    TORCH_CHECK(block_tables.size(0) == rows, "block_tables must be [batch, width] and context_lens [batch]");
+  }
   // q is read in place when its head rows are unit-stride (a view of the QKV output); copied otherwise.
   const at::Tensor qc = q.stride(2) == 1 ? q : q.contiguous();
-  const at::Tensor tables = block_tables.contiguous(), lens = context_lens.contiguous();
-  const int64_t width = tables.size(1);
+  const at::Tensor tables = block_tables.contiguous(), lens = row_lens.contiguous();
+  const int64_t width = tables.size(1), num_seqs = tables.size(0);
   const int32_t* len_ptr = lens.data_ptr<int32_t>();
-  for (int64_t b = 0; b < batch; ++b) {
-    TORCH_CHECK(len_ptr[b] <= width * block_size, "a context is longer than its block table");
+  const int32_t* seq_ptr = seqs.defined() ? seqs.data_ptr<int32_t>() : nullptr;
+  for (int64_t r = 0; r < rows; ++r) {
+    TORCH_CHECK(len_ptr[r] <= width * block_size, "a context is longer than its block table");
+    TORCH_CHECK(seq_ptr == nullptr || (seq_ptr[r] >= 0 && seq_ptr[r] < num_seqs), "row_seqs out of range");
   }
-  at::Tensor out = at::empty({batch, num_heads, head_dim}, q.options());
-  if (batch == 0) return out;
+  at::Tensor out = at::empty({rows, num_heads, head_dim}, q.options());
+  if (rows == 0) return out;
   const auto s = static_cast<float>(scale);
   const auto cap = static_cast<float>(softcap);
   TORCH_CHECK(window >= 0 && softcap >= 0.0, "window and softcap must be >= 0 (0: off)");
   const bool known = head_dim == 32 || head_dim == 64 || head_dim == 80 || head_dim == 96 || head_dim == 128 ||
                      head_dim == 256;
-  TORCH_CHECK(known, "paged_decode_attention (CPU) takes head_dim 32, 64, 80, 96, 128 or 256, got ", head_dim);
+  TORCH_CHECK(known, "paged attention (CPU) takes head_dim 32, 64, 80, 96, 128 or 256, got ", head_dim);
   TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16,
-              "paged_decode_attention (CPU) takes float32 or bfloat16, got ", q.scalar_type());
+              "paged attention (CPU) takes float32 or bfloat16, got ", q.scalar_type());
   const bool is_bf16 = q.scalar_type() == at::kBFloat16;
   const int32_t* table_ptr = tables.data_ptr<int32_t>();
 #define SPINDLE_DECODE(D)                                                                                  \
   if (head_dim == D) {                                                                                     \
-    if (is_bf16) {                                                                                            \
-      decode_kernel<bf16, D>(BF(qc), BF(k_cache),     \
-                                      BF(v_cache), table_ptr, len_ptr,               \
-                                      BF(out), batch, num_heads, num_kv_heads,       \
-                                      block_size, width, s, window, cap, qc.stride(0), qc.stride(1));                   \
+    if (is_bf16) {                                                                                         \
+      decode_kernel<bf16, D>(BF(qc), BF(k_cache), BF(v_cache), table_ptr, seq_ptr, len_ptr, BF(out), rows,   \
+                             num_heads, num_kv_heads, block_size, width, s, window, cap, qc.stride(0),        \
+                             qc.stride(1));                                                                \
     } else {                                                                                               \
       decode_kernel<float, D>(qc.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),  \
-                              table_ptr, len_ptr, out.data_ptr<float>(), batch, num_heads, num_kv_heads,   \
-                              block_size, width, s, window, cap, qc.stride(0), qc.stride(1));                           \
+                              table_ptr, seq_ptr, len_ptr, out.data_ptr<float>(), rows, num_heads,         \
+                              num_kv_heads, block_size, width, s, window, cap, qc.stride(0), qc.stride(1)); \
     }                                                                                                      \
   }
   SPINDLE_DECODE(32)
@@ -411,6 +424,12 @@ at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache
   SPINDLE_DECODE(256)
 #undef SPINDLE_DECODE
   return out;
+}
+
+at::Tensor paged_decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                                  const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
+                                  int64_t window, double softcap) {
+  return attention_rows(q, k_cache, v_cache, block_tables, c10::nullopt, context_lens, scale, window, softcap);
 }
 
 // ---- Elementwise kernels: one op each where the torch path takes 6-12 (dtype round trips included),
@@ -624,6 +643,9 @@ TORCH_LIBRARY(spindle_cpu, m) {
   m.def("paged_decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, "
         "Tensor context_lens, float scale, int window=0, float softcap=0.0) -> Tensor");
   m.impl("paged_decode_attention", c10::DispatchKey::CPU, TORCH_FN(paged_decode_attention));
+  m.def("attention_rows(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor? row_seqs, "
+        "Tensor row_lens, float scale, int window=0, float softcap=0.0) -> Tensor");
+  m.impl("attention_rows", c10::DispatchKey::CPU, TORCH_FN(attention_rows));
   m.def("rms_norm(Tensor x, Tensor weight, float eps, Tensor? residual) -> (Tensor, Tensor)");
   m.impl("rms_norm", c10::DispatchKey::CPU, TORCH_FN(rms_norm));
   m.def("rotary_embedding(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
