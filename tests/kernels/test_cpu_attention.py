@@ -312,3 +312,20 @@ def test_attention_rows_rejects_rows_outside_the_tables():
     with pytest.raises(RuntimeError, match="longer than its block table"):
         torch.ops.spindle_cpu.attention_rows(c.q, c.k_cache, c.v_cache, c.block_tables,
                                              torch.zeros(3, dtype=torch.int32), lens * 10, c.scale)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 8])
+@pytest.mark.parametrize(("window", "softcap"), [(None, None), (300, None), (5, 0.5)])
+def test_native_chunk_rows_split_deep_contexts(threads, window, softcap):
+    # A chunk deep into a long context: its rows share K/V reads in groups, and with few groups each is cut
+    # into splits (by thread count) whose partial softmaxes merge; rows of one group see different spans.
+    c = make_paged_case([11, 1, 3], [700, 90, 260], num_heads=9, num_kv_heads=3, head_dim=64, block_size=16,
+                        seed=threads)
+    args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        got = cpu.paged_attention(*args, window=window, softcap=softcap)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got, _naive_attention(c, window, softcap), atol=2e-5, rtol=1e-5)

@@ -187,157 +187,190 @@ inline void for_head_runs(int64_t group, F&& f) {
 // computed). Walking (sequence, KV head) pairs instead, as this kernel once did, read 1/kv_heads of each row
 // at a time and waited on DRAM: 5 GB/s of the 27 GB/s two Zen 4 cores stream (float32; bf16 3 GB/s).
 //
+// The rows of a prefill chunk come in groups of up to kGroupRows consecutive query rows of one sequence
+// that share every K/V read (each row masks the positions past its own): one row at a time re-read a deep
+// context from DRAM per row (a 128-token chunk after 4k cached tokens: 0.72 ms per token per 1000
+// positions of step time).
+//
 // Splits (flash-decoding): each keeps its own running max and sum per head; a second pass merges them.
 constexpr int64_t kMinSplitRows = 64;   // below this a split's merge costs more than its parallelism wins
 constexpr int64_t kItemsPerThread = 4;  // enough items that uneven lengths still balance
+constexpr int64_t kGroupRows = 8;       // query rows of one sequence per work item
 
 template <typename T, int64_t head_dim>
 void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t* tables, const int32_t* row_seqs,
-                   const int32_t* lens, T* out, int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t block_size,
-                   int64_t table_width, float scale, int64_t window, float softcap, int64_t q_stride_b,
-                   int64_t q_stride_h) {
+                   const int32_t* lens, T* out, int64_t rows, int64_t num_heads, int64_t num_kv_heads,
+                   int64_t block_size, int64_t table_width, float scale, int64_t window, float softcap,
+                   int64_t q_stride_b, int64_t q_stride_h) {
   const int64_t group = num_heads / num_kv_heads;
   const int64_t row_stride = num_kv_heads * head_dim;  // one token's K (or V) across heads
   const int64_t block_stride = block_size * row_stride;
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
   // A sliding window (> 0) sees the last `window` positions of a sequence: [first, len).
   auto first_of = [&](int64_t len) { return window > 0 ? std::max<int64_t>(len - window, 0) : int64_t(0); };
+  // Row groups: group g is rows [starts[g], starts[g + 1]), all of one sequence; [lo, hi) spans what they see.
+  std::vector<int64_t> starts, group_lo, group_hi;
+  for (int64_t r = 0; r < rows; ++r) {
+    const bool joins = r > 0 && row_seqs != nullptr && row_seqs[r] == row_seqs[r - 1] && r - starts.back() < kGroupRows;
+    if (!joins) {
+      starts.push_back(r);
+      group_lo.push_back(std::numeric_limits<int64_t>::max());
+      group_hi.push_back(0);
+    }
+    group_lo.back() = std::min<int64_t>(group_lo.back(), first_of(lens[r]));
+    group_hi.back() = std::max<int64_t>(group_hi.back(), lens[r]);
+  }
+  starts.push_back(rows);
+  const int64_t num_groups = static_cast<int64_t>(group_lo.size());
   int64_t longest = 0;
-  for (int64_t b = 0; b < batch; ++b) longest = std::max<int64_t>(longest, lens[b] - first_of(lens[b]));
+  for (int64_t g = 0; g < num_groups; ++g) longest = std::max<int64_t>(longest, group_hi[g] - group_lo[g]);
   const int64_t threads = at::get_num_threads();
   int64_t splits = 1;
-  if (batch < kItemsPerThread * threads) {
-    splits = std::min((kItemsPerThread * threads + batch - 1) / batch, std::max<int64_t>(longest / kMinSplitRows, 1));
+  if (num_groups < kItemsPerThread * threads) {
+    splits = std::min((kItemsPerThread * threads + num_groups - 1) / num_groups,
+                      std::max<int64_t>(longest / kMinSplitRows, 1));
   }
-  // Per split (splits > 1): each head's running max, sum of exps and unnormalized output.
+  // Per row and split (splits > 1): each head's running max, sum of exps and unnormalized output.
   std::vector<float> part_max, part_sum, part_acc;
   if (splits > 1) {
-    part_max.resize(batch * splits * num_heads);
-    part_sum.resize(batch * splits * num_heads);
-    part_acc.resize(batch * splits * num_heads * head_dim);
+    part_max.resize(rows * splits * num_heads);
+    part_sum.resize(rows * splits * num_heads);
+    part_acc.resize(rows * splits * num_heads * head_dim);
   }
   const int64_t row_bytes = row_stride * static_cast<int64_t>(sizeof(T));
   const int64_t head_bytes = head_dim * static_cast<int64_t>(sizeof(T));
 
-  at::parallel_for(0, batch * splits, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> qf(num_heads * head_dim), acc(num_heads * head_dim), scores;
-    std::vector<float> top(num_heads), total(num_heads);
+  at::parallel_for(0, num_groups * splits, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, acc, scores, top, total;
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / splits, split = item % splits;
-      const int64_t len = lens[b], first = first_of(len), visible = len - first;
-      const int64_t lo = first + visible * split / splits, hi = first + visible * (split + 1) / splits;
-      const int64_t n = hi - lo;
-      if (n <= 0) {  // a padding row (attends to nothing), or an empty split of a short sequence
-        if (splits == 1) {
-          T* o = out + b * num_heads * head_dim;
-          for (int64_t i = 0; i < num_heads * head_dim; ++i) from_float(0.0f, o + i);
-        } else {
-          const int64_t at = item * num_heads;
-          std::fill(part_max.begin() + at, part_max.begin() + at + num_heads, -std::numeric_limits<float>::infinity());
-          std::fill(part_sum.begin() + at, part_sum.begin() + at + num_heads, 0.0f);
-          std::fill(part_acc.begin() + at * head_dim, part_acc.begin() + (at + num_heads) * head_dim, 0.0f);
-        }
-        continue;
-      }
-      // q may be a strided view (the QKV projection's output split into heads): rows q_stride_h apart.
-      for (int64_t hg = 0; hg < num_heads; ++hg) {
-        const T* qp = q + b * q_stride_b + hg * q_stride_h;
-        for (int64_t d = 0; d < head_dim; ++d) qf[hg * head_dim + d] = to_float(qp[d]) * scale;
-      }
+      const int64_t gi = item / splits, split = item % splits;
+      const int64_t r0 = starts[gi], nr = starts[gi + 1] - r0;
+      const int64_t visible = std::max<int64_t>(group_hi[gi] - group_lo[gi], 0);
+      const int64_t lo = group_lo[gi] + visible * split / splits, hi = group_lo[gi] + visible * (split + 1) / splits;
+      const int64_t n = std::max<int64_t>(hi - lo, 0);
       // Scores are rows of ns = n + kTile: a tile writes whole vectors (the last one up to kTile - 1 past n).
-      const int64_t ns = n + kTile;
-      scores.resize(num_heads * ns);
-      const int32_t* table = tables + (row_seqs != nullptr ? row_seqs[b] : b) * table_width;
-
-      // Every tile of [lo, hi) (consecutive rows of one block): f(its first row, its row count, its index
-      // from lo, the same rows of the next block or nullptr). Each KV head's pass over a tile prefetches its
-      // part of those rows, a row per row it reads: the next block streams in while this one computes, and
-      // never more lines at once than the core can have in flight.
-      auto for_each_tile = [&](const T* cache, auto&& f) {
-        for (int64_t start = lo - lo % block_size; start < hi; start += block_size) {
-          const T* block = cache + table[start / block_size] * block_stride;
-          const bool more = start + block_size < hi;
-          const char* next = more ? reinterpret_cast<const char*>(cache + table[start / block_size + 1] * block_stride)
-                                  : nullptr;
-          const int64_t stop = std::min(block_size, hi - start);
-          for (int64_t j = std::max<int64_t>(lo - start, 0); j < stop; j += kTile) {
-            const int rows = static_cast<int>(std::min<int64_t>(kTile, stop - j));
-            f(block + j * row_stride, rows, start + j - lo, more ? next + j * row_bytes : nullptr);
+      const int64_t ns = n + kTile, heads = nr * num_heads;  // (row, query head) pairs of the item
+      qf.resize(heads * head_dim);
+      acc.assign(heads * head_dim, 0.0f);
+      scores.resize(heads * ns);
+      top.assign(heads, kNegInf);
+      total.assign(heads, 0.0f);
+      if (n > 0) {
+        // q may be a strided view (the QKV projection's output split into heads): rows q_stride_h apart.
+        for (int64_t r = 0; r < nr; ++r) {
+          for (int64_t hg = 0; hg < num_heads; ++hg) {
+            const T* qp = q + (r0 + r) * q_stride_b + hg * q_stride_h;
+            float* qd = qf.data() + (r * num_heads + hg) * head_dim;
+            for (int64_t d = 0; d < head_dim; ++d) qd[d] = to_float(qp[d]) * scale;
           }
         }
-      };
+        const int32_t* table = tables + (row_seqs != nullptr ? row_seqs[r0] : r0) * table_width;
 
-      // The first block of each pass has no block before it to prefetch it: K's now, V's during the softmax.
-      auto prefetch_first = [&](const T* cache) {
-        const int64_t j = lo % block_size, rows = std::min(block_size - j, hi - lo);
-        prefetch_bytes(reinterpret_cast<const char*>(cache + table[lo / block_size] * block_stride + j * row_stride),
-                       rows * row_bytes);
-      };
-      prefetch_first(k_cache);
-      for_each_tile(k_cache, [&](const T* tile, int rows, int64_t t, const char* ahead) {
-        for (int64_t h = 0; h < num_kv_heads; ++h) {
-          for_head_runs(group, [&](int64_t g0, auto gc) {
-            const int64_t hg = h * group + g0;
-            tile_scores<T, head_dim, decltype(gc)::value>(qf.data() + hg * head_dim, tile + h * head_dim, row_stride,
-                                                           rows, scores.data() + hg * ns + t, ns,
-                                                           g0 == 0 && ahead ? ahead + h * head_bytes : nullptr,
-                                                           row_bytes);
-          });
-        }
-      });
-      prefetch_first(v_cache);
-      for (int64_t hg = 0; hg < num_heads; ++hg) {
-        float* sg = scores.data() + hg * ns;
-        if (softcap > 0.0f) {  // Gemma 2's soft-capped logits
-          for (int64_t t = 0; t < n; ++t) sg[t] = softcap * std::tanh(sg[t] / softcap);
-        }
-        float m = -std::numeric_limits<float>::infinity();
+        // Every tile of [lo, hi) (consecutive rows of one block): f(its first row, its row count, its index
+        // from lo, the same rows of the next block or nullptr). Each KV head's pass over a tile prefetches
+        // its part of those rows, a row per row it reads: the next block streams in while this one
+        // computes, and never more lines at once than the core can have in flight.
+        auto for_each_tile = [&](const T* cache, auto&& f) {
+          for (int64_t start = lo - lo % block_size; start < hi; start += block_size) {
+            const T* block = cache + table[start / block_size] * block_stride;
+            const bool more = start + block_size < hi;
+            const char* next =
+                more ? reinterpret_cast<const char*>(cache + table[start / block_size + 1] * block_stride) : nullptr;
+            const int64_t stop = std::min(block_size, hi - start);
+            for (int64_t j = std::max<int64_t>(lo - start, 0); j < stop; j += kTile) {
+              const int rows_in_tile = static_cast<int>(std::min<int64_t>(kTile, stop - j));
+              f(block + j * row_stride, rows_in_tile, start + j - lo, more ? next + j * row_bytes : nullptr);
+            }
+          }
+        };
+        // The first block of each pass has no block before it to prefetch it: K's now, V's during the softmax.
+        auto prefetch_first = [&](const T* cache) {
+          const int64_t j = lo % block_size, count = std::min(block_size - j, hi - lo);
+          prefetch_bytes(reinterpret_cast<const char*>(cache + table[lo / block_size] * block_stride + j * row_stride),
+                         count * row_bytes);
+        };
+
+        prefetch_first(k_cache);
+        for_each_tile(k_cache, [&](const T* tile, int tile_rows, int64_t t, const char* ahead) {
+          for (int64_t h = 0; h < num_kv_heads; ++h) {
+            for (int64_t r = 0; r < nr; ++r) {
+              for_head_runs(group, [&](int64_t g0, auto gc) {
+                const int64_t at = r * num_heads + h * group + g0;
+                tile_scores<T, head_dim, decltype(gc)::value>(
+                    qf.data() + at * head_dim, tile + h * head_dim, row_stride, tile_rows, scores.data() + at * ns + t,
+                    ns, r == 0 && g0 == 0 && ahead ? ahead + h * head_bytes : nullptr, row_bytes);
+              });
+            }
+          }
+        });
+        prefetch_first(v_cache);
+        for (int64_t r = 0; r < nr; ++r) {
+          // This row sees [first, len) of the sequence: [a, z) of the item's scores; the rest weigh 0.
+          const int64_t len = lens[r0 + r];
+          const int64_t a = std::clamp<int64_t>(first_of(len) - lo, 0, n), z = std::clamp<int64_t>(len - lo, 0, n);
+          for (int64_t hg = 0; hg < num_heads; ++hg) {
+            float* sg = scores.data() + (r * num_heads + hg) * ns;
+            std::fill(sg, sg + a, 0.0f);
+            std::fill(sg + std::max(a, z), sg + n, 0.0f);
+            if (z <= a) continue;  // nothing visible in this split (or a padding row)
+            if (softcap > 0.0f) {  // Gemma 2's soft-capped logits
+              for (int64_t t = a; t < z; ++t) sg[t] = softcap * std::tanh(sg[t] / softcap);
+            }
+            float m = kNegInf;
 #pragma omp simd reduction(max : m)
-        for (int64_t t = 0; t < n; ++t) m = std::max(m, sg[t]);
-        float sum = 0.0f;
+            for (int64_t t = a; t < z; ++t) m = std::max(m, sg[t]);
+            float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
-        for (int64_t t = 0; t < n; ++t) {
-          sg[t] = softmax_exp(sg[t] - m);
-          sum += sg[t];
+            for (int64_t t = a; t < z; ++t) {
+              sg[t] = softmax_exp(sg[t] - m);
+              sum += sg[t];
+            }
+            top[r * num_heads + hg] = m;
+            total[r * num_heads + hg] = sum;
+          }
         }
-        top[hg] = m;
-        total[hg] = sum;
+        for_each_tile(v_cache, [&](const T* tile, int tile_rows, int64_t t, const char* ahead) {
+          for (int64_t h = 0; h < num_kv_heads; ++h) {
+            for (int64_t r = 0; r < nr; ++r) {
+              for_head_runs(group, [&](int64_t g0, auto gc) {
+                const int64_t at = r * num_heads + h * group + g0;
+                tile_values<T, head_dim, decltype(gc)::value>(
+                    scores.data() + at * ns + t, ns, tile + h * head_dim, row_stride, tile_rows,
+                    acc.data() + at * head_dim, r == 0 && g0 == 0 && ahead ? ahead + h * head_bytes : nullptr,
+                    row_bytes);
+              });
+            }
+          }
+        });
       }
-
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      for_each_tile(v_cache, [&](const T* tile, int rows, int64_t t, const char* ahead) {
-        for (int64_t h = 0; h < num_kv_heads; ++h) {
-          for_head_runs(group, [&](int64_t g0, auto gc) {
-            const int64_t hg = h * group + g0;
-            tile_values<T, head_dim, decltype(gc)::value>(scores.data() + hg * ns + t, ns, tile + h * head_dim,
-                                                           row_stride, rows, acc.data() + hg * head_dim,
-                                                           g0 == 0 && ahead ? ahead + h * head_bytes : nullptr,
-                                                           row_bytes);
-          });
+      for (int64_t r = 0; r < nr; ++r) {
+        const int64_t row = r0 + r;
+        if (splits == 1) {
+          T* o = out + row * num_heads * head_dim;
+          for (int64_t hg = 0; hg < num_heads; ++hg) {
+            const int64_t at = r * num_heads + hg;
+            const float inv = total[at] > 0.0f ? 1.0f / total[at] : 0.0f;  // 0: a padding row attends to nothing
+            for (int64_t d = 0; d < head_dim; ++d) from_float(acc[at * head_dim + d] * inv, o + hg * head_dim + d);
+          }
+        } else {
+          const int64_t at = (row * splits + split) * num_heads;
+          std::copy(top.begin() + r * num_heads, top.begin() + (r + 1) * num_heads, part_max.begin() + at);
+          std::copy(total.begin() + r * num_heads, total.begin() + (r + 1) * num_heads, part_sum.begin() + at);
+          std::copy(acc.begin() + r * num_heads * head_dim, acc.begin() + (r + 1) * num_heads * head_dim,
+                    part_acc.begin() + at * head_dim);
         }
-      });
-      if (splits == 1) {
-        T* o = out + b * num_heads * head_dim;
-        for (int64_t hg = 0; hg < num_heads; ++hg) {
-          const float inv = 1.0f / total[hg];
-          for (int64_t d = 0; d < head_dim; ++d) from_float(acc[hg * head_dim + d] * inv, o + hg * head_dim + d);
-        }
-      } else {
-        const int64_t at = item * num_heads;
-        std::copy(top.begin(), top.end(), part_max.begin() + at);
-        std::copy(total.begin(), total.end(), part_sum.begin() + at);
-        std::copy(acc.begin(), acc.end(), part_acc.begin() + at * head_dim);
       }
     }
   });
   if (splits == 1) return;
-  at::parallel_for(0, batch * num_heads, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows * num_heads, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> merged(head_dim);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / num_heads, hg = bh % num_heads;
-      float m = -std::numeric_limits<float>::infinity();
+      float m = kNegInf;
       for (int64_t s = 0; s < splits; ++s) m = std::max(m, part_max[(b * splits + s) * num_heads + hg]);
       T* o = out + bh * head_dim;
-      if (m == -std::numeric_limits<float>::infinity()) {  // nothing visible (a padding row)
+      if (m == kNegInf) {  // nothing visible (a padding row)
         for (int64_t d = 0; d < head_dim; ++d) from_float(0.0f, o + d);
         continue;
       }
