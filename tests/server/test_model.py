@@ -174,6 +174,32 @@ def test_varlen_batch_of_short_and_long(models: Models, variant: str) -> None:
     assert_close(out_long, ref_logits(ref, long))
 
 
+@pytest.mark.parametrize("variant", ["llama3", "gemma2"])
+def test_mlp_in_row_slices(models: Models, variant: str) -> None:
+    # A long CPU prefill goes through the MLP in row slices (llama.MLP_SLICE_BYTES); tiny models never reach
+    # the real slice size, so slices of 16 rows here: a 50-row prompt beside a 5-row one is cut mid-sequence.
+    from spindle_server.models.llama import LlamaMLP
+
+    _, model, ref = models.get(variant)
+    mlps = [m for m in model.modules() if isinstance(m, LlamaMLP)]
+    assert mlps and all(m.slice_rows is not None and m.slice_rows >= 256 for m in mlps)
+    short = prompt(5, model.config.vocab_size, seed=16)
+    long = prompt(50, model.config.vocab_size, seed=17)
+    saved = [m.slice_rows for m in mlps]
+    try:
+        for m in mlps:
+            m.slice_rows = 16
+        runner = PagedRunner(model)
+        runner.add_sequence(0, len(short))
+        runner.add_sequence(1, len(long))
+        out_short, out_long = runner.step([(0, short), (1, long)])
+    finally:
+        for m, rows in zip(mlps, saved, strict=True):
+            m.slice_rows = rows
+    assert_close(out_short, ref_logits(ref, short))
+    assert_close(out_long, ref_logits(ref, long))
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_decode_steps_after_prefill(models: Models, variant: str) -> None:
     _, model, ref = models.get(variant)

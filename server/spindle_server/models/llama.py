@@ -31,12 +31,21 @@ from spindle_server.models.registry import ModelConfig
 from spindle_server.weights import Weights
 
 
+# On CPU a long prefill's gate/up activation ([rows, 2 x intermediate]) outgrows the last-level cache (float32
+# SmolLM2-135M at 4096 rows: 50 MB against 32 MB of L3) and every op around the matmuls then streams it from
+# DRAM: rows go through the MLP in slices whose activation stays within this (a 4096-token float32 prefill
+# 5.8 -> 4.8 s on 2 Zen 4 cores; bfloat16, whose activation fits, within noise either way).
+MLP_SLICE_BYTES = 6 << 20
+
+
 class LlamaMLP(torch.nn.Module):
     def __init__(
         self, config: ModelConfig, dist: Distributed, ops: KernelOps, dtype: torch.dtype, device: torch.device
     ) -> None:
         super().__init__()
         size = config.intermediate_size
+        row_bytes = 2 * (size // dist.world_size) * dtype.itemsize
+        self.slice_rows = max(256, MLP_SLICE_BYTES // row_bytes) if device.type == "cpu" else None
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [size, size], dist, bias=config.mlp_bias, dtype=dtype, device=device
         )
@@ -54,7 +63,11 @@ class LlamaMLP(torch.nn.Module):
         self.down_proj.load(weights, f"{prefix}.down_proj")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_up_proj(x)))
+        rows = self.slice_rows
+        if rows is None or x.shape[0] <= rows:
+            return self.down_proj(self.act(self.gate_up_proj(x)))
+        return torch.cat([self.down_proj(self.act(self.gate_up_proj(x[i : i + rows])))
+                          for i in range(0, x.shape[0], rows)])
 
 
 class LlamaDecoderLayer(torch.nn.Module):
