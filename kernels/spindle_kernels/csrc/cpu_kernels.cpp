@@ -290,18 +290,26 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
                          count * row_bytes);
         };
 
-        prefetch_first(k_cache);
-        for_each_tile(k_cache, [&](const T* tile, int tile_rows, int64_t t, const char* ahead) {
-          for (int64_t h = 0; h < num_kv_heads; ++h) {
-            for (int64_t r = 0; r < nr; ++r) {
-              for_head_runs(group, [&](int64_t g0, auto gc) {
-                const int64_t at = r * num_heads + h * group + g0;
-                tile_scores<T, head_dim, decltype(gc)::value>(
-                    qf.data() + at * head_dim, tile + h * head_dim, row_stride, tile_rows, scores.data() + at * ns + t,
-                    ns, r == 0 && g0 == 0 && ahead ? ahead + h * head_bytes : nullptr, row_bytes);
-              });
+        // Every tile, then KV head, then row of the item, then run of that head's query heads: f(the tile's
+        // rows of that head, their count, their index from lo, the run's first (row, query head) pair, the
+        // run length, and the next block's part for this head to prefetch, once per tile and head, or nullptr).
+        auto for_each_run = [&](const T* cache, auto&& f) {
+          for_each_tile(cache, [&](const T* tile, int tile_rows, int64_t t, const char* ahead) {
+            for (int64_t h = 0; h < num_kv_heads; ++h) {
+              for (int64_t r = 0; r < nr; ++r) {
+                for_head_runs(group, [&](int64_t g0, auto gc) {
+                  f(tile + h * head_dim, tile_rows, t, r * num_heads + h * group + g0, gc,
+                    r == 0 && g0 == 0 && ahead ? ahead + h * head_bytes : nullptr);
+                });
+              }
             }
-          }
+          });
+        };
+
+        prefetch_first(k_cache);
+        for_each_run(k_cache, [&](const T* kh, int tile_rows, int64_t t, int64_t at, auto gc, const char* ahead) {
+          tile_scores<T, head_dim, decltype(gc)::value>(qf.data() + at * head_dim, kh, row_stride, tile_rows,
+                                                         scores.data() + at * ns + t, ns, ahead, row_bytes);
         });
         prefetch_first(v_cache);
         for (int64_t r = 0; r < nr; ++r) {
@@ -329,18 +337,9 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
             total[r * num_heads + hg] = sum;
           }
         }
-        for_each_tile(v_cache, [&](const T* tile, int tile_rows, int64_t t, const char* ahead) {
-          for (int64_t h = 0; h < num_kv_heads; ++h) {
-            for (int64_t r = 0; r < nr; ++r) {
-              for_head_runs(group, [&](int64_t g0, auto gc) {
-                const int64_t at = r * num_heads + h * group + g0;
-                tile_values<T, head_dim, decltype(gc)::value>(
-                    scores.data() + at * ns + t, ns, tile + h * head_dim, row_stride, tile_rows,
-                    acc.data() + at * head_dim, r == 0 && g0 == 0 && ahead ? ahead + h * head_bytes : nullptr,
-                    row_bytes);
-              });
-            }
-          }
+        for_each_run(v_cache, [&](const T* vh, int tile_rows, int64_t t, int64_t at, auto gc, const char* ahead) {
+          tile_values<T, head_dim, decltype(gc)::value>(scores.data() + at * ns + t, ns, vh, row_stride, tile_rows,
+                                                         acc.data() + at * head_dim, ahead, row_bytes);
         });
       }
       for (int64_t r = 0; r < nr; ++r) {
