@@ -30,7 +30,6 @@ from spindle_server.models.causal_lm import CausalLM
 from spindle_server.models.registry import ModelConfig
 from spindle_server.weights import Weights
 
-
 # On CPU a long prefill's gate/up activation ([rows, 2 x intermediate]) outgrows the last-level cache (float32
 # SmolLM2-135M at 4096 rows: 50 MB against 32 MB of L3) and every op around the matmuls then streams it from
 # DRAM: rows go through the MLP in slices whose activation stays within this (a 4096-token float32 prefill
