@@ -62,6 +62,13 @@ CPU_OPS = dataclasses.replace(
 )
 
 
+def argmax_logsumexp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's greedy token and log-normalizer (`reference.argmax_logsumexp`), with the C++ op on CPU."""
+    if scores.device.type == "cpu":
+        return cpu.argmax_logsumexp(scores)
+    return reference.argmax_logsumexp(scores)
+
+
 def triton_ops() -> KernelOps:
     """The Triton ops (imports triton; on CPU they run only under TRITON_INTERPRET=1)."""
     from spindle_kernels.triton_backend import TRITON_OPS
@@ -135,6 +142,7 @@ __all__ = [
     "CPU_OPS",
     "KernelOps",
     "REFERENCE_OPS",
+    "argmax_logsumexp",
     "flash_attn_ops",
     "ops_for",
     "reference",

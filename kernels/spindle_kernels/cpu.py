@@ -203,3 +203,11 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     if x.dtype in NATIVE_DTYPES and cpu_native.load():
         return torch.ops.spindle_cpu.silu_and_mul(x)
     return reference.silu_and_mul(x)
+
+
+def argmax_logsumexp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """See `reference.argmax_logsumexp`; the C++ op reads bfloat16 rows in place, twice, where torch takes a
+    float32 copy and a full log-softmax (~2 ms per step at 32 x 49k rows on 2 Zen 4 cores)."""
+    if scores.dim() == 2 and scores.dtype in NATIVE_DTYPES and cpu_native.load():
+        return torch.ops.spindle_cpu.argmax_logsumexp(scores)
+    return reference.argmax_logsumexp(scores)

@@ -339,3 +339,10 @@ def moe_by_expert(
         out.index_add_(0, rows, (y.float() * weight_of_pair[start : start + count, None]).to(x.dtype))
         start += count
     return out
+
+
+def argmax_logsumexp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """scores [rows, vocab] -> (each row's argmax, int64, the first of equal maxima; its logsumexp, float32).
+    A row's log-softmax is `scores - lse`: greedy sampling needs only these two."""
+    x = scores.float()
+    return x.argmax(dim=-1), torch.logsumexp(x, dim=-1)

@@ -332,3 +332,32 @@ def test_native_chunk_rows_split_deep_contexts(threads, window, softcap):
     finally:
         torch.set_num_threads(before)
     torch.testing.assert_close(got, _naive_attention(c, window, softcap), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [1, 17, 49152, 100003])
+def test_argmax_logsumexp_matches_torch(dtype, vocab):
+    # What greedy sampling reads of each row: the first of equal maxima (ties across vector lanes and in the
+    # scalar tail), and a log-normalizer whose scores - lse is torch's log_softmax; a row of -inf has none.
+    torch.manual_seed(vocab)
+    scores = (torch.randn(5, vocab) * 4).to(dtype)
+    scores[1, vocab // 2] = scores[1, -1] = scores[1].max() + 1  # a tie: the earlier wins
+    scores[2] = float("-inf")
+    scores[3, : vocab // 2] = float("-inf")  # a grammar mask
+    ids, lse = cpu.argmax_logsumexp(scores)
+    assert ids.tolist() == scores.float().argmax(dim=-1).tolist()
+    chosen = scores.float().gather(1, ids[:, None])[:, 0] - lse
+    want = torch.log_softmax(scores.float(), dim=-1).gather(1, ids[:, None])[:, 0]
+    torch.testing.assert_close(chosen[[0, 1, 3, 4]], want[[0, 1, 3, 4]], atol=1e-5, rtol=1e-5)
+    assert lse[2].item() == float("-inf") and ids[2].item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_logsumexp_takes_the_first_nan_like_torch(dtype):
+    scores = torch.randn(2, 40).to(dtype)
+    scores[0, 7] = scores[0, 30] = float("nan")
+    scores[1] = float("-inf")
+    scores[1, 21] = float("nan")
+    ids, lse = cpu.argmax_logsumexp(scores)
+    assert ids.tolist() == scores.float().argmax(dim=-1).tolist() == [7, 21]
+    assert torch.isnan(lse).all()

@@ -18,7 +18,7 @@ def _logits(rows: int, vocab: int, seed: int, scale: float = 2.0) -> torch.Tenso
     return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(seed)) * scale
 
 
-def test_default_rows_are_one_argmax_and_one_log_softmax(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_default_rows_are_one_argmax_and_one_log_normalizer(monkeypatch: pytest.MonkeyPatch) -> None:
     def forbidden(*args, **kwargs):
         raise AssertionError("per-row work for a row with default parameters")
 
@@ -33,6 +33,20 @@ def test_default_rows_are_one_argmax_and_one_log_softmax(monkeypatch: pytest.Mon
     torch.testing.assert_close(torch.tensor(out.logprobs), expected, rtol=0, atol=1e-5)
     assert out.top_ids == [[]] * 32 and out.top_logprobs == [[]] * 32
     assert torch.equal(logits, before)
+
+
+def test_bfloat16_logits_choose_as_their_float32_copy_does() -> None:
+    # Unprocessed rows are read in the logits' dtype (no float32 copy): same tokens, log-probs, top-n and
+    # seeded draws as from the exact float32 copy, with greedy, penalized and sampling rows in one batch.
+    logits = _logits(4, 3000, 7).bfloat16()
+    params = [GREEDY, SamplingParams(repetition_penalty=1.3), SamplingParams(do_sample=True, seed=5), GREEDY]
+    histories = [list(range(50))] * 4
+    args = (params, histories, [3] * 4, [3, 0, 2, 5])
+    got, want = sample(logits, *args), sample(logits.float(), *args)
+    assert got.next_ids == want.next_ids and got.top_ids == want.top_ids
+    torch.testing.assert_close(torch.tensor(got.logprobs), torch.tensor(want.logprobs), rtol=0, atol=1e-5)
+    for a, b in zip(got.top_logprobs, want.top_logprobs, strict=True):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), rtol=0, atol=1e-5)
 
 
 def test_processing_never_writes_into_the_callers_logits() -> None:

@@ -1,4 +1,5 @@
-// Spindle's C++ CPU kernels: paged decode attention, RMSNorm (+ residual), rotary, SiLU-and-mul, KV cache write.
+// Spindle's C++ CPU kernels: paged attention, RMSNorm (+ residual), rotary, SiLU-and-mul, KV cache write, and
+// the greedy token with its row's log-normalizer.
 //
 // Attention reads straight from the paged KV cache, one query row at a time: a decode row per sequence, or
 // the rows of a prefill chunk, each over the context up to its own position (`attention_rows`). The torch
@@ -10,7 +11,7 @@
 //
 // Built on first use by spindle_kernels/cpu_native.py for the host CPU (-march=native) and registered as
 // torch.ops.spindle_cpu.{paged_decode_attention, attention_rows, rms_norm, rotary_embedding, silu_and_mul,
-// reshape_and_cache}.
+// reshape_and_cache, argmax_logsumexp}.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -801,6 +802,86 @@ void reshape_and_cache(const at::Tensor& key, const at::Tensor& value, at::Tenso
   }
 }
 
+// ---- Greedy choice and log-normalizer of logit rows: what sampling needs of a row with no processors (its
+// token and that token's log-probability, scores[id] - lse), in two reads of the row where torch took a
+// float32 copy, a log-softmax written out in full and an argmax (~2 ms per step at 32 x 49k bfloat16 rows).
+
+template <typename T>
+void argmax_lse_row(const T* x, int64_t n, int64_t* id_out, float* lse_out) {
+  constexpr float kInf = std::numeric_limits<float>::infinity();
+  // Pass 1: per lane the first maximum and its index (strict >, indices rising), then the lanes merged.
+  vf16 best = vf16{} - kInf;
+  vi16 where = vi16{};
+  const vi16 iota = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const vf16 v = load16(x + i);
+    const vi16 up = v > best;
+    best = up ? v : best;
+    where = up ? iota + static_cast<int32_t>(i) : where;
+  }
+  float m = -kInf;
+  int64_t id = 0;
+  for (int lane = 0; lane < 16; ++lane) {
+    if (best[lane] > m || (best[lane] == m && where[lane] < id)) {
+      m = best[lane];
+      id = where[lane];
+    }
+  }
+  for (; i < n; ++i) {
+    const float v = to_float(x[i]);
+    if (v > m) {
+      m = v;
+      id = i;
+    }
+  }
+  // Pass 2: the sum of exp(x - max); a term below e^-87 counts as e^-87, beside the max's own 1.
+  float sum = 0.0f;
+  if (m > -kInf) {
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < n; ++j) sum += softmax_exp(to_float(x[j]) - m);
+  }
+  if (m == -kInf || std::isnan(sum)) {  // torch.argmax takes the first NaN; such a row has no normalizer
+    for (int64_t j = 0; j < n; ++j) {
+      if (std::isnan(to_float(x[j]))) {
+        *id_out = j;
+        *lse_out = std::numeric_limits<float>::quiet_NaN();
+        return;
+      }
+    }
+  }
+  *id_out = id;  // every score -inf (or none): 0, as torch.argmax; the normalizer is -inf
+  if (m == -kInf) {
+    *lse_out = -kInf;
+    return;
+  }
+  *lse_out = m + std::log(sum);
+}
+
+std::tuple<at::Tensor, at::Tensor> argmax_logsumexp(const at::Tensor& scores) {
+  TORCH_CHECK(scores.dim() == 2, "argmax_logsumexp takes [rows, vocab] scores");
+  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kBFloat16,
+              "argmax_logsumexp (CPU) takes float32 or bfloat16, got ", scores.scalar_type());
+  const at::Tensor x = scores.contiguous();
+  const int64_t rows = x.size(0), n = x.size(1);
+  TORCH_CHECK(n < std::numeric_limits<int32_t>::max(), "argmax_logsumexp: rows of at most 2^31 - 1 scores");
+  at::Tensor ids = at::empty({rows}, x.options().dtype(at::kLong));
+  at::Tensor lse = at::empty({rows}, x.options().dtype(at::kFloat));
+  int64_t* id_ptr = ids.data_ptr<int64_t>();
+  float* lse_ptr = lse.data_ptr<float>();
+  const bool is_bf16 = x.scalar_type() == at::kBFloat16;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (is_bf16) {
+        argmax_lse_row<bf16>(BF(x) + r * n, n, id_ptr + r, lse_ptr + r);
+      } else {
+        argmax_lse_row<float>(x.data_ptr<float>() + r * n, n, id_ptr + r, lse_ptr + r);
+      }
+    }
+  });
+  return {ids, lse};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(spindle_cpu, m) {
@@ -818,4 +899,6 @@ TORCH_LIBRARY(spindle_cpu, m) {
   m.impl("silu_and_mul", c10::DispatchKey::CPU, TORCH_FN(silu_and_mul));
   m.def("reshape_and_cache(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.impl("reshape_and_cache", c10::DispatchKey::CPU, TORCH_FN(reshape_and_cache));
+  m.def("argmax_logsumexp(Tensor scores) -> (Tensor, Tensor)");
+  m.impl("argmax_logsumexp", c10::DispatchKey::CPU, TORCH_FN(argmax_logsumexp));
 }

@@ -2,7 +2,7 @@
 
 Per row, in TGI's order: repetition -> frequency -> presence penalty -> logit bias -> min-tokens mask
 -> temperature -> top-k -> top-p -> min-p -> typical-p -> argmax (greedy) or a draw (sampling). Rows with default parameters cost nothing
-beyond the batch-wide argmax and log_softmax; penalties, filters and draws run only for the rows
+beyond the batch-wide argmax and log-normalizer; penalties, filters and draws run only for the rows
 that ask for them.
 
 Draws are batched (one cumulative sum and one search for every sampling row) yet each row's token
@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from spindle_kernels import argmax_logsumexp
 
 from spindle_server.sampling.logits import apply_filters, apply_penalties_rows, apply_temperature
 from spindle_server.sampling.params import SamplingParams
@@ -85,33 +86,36 @@ def sample(
         if len(seq) != batch:
             raise ValueError(f"{name} has {len(seq)} entries for {batch} rows of logits")
 
-    scores = logits.float()
+    # Unprocessed rows stay in the logits' dtype: the argmax and the log-normalizer read them as they are.
+    scores = logits
     penalized = [i for i, p in enumerate(params) if p.has_penalties]
     warped = [i for i, p in enumerate(params) if p.has_warpers]
-    if (penalized or warped) and scores is logits:
-        scores = scores.clone()  # never write into the caller's logits
+    if penalized or warped:
+        scores = logits.float()
+        if scores is logits:
+            scores = scores.clone()  # never write into the caller's logits
     if penalized:
         apply_penalties_rows(scores, penalized, histories, params, steps)
     if warped:
         scores = apply_filters(apply_temperature(scores, params), params)
 
-    logprobs = torch.log_softmax(scores, dim=-1)
-    next_ids = scores.argmax(dim=-1)
+    # A row's log-softmax is scores - lse: no float32 copy of the logits and no full log-softmax per step.
+    next_ids, lse = argmax_logsumexp(scores)
     sampling = [i for i, p in enumerate(params) if p.is_sampling]
     if sampling:
-        next_ids = next_ids.clone()
         rows = torch.tensor(sampling, dtype=torch.int64, device=scores.device)
         # softmax works row by row: a row's probabilities do not depend on how the batch was laid out
-        probs = torch.softmax(scores.index_select(0, rows), dim=-1)
+        probs = torch.softmax(scores.index_select(0, rows).float(), dim=-1)
         drawn = _draw(probs, [params[i].seed for i in sampling], [steps[i] for i in sampling])
         next_ids.index_copy_(0, rows, drawn)
-    chosen = logprobs.gather(1, next_ids.unsqueeze(1)).squeeze(1)
+    chosen = scores.gather(1, next_ids.unsqueeze(1)).squeeze(1).float() - lse
 
     top_ids: list[list[int]] = [[] for _ in range(batch)]
     top_logprobs: list[list[float]] = [[] for _ in range(batch)]
     k = min(max(top_n, default=0), vocab)
     if k > 0:
-        values, indices = torch.topk(logprobs, k, dim=-1)  # sorted, best first
+        values, indices = torch.topk(scores.float(), k, dim=-1)  # sorted, best first
+        values = values - lse.unsqueeze(1)
         values_l, indices_l = values.tolist(), indices.tolist()
         for i, n in enumerate(top_n):
             kept = [j for j in range(min(n, k)) if values_l[i][j] != float("-inf")]
