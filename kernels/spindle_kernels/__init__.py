@@ -36,6 +36,10 @@ class KernelOps:
     # True: q/k/v may be strided [T, heads, d] views of the QKV projection's output (unit stride in d);
     # False: the layer hands them over contiguous.
     takes_strided_qkv: bool = False
+    # True: a mixed step's single-token sequences attend through `paged_decode_attention` and its chunks
+    # through `paged_attention`, two calls; False: `paged_attention` takes every row in one call (the CPU's
+    # C++ kernel: one pass of its threads over decode rows and chunk rows alike, no concatenation).
+    splits_decode_rows: bool = True
 
 
 REFERENCE_OPS = KernelOps(
@@ -54,6 +58,7 @@ CPU_OPS = dataclasses.replace(
     name="cpu",
     reshape_and_cache=cpu.reshape_and_cache,
     takes_strided_qkv=True,
+    splits_decode_rows=False,
     paged_attention=cpu.paged_attention,
     paged_decode_attention=cpu.paged_decode_attention,
     rms_norm=cpu.rms_norm,

@@ -124,7 +124,8 @@ def test_staging_sends_aligned_segments_with_their_values():
 
 
 def test_mixed_step_attention_equals_one_varlen_call():
-    # The decode-kernel route of a mixed step computes what one paged_attention call over all rows does.
+    # The decode-kernel route of a mixed step computes what one paged_attention call over all rows does; ops
+    # that say they need no split get one call.
     from spindle_kernels import REFERENCE_OPS
     from spindle_server.distributed import Distributed
     from spindle_server.layers.attention import AttentionMetadata, PagedAttention, split_decode_rows
@@ -163,8 +164,12 @@ def test_mixed_step_attention_equals_one_varlen_call():
                  torch.randn(8, BS, 2, 8, generator=torch.Generator().manual_seed(2)))
         meta.decode_rows = decode_rows
         results.append(layer(positions, hidden, cache, meta))
-    assert calls == [("prefill", 7), ("decode", 2), ("prefill", 5)]
+    # Ops whose paged_attention takes every row (the CPU's C++ kernel) get the mixed step in one call.
+    layer.ops = dataclasses.replace(ops, splits_decode_rows=False)
+    results.append(layer(positions, hidden, cache, meta))
+    assert calls == [("prefill", 7), ("decode", 2), ("prefill", 5), ("prefill", 7)]
     torch.testing.assert_close(results[1], results[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(results[2], results[0], atol=1e-5, rtol=1e-5)
 
 
 def _state(b: ShardBatch) -> list:

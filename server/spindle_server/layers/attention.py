@@ -164,7 +164,7 @@ class PagedAttention(torch.nn.Module):
                 q, k_cache, v_cache, meta.block_tables, meta.context_lens, self.scale,
                 window=self.window, softcap=self.softcap,
             )
-        elif meta.decode_rows is not None:
+        elif meta.decode_rows is not None and self.ops.splits_decode_rows:
             d = meta.decode_rows
             n = d.num_seqs
             head = self.ops.paged_decode_attention(
