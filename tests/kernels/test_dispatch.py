@@ -13,7 +13,7 @@ import spindle_kernels
 import torch
 from spindle_kernels import CPU_OPS, REFERENCE_OPS, KernelOps, ops_for, reference
 
-OP_NAMES = [f for f in KernelOps.__dataclass_fields__ if f not in ("name", "takes_strided_qkv")]
+OP_NAMES = [f for f, field in KernelOps.__dataclass_fields__.items() if field.type not in ("str", "bool")]
 
 
 def test_cpu_gets_the_cpu_ops():
@@ -23,6 +23,7 @@ def test_cpu_gets_the_cpu_ops():
     assert CPU_OPS.reshape_and_cache is spindle_kernels.cpu.reshape_and_cache
     assert inspect.signature(CPU_OPS.reshape_and_cache) == inspect.signature(reference.reshape_and_cache)
     assert CPU_OPS.takes_strided_qkv and not REFERENCE_OPS.takes_strided_qkv
+    assert not CPU_OPS.splits_decode_rows and REFERENCE_OPS.splits_decode_rows
     assert CPU_OPS.fused_moe is REFERENCE_OPS.fused_moe
     assert CPU_OPS.silu_and_mul is spindle_kernels.cpu.silu_and_mul
     assert spindle_kernels.cpu_native.load()
