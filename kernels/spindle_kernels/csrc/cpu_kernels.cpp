@@ -5,7 +5,8 @@
 // the rows of a prefill chunk, each over the context up to its own position (`attention_rows`). The torch
 // path (cpu.py) gathers every sequence's blocks into a contiguous copy first: at long contexts that copy is
 // most of the work. Here a sequence's rows are walked once for the scores and once for the values, in
-// float32 (bf16 widened on the fly), each KV head's query heads (GQA group) sharing every K/V row they read.
+// float32 (bf16 widened on the fly; bf16 scores as sums of exact bf16 products where the CPU has AVX512-BF16),
+// each KV head's query heads (GQA group) sharing every K/V row they read.
 // Work is split over torch's own intra-op thread pool (at::parallel_for; the build has -fopenmp, else that
 // header template runs serially), so no second OpenMP pool competes with the GEMMs.
 //
@@ -28,6 +29,10 @@
 #include <tuple>
 #include <type_traits>
 #include <vector>
+
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
 
 namespace {
 
@@ -94,6 +99,28 @@ inline vf16 load16(const bf16* p) {  // bf16 -> float32 is a 16-bit shift of the
 }
 inline void store16(float* p, vf16 v) { *reinterpret_cast<vf16_u*>(p) = v; }
 
+// ---- bf16 pairs (two bf16 in each 32-bit lane) ----
+typedef uint32_t vu16_u __attribute__((vector_size(64), aligned(2)));
+inline vu16 load_pairs(const bf16* p) { return *reinterpret_cast<const vu16_u*>(p); }
+
+#if defined(__AVX512BF16__)
+// VDPBF16PS: per lane acc + a.lo * b.lo + a.hi * b.hi, the bf16 products exact in float32: one instruction
+// where widening both sides takes four and two FMAs.
+constexpr bool kDotPairs = true;
+inline vf16 dot_pairs(vf16 acc, vu16 a, vu16 b) {
+  return (vf16)_mm512_dpbf16_ps((__m512)acc, (__m512bh)a, (__m512bh)b);
+}
+#else
+constexpr bool kDotPairs = false;
+inline vf16 dot_pairs(vf16 acc, vu16 a, vu16 b) {  // the same sum, widened (compiled, never chosen)
+  const vu16 high = vu16{} + 0xffff0000u;
+  return acc + (vf16)(a << 16) * (vf16)(b << 16) + (vf16)(a & high) * (vf16)(b & high);
+}
+#endif
+// bf16 attention with a head size of whole 32-element chunks takes its scores from dot_pairs.
+template <typename T, int64_t head_dim>
+constexpr bool kScoresByPairs = kDotPairs && std::is_same_v<T, bf16> && head_dim % 32 == 0;
+
 // Lane i of the result: the sum of the 16 lanes of v[i]. A tree of pairwise shuffles and adds (45 ops for
 // 16 sums, where one horizontal sum per vector costs ~8): level k halves the partial sums per row and
 // doubles the rows per vector, keeping rows in order.
@@ -145,6 +172,33 @@ inline void tile_scores(const float* qf, const T* k, int64_t row_stride, int row
     }
   }
   for (int g = 0; g < GC; ++g) store16(out + g * out_stride, row_sums16(part[g]));
+}
+
+// tile_scores for bf16 rows by dot_pairs: qb holds GC heads of raw (unscaled) bf16 query, head_dim each;
+// the scale multiplies the sums.
+template <int64_t head_dim, int GC>
+inline void tile_scores_pairs(const bf16* qb, const bf16* k, int64_t row_stride, int rows, float scale, float* out,
+                              int64_t out_stride, const char* ahead, int64_t ahead_stride) {
+  constexpr int C = head_dim / 32;
+  vu16 qv[GC][C];
+  for (int g = 0; g < GC; ++g)
+    for (int c = 0; c < C; ++c) qv[g][c] = load_pairs(qb + g * head_dim + c * 32);
+  vf16 part[GC][kTile];
+  for (int t = 0; t < kTile; ++t) {
+    if (t < rows) {
+      if (ahead != nullptr) prefetch_bytes(ahead + t * ahead_stride, head_dim * sizeof(bf16));
+      vu16 kv[C];
+      for (int c = 0; c < C; ++c) kv[c] = load_pairs(k + t * row_stride + c * 32);
+      for (int g = 0; g < GC; ++g) {
+        vf16 a = dot_pairs(vf16{}, kv[0], qv[g][0]);
+        for (int c = 1; c < C; ++c) a = dot_pairs(a, kv[c], qv[g][c]);
+        part[g][t] = a;
+      }
+    } else {
+      for (int g = 0; g < GC; ++g) part[g][t] = vf16{};
+    }
+  }
+  for (int g = 0; g < GC; ++g) store16(out + g * out_stride, row_sums16(part[g]) * scale);
 }
 
 // acc[g] (head_dim floats each) += sum over the tile's rows of p[g * p_stride + t] * v[t], for GC query heads.
@@ -220,16 +274,49 @@ inline void transposed_scores(const float* kt, const float* const* q, float* con
   for (int i = 0; i < N; ++i) store16(out[i], a[i]);
 }
 
+// transpose_tile for bf16 pairs: kt [head_dim / 2][kTile] 32-bit lanes, lane t of vector w holding dimensions
+// 2w and 2w + 1 of row t (the pair dot_pairs multiplies by the query's same pair).
+template <int64_t head_dim>
+inline void transpose_pairs(const bf16* k, int64_t row_stride, int rows, float* kt) {
+  for (int64_t c = 0; c < head_dim / 32; ++c) {
+    vf16 v[kTile];
+    for (int t = 0; t < kTile; ++t) v[t] = t < rows ? (vf16)load_pairs(k + t * row_stride + c * 32) : vf16{};
+    transpose16(v);  // moves bits: the lanes need not be floats
+    for (int w = 0; w < 16; ++w) store16(kt + (c * 16 + w) * kTile, v[w]);
+  }
+}
+
+template <int64_t head_dim, int N>
+inline void transposed_scores_pairs(const float* kt, const bf16* const* q, float scale, float* const* out) {
+  vf16 a[N];
+  for (int i = 0; i < N; ++i) a[i] = vf16{};
+  for (int64_t w = 0; w < head_dim / 2; ++w) {
+    const vu16 k = (vu16)load16(kt + w * kTile);
+    for (int i = 0; i < N; ++i) {
+      uint32_t pair;
+      std::memcpy(&pair, q[i] + 2 * w, sizeof(pair));
+      a[i] = dot_pairs(a[i], k, vu16{} + pair);
+    }
+  }
+  for (int i = 0; i < N; ++i) store16(out[i], a[i] * scale);
+}
+
+// f(std::integral_constant<int, count>) for a count of 1 .. 4.
+template <typename F>
+inline void with_count(int count, F&& f) {
+  switch (count) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
+  }
+}
+
 // The query heads of one KV head in runs of at most 4 (the accumulators of a run stay in registers).
 template <typename F>
 inline void for_head_runs(int64_t group, F&& f) {
   for (int64_t g0 = 0; g0 < group; g0 += 4) {
-    switch (std::min<int64_t>(4, group - g0)) {
-      case 1: f(g0, std::integral_constant<int, 1>{}); break;
-      case 2: f(g0, std::integral_constant<int, 2>{}); break;
-      case 3: f(g0, std::integral_constant<int, 3>{}); break;
-      default: f(g0, std::integral_constant<int, 4>{}); break;
-    }
+    with_count(static_cast<int>(std::min<int64_t>(4, group - g0)), [&](auto gc) { f(g0, gc); });
   }
 }
 
@@ -312,6 +399,7 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
   std::atomic<int64_t> next_item{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     std::vector<float> qf, acc, scores, top, total, kt(head_dim * kTile), vt(kTile * head_dim);
+    std::vector<bf16> qb;  // raw bf16 query rows, for scores by dot_pairs
     for (int64_t item = next_item++; item < num_items; item = next_item++) {
       const int64_t gi = order[item / splits], split = item % splits;
       const int64_t r0 = starts[gi], nr = starts[gi + 1] - r0;
@@ -320,7 +408,11 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
       const int64_t n = std::max<int64_t>(hi - lo, 0);
       // Scores are rows of ns = n + kTile: a tile writes whole vectors (the last one up to kTile - 1 past n).
       const int64_t ns = n + kTile, heads = nr * num_heads;  // (row, query head) pairs of the item
-      qf.resize(heads * head_dim);
+      if constexpr (kScoresByPairs<T, head_dim>) {
+        qb.resize(heads * head_dim);
+      } else {
+        qf.resize(heads * head_dim);
+      }
       acc.assign(heads * head_dim, 0.0f);
       scores.resize(heads * ns);
       top.assign(heads, kNegInf);
@@ -330,8 +422,12 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
         for (int64_t r = 0; r < nr; ++r) {
           for (int64_t hg = 0; hg < num_heads; ++hg) {
             const T* qp = q + (r0 + r) * q_stride_b + hg * q_stride_h;
-            float* qd = qf.data() + (r * num_heads + hg) * head_dim;
-            for (int64_t d = 0; d < head_dim; ++d) qd[d] = to_float(qp[d]) * scale;
+            if constexpr (kScoresByPairs<T, head_dim>) {
+              std::memcpy(qb.data() + (r * num_heads + hg) * head_dim, qp, head_dim * sizeof(bf16));
+            } else {
+              float* qd = qf.data() + (r * num_heads + hg) * head_dim;
+              for (int64_t d = 0; d < head_dim; ++d) qd[d] = to_float(qp[d]) * scale;
+            }
           }
         }
         const int32_t* table = tables + (row_seqs != nullptr ? row_seqs[r0] : r0) * table_width;
@@ -391,29 +487,42 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
           for_each_tile(k_cache, [&](const T* tile, int tile_rows, int64_t t, const char* ahead) {
             for (int64_t h = 0; h < num_kv_heads; ++h) {
               prefetch_head(ahead, tile_rows, h);
-              transpose_tile<T, head_dim>(tile + h * head_dim, row_stride, tile_rows, kt.data());
+              if constexpr (kScoresByPairs<T, head_dim>) {
+                transpose_pairs<head_dim>(tile + h * head_dim, row_stride, tile_rows, kt.data());
+              } else {
+                transpose_tile<T, head_dim>(tile + h * head_dim, row_stride, tile_rows, kt.data());
+              }
               for (int64_t p0 = 0; p0 < pairs; p0 += kPairsAtOnce) {
                 const float* qs[kPairsAtOnce];
+                const bf16* qs_raw[kPairsAtOnce];
                 float* outs[kPairsAtOnce];
                 const int count = static_cast<int>(std::min<int64_t>(kPairsAtOnce, pairs - p0));
                 for (int i = 0; i < count; ++i) {
                   const int64_t at = (p0 + i) / group * num_heads + h * group + (p0 + i) % group;
                   qs[i] = qf.data() + at * head_dim;
+                  qs_raw[i] = kScoresByPairs<T, head_dim> ? qb.data() + at * head_dim : nullptr;
                   outs[i] = scores.data() + at * ns + t;
                 }
-                switch (count) {
-                  case 1: transposed_scores<head_dim, 1>(kt.data(), qs, outs); break;
-                  case 2: transposed_scores<head_dim, 2>(kt.data(), qs, outs); break;
-                  case 3: transposed_scores<head_dim, 3>(kt.data(), qs, outs); break;
-                  default: transposed_scores<head_dim, kPairsAtOnce>(kt.data(), qs, outs); break;
-                }
+                with_count(count, [&](auto n) {
+                  if constexpr (kScoresByPairs<T, head_dim>) {
+                    transposed_scores_pairs<head_dim, decltype(n)::value>(kt.data(), qs_raw, scale, outs);
+                  } else {
+                    transposed_scores<head_dim, decltype(n)::value>(kt.data(), qs, outs);
+                  }
+                });
               }
             }
           });
         } else {
           for_each_run(k_cache, [&](const T* kh, int tile_rows, int64_t t, int64_t at, auto gc, const char* ahead) {
-            tile_scores<T, head_dim, decltype(gc)::value>(qf.data() + at * head_dim, kh, row_stride, tile_rows,
-                                                           scores.data() + at * ns + t, ns, ahead, row_bytes);
+            if constexpr (kScoresByPairs<T, head_dim>) {
+              tile_scores_pairs<head_dim, decltype(gc)::value>(qb.data() + at * head_dim, kh, row_stride, tile_rows,
+                                                               scale, scores.data() + at * ns + t, ns, ahead,
+                                                               row_bytes);
+            } else {
+              tile_scores<T, head_dim, decltype(gc)::value>(qf.data() + at * head_dim, kh, row_stride, tile_rows,
+                                                             scores.data() + at * ns + t, ns, ahead, row_bytes);
+            }
           });
         }
         prefetch_first(v_cache);
@@ -835,11 +944,19 @@ void argmax_lse_row(const T* x, int64_t n, int64_t* id_out, float* lse_out) {
       id = i;
     }
   }
-  // Pass 2: the sum of exp(x - max); a term below e^-87 counts as e^-87, beside the max's own 1.
+  // Pass 2: the sum of exp(x - max); a term below e^-87 counts as e^-87, beside the max's own 1. Summed in
+  // blocks whose totals add in double: one float sum over 49k terms drifted 1e-4 (8 lanes, AVX2).
   float sum = 0.0f;
   if (m > -kInf) {
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < n; ++j) sum += softmax_exp(to_float(x[j]) - m);
+    double total = 0.0;
+    for (int64_t b = 0; b < n; b += 1024) {
+      const int64_t e = std::min<int64_t>(n, b + 1024);
+      float part = 0.0f;
+#pragma omp simd reduction(+ : part)
+      for (int64_t j = b; j < e; ++j) part += softmax_exp(to_float(x[j]) - m);
+      total += part;
+    }
+    sum = static_cast<float>(total);
   }
   if (m == -kInf || std::isnan(sum)) {  // torch.argmax takes the first NaN; such a row has no normalizer
     for (int64_t j = 0; j < n; ++j) {
