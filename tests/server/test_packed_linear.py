@@ -95,3 +95,22 @@ def test_warm_runs_each_packed_shape_once_per_bucket():
     assert warm_packed_linears(head, 100) == len(buckets)
     head.max_warm_rows = 32  # the LM head caps its own rows
     assert warm_packed_linears(head, 100) == 13 + 8
+
+
+def test_small_inputs_share_a_buffer_yet_each_call_is_its_own():
+    # Fewer than MIN_ROWS rows run through one reused zero-padded buffer: what an earlier, larger input left in
+    # it never reaches a later output, inside inference mode and out of it.
+    layer = RowParallelLinear(24, 8, SOLO, bias=True)
+    for p in layer.parameters():
+        p.data.normal_(0, 0.1)
+    xs = [torch.randn(n, 24) for n in (3, 1, 2, 1)]
+    with torch.no_grad():
+        plain = [layer(x) for x in xs]
+    layer.pack()
+    with torch.inference_mode():
+        first = layer(xs[0])
+    with torch.no_grad():
+        rest = [layer(x) for x in xs[1:]]
+    for want, got in zip(plain, [first, *rest]):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
