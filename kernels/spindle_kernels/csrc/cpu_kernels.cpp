@@ -399,6 +399,7 @@ constexpr int64_t kItemsPerThread = 4;  // enough items that uneven lengths stil
 constexpr int64_t kGroupRows = 8;       // query rows of one sequence per work item
 constexpr int64_t kSharedRows = 2;      // an item with this many rows transposes its K tiles
 constexpr int kPairsAtOnce = 4;         // (row, query head) pairs per pass over a transposed tile
+static_assert(kPairsAtOnce <= 4, "with_count dispatches counts of 1 .. 4");
 
 template <typename T, int64_t head_dim>
 void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t* tables, const int32_t* row_seqs,
@@ -555,15 +556,15 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
                 const int count = static_cast<int>(std::min<int64_t>(kPairsAtOnce, pairs - p0));
                 for (int i = 0; i < count; ++i) {
                   const int64_t at = (p0 + i) / group * num_heads + h * group + (p0 + i) % group;
-                  qs[i] = qf.data() + at * head_dim;
+                  qs[i] = kScoresByPairs<T, head_dim> ? nullptr : qf.data() + at * head_dim;
                   qs_raw[i] = kScoresByPairs<T, head_dim> ? qb.data() + at * head_dim : nullptr;
                   outs[i] = scores.data() + at * ns + t;
                 }
-                with_count(count, [&](auto n) {
+                with_count(count, [&](auto at_once) {
                   if constexpr (kScoresByPairs<T, head_dim>) {
-                    transposed_scores_pairs<head_dim, decltype(n)::value>(kt.data(), qs_raw, scale, outs);
+                    transposed_scores_pairs<head_dim, decltype(at_once)::value>(kt.data(), qs_raw, scale, outs);
                   } else {
-                    transposed_scores<head_dim, decltype(n)::value>(kt.data(), qs, outs);
+                    transposed_scores<head_dim, decltype(at_once)::value>(kt.data(), qs, outs);
                   }
                 });
               }
@@ -618,16 +619,12 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
           }
         }
         if (shared) {
-          // bf16 rows are widened once per tile and head for all the rows of the item, not once per row.
+          // bf16 rows are interleaved into pairs (AVX512-BF16) or widened once per tile and head for all the
+          // rows of the item, not once per row.
           for_each_tile(v_cache, [&](const T* tile, int tile_rows, int64_t t, const char* ahead) {
             for (int64_t h = 0; h < num_kv_heads; ++h) {
               prefetch_head(ahead, tile_rows, h);
-              const float* vh;
-              int64_t stride;
-              if constexpr (std::is_same_v<T, float>) {
-                vh = tile + h * head_dim;
-                stride = row_stride;
-              } else if constexpr (kValuesByPairs<T>) {
+              if constexpr (kValuesByPairs<T>) {
                 interleave_pairs<head_dim>(tile + h * head_dim, row_stride, tile_rows, vt.data(), nullptr, 0);
                 for (int64_t r = 0; r < nr; ++r) {
                   for_head_runs(group, [&](int64_t g0, auto gc) {
@@ -636,20 +633,25 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
                                                                       tile_rows, acc.data() + at * head_dim);
                   });
                 }
-                continue;
               } else {
-                for (int j = 0; j < tile_rows; ++j)
-                  for (int64_t c = 0; c < head_dim / 16; ++c)
-                    store16(vt.data() + j * head_dim + c * 16, load16(tile + j * row_stride + h * head_dim + c * 16));
-                vh = vt.data();
-                stride = head_dim;
-              }
-              for (int64_t r = 0; r < nr; ++r) {
-                for_head_runs(group, [&](int64_t g0, auto gc) {
-                  const int64_t at = r * num_heads + h * group + g0;
-                  tile_values<float, head_dim, decltype(gc)::value>(scores.data() + at * ns + t, ns, vh, stride,
-                                                                     tile_rows, acc.data() + at * head_dim, nullptr, 0);
-                });
+                const float* vh = vt.data();
+                int64_t stride = head_dim;
+                if constexpr (std::is_same_v<T, float>) {
+                  vh = tile + h * head_dim;
+                  stride = row_stride;
+                } else {
+                  for (int j = 0; j < tile_rows; ++j)
+                    for (int64_t c = 0; c < head_dim / 16; ++c)
+                      store16(vt.data() + j * head_dim + c * 16, load16(tile + j * row_stride + h * head_dim + c * 16));
+                }
+                for (int64_t r = 0; r < nr; ++r) {
+                  for_head_runs(group, [&](int64_t g0, auto gc) {
+                    const int64_t at = r * num_heads + h * group + g0;
+                    tile_values<float, head_dim, decltype(gc)::value>(scores.data() + at * ns + t, ns, vh, stride,
+                                                                       tile_rows, acc.data() + at * head_dim, nullptr,
+                                                                       0);
+                  });
+                }
               }
             }
           });

@@ -62,7 +62,7 @@ def padded_rows(num_rows: int) -> int:
     matmuls 14.8 ms at one row vs 13.1 at four in bfloat16, 26.7 vs 23.6 in float32; a batch-1 decode step
     20.9 -> 20.2 ms and 31.7 -> 29.5 ms).
 
-    Why: oneDNN builds (JIT-compiles) one primitive per (rows, weight shape), and torch keeps each one in two
+    Why buckets: oneDNN builds (JIT-compiles) one primitive per (rows, weight shape), and torch keeps each one in two
     caches (ideep's LRU and oneDNN's primitive cache, 1024 entries each, ~0.5 MiB an entry). With exact row
     counts every new batch or chunk length added one, so a shard's memory grew for tens of thousands of
     requests (+435 MiB of anonymous memory over the first 16k of a soak on the 2-layer test model, still
