@@ -26,12 +26,23 @@ trips). Without the C++ kernels: torch's fused `rms_norm`, and rotary in the act
 
 from __future__ import annotations
 
+import functools
+import logging
+import os
+import time
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from spindle_kernels import cpu_native, reference
 
+logger = logging.getLogger(__name__)
+
 NATIVE_HEAD_DIMS = (32, 64, 80, 96, 128, 256)
+# A chunk this long or longer may attend through torch's flash attention (see `chunks_by_sdpa`); below,
+# its fixed cost (a context gather, a mask) outweighs its faster tiles (measured crossover: 8-16 rows).
+SDPA_MIN_ROWS = 16
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -106,15 +117,92 @@ def paged_attention(
         reference.check_window(window)
         reference.check_softcap(softcap)
         row_seqs, row_lens = _rows_of(cu_seqlens_q, context_lens, q.shape[0])
-        return torch.ops.spindle_cpu.attention_rows(
-            q, k_cache, v_cache, block_tables, row_seqs, row_lens, scale, window or 0, softcap or 0.0
-        )
+        chunks = [] if softcap is not None else _sdpa_chunks(q, k_cache, cu_seqlens_q)
+        if not chunks:
+            return torch.ops.spindle_cpu.attention_rows(
+                q, k_cache, v_cache, block_tables, row_seqs, row_lens, scale, window or 0, softcap or 0.0
+            )
+        out = torch.empty(q.shape, dtype=q.dtype)
+        rest = torch.ones(q.shape[0], dtype=torch.bool)
+        lens = context_lens.tolist()
+        for b, start, end in chunks:
+            rest[start:end] = False
+            first = 0 if window is None else max(lens[b] - (end - start) - window + 1, 0)
+            k = reference.gather_context(k_cache, block_tables[b], lens[b])[first:]
+            v = reference.gather_context(v_cache, block_tables[b], lens[b])[first:]
+            out[start:end] = _chunk_attention(q[start:end], k, v, scale, window=window)
+        rows = rest.nonzero().flatten()
+        if rows.numel():
+            out[rows] = torch.ops.spindle_cpu.attention_rows(
+                q[rows], k_cache, v_cache, block_tables, row_seqs[rows], row_lens[rows], scale, window or 0, 0.0
+            )
+        return out
     return reference.varlen_attention(q, k_cache, v_cache, cu_seqlens_q, context_lens, block_tables, scale,
                                       paged_decode_attention, _chunk_attention, window=window, softcap=softcap)
 
 
 def _native(q: torch.Tensor) -> bool:
     return q.dtype in NATIVE_DTYPES and q.shape[-1] in NATIVE_HEAD_DIMS and cpu_native.load()
+
+
+def _sdpa_chunks(q: torch.Tensor, k_cache: torch.Tensor, cu_seqlens_q: torch.Tensor) -> list[tuple[int, int, int]]:
+    """(sequence, first row, end row) of the chunks that go to torch's flash attention: those of at least
+    SDPA_MIN_ROWS rows, when `chunks_by_sdpa` measured it faster than the C++ kernel for this shape."""
+    if q.shape[0] < SDPA_MIN_ROWS or not chunks_by_sdpa(q.dtype, q.shape[1], k_cache.shape[2], q.shape[2]):
+        return []
+    cu = cu_seqlens_q.tolist()
+    return [(b, cu[b], cu[b + 1]) for b in range(len(cu) - 1) if cu[b + 1] - cu[b] >= SDPA_MIN_ROWS]
+
+
+@functools.cache
+def chunks_by_sdpa(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_dim: int) -> bool:
+    """Whether prefill chunks of this shape attend faster through torch's flash attention (gathered
+    context) than through the C++ kernel. Measured once per shape and process, on a 128-row chunk after
+    384 cached positions: where oneDNN has AMX (Sapphire Rapids and later) torch's bf16 flash attention
+    runs its tiles through it at 4x the C++ kernel's rate; on AVX-512 Zen 4 the C++ kernel was the faster.
+    `SPINDLE_CPU_CHUNK_ATTENTION=native|sdpa` fixes the choice instead of measuring it."""
+    fixed = os.environ.get("SPINDLE_CPU_CHUNK_ATTENTION", "auto")
+    if fixed in ("native", "sdpa"):
+        return fixed == "sdpa"
+    if fixed != "auto":
+        raise ValueError(f"SPINDLE_CPU_CHUNK_ATTENTION must be auto, native or sdpa, got {fixed!r}")
+    block_size, rows, ctx = 16, 128, 512
+    gen = torch.Generator().manual_seed(0)
+    cache = [torch.randn(ctx // block_size, block_size, num_kv_heads, head_dim, generator=gen).to(dtype)
+             for _ in range(2)]
+    q = torch.randn(rows, num_heads, head_dim, generator=gen).to(dtype)
+    table = torch.arange(ctx // block_size, dtype=torch.int32)[None]
+    row_seqs = torch.zeros(rows, dtype=torch.int32)
+    row_lens = torch.arange(ctx - rows + 1, ctx + 1, dtype=torch.int32)
+    k, v = (c.flatten(0, 1) for c in cache)
+    scale = head_dim**-0.5
+
+    def native() -> None:
+        torch.ops.spindle_cpu.attention_rows(q, *cache, table, row_seqs, row_lens, scale, 0, 0.0)
+
+    def sdpa() -> None:
+        _chunk_attention(q, k, v, scale)
+
+    native_s, sdpa_s = _best_time(native), _best_time(sdpa)
+    choice = sdpa_s < native_s
+    logger.info(
+        "CPU prefill chunks (%s, %d heads over %d, head_dim %d) attend through %s: a %d-row chunk took "
+        "%.2f ms there vs %.2f ms in the %s",
+        dtype, num_heads, num_kv_heads, head_dim, "torch's flash attention" if choice else "the C++ kernel",
+        rows, 1e3 * min(native_s, sdpa_s), 1e3 * max(native_s, sdpa_s),
+        "C++ kernel" if choice else "torch's flash attention",
+    )
+    return choice
+
+
+def _best_time(fn: Callable[[], None], repeats: int = 5) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
 
 
 def _rows_of(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:

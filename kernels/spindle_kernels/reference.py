@@ -56,7 +56,7 @@ def reshape_and_cache(
     flat_v.index_copy_(0, slots, value.to(v_cache.dtype))
 
 
-def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
     """[context_len, num_kv_heads, head_dim] of one sequence, in position order."""
     block_size = cache.shape[1]
     num_blocks = (context_len + block_size - 1) // block_size
@@ -150,8 +150,8 @@ def varlen_attention(
             continue
         # Under a window the chunk's first query sees back to lens[b] - q_len - window + 1, no further.
         first = 0 if window is None else max(lens[b] - (end - start) - window + 1, 0)
-        k = _gather_context(k_cache, block_tables[b], lens[b])[first:]
-        v = _gather_context(v_cache, block_tables[b], lens[b])[first:]
+        k = gather_context(k_cache, block_tables[b], lens[b])[first:]
+        v = gather_context(v_cache, block_tables[b], lens[b])[first:]
         out[start:end] = chunk(q[start:end], k, v, scale, window=window, softcap=softcap)
     return out
 

@@ -289,17 +289,26 @@ def test_native_decode_splits_long_rows_and_merges_them(threads, window, softcap
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
 
 
+@pytest.fixture(params=["native", "sdpa"])
+def chunk_path(request, monkeypatch):
+    """Both routes a long chunk can take at native head sizes, whichever this CPU measured faster."""
+    monkeypatch.setattr(cpu, "chunks_by_sdpa", lambda *shape: request.param == "sdpa")
+    return request.param
+
+
 @pytest.mark.parametrize("softcap", [None, 0.5], ids=["no-cap", "softcap"])
 @pytest.mark.parametrize("window", WINDOWS)
 @pytest.mark.parametrize("heads", NATIVE_HEADS)
 @pytest.mark.parametrize("block_size", [5, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_chunk_rows_match_naive(heads, window, softcap, block_size, dtype):
+def test_native_chunk_rows_match_naive(heads, window, softcap, block_size, dtype, chunk_path):
     # At head sizes the C++ kernels take, chunks attend row by row from the cache (`attention_rows`): a fresh
     # prompt, a chunk after cached context, decode rows and an empty slot in one call. A chunk's rows share
     # transposed K tiles (a last group of one row, 17 = 2 x 8 + 1, takes the decode path); blocks of 5 rows
     # end tiles part-way. bfloat16 scores come from pairs of bf16 products (VDPBF16PS where the CPU has it),
     # checked against float32 arithmetic on the same bf16 values: only the output's rounding differs.
+    # On the sdpa path the 17- and 40-row chunks (without a soft cap) go to torch's flash attention over
+    # their gathered context, the 7-row prompt and the decode rows to the C++ kernel, in one call.
     num_heads, num_kv_heads, head_dim = heads
     c = make_paged_case([7, 1, 0, 17, 1, 40], [7, 20, 6, 40, 13, 75], num_heads=num_heads, dtype=dtype,
                         num_kv_heads=num_kv_heads, head_dim=head_dim, block_size=block_size, seed=head_dim)
@@ -325,12 +334,13 @@ def test_attention_rows_rejects_rows_outside_the_tables():
 
 @pytest.mark.parametrize("threads", [1, 2, 8])
 @pytest.mark.parametrize(("window", "softcap"), [(None, None), (300, None), (5, 0.5)])
-def test_native_chunk_rows_split_deep_contexts(threads, window, softcap):
+def test_native_chunk_rows_split_deep_contexts(threads, window, softcap, monkeypatch):
     # A chunk deep into a long context: its rows share K/V reads in groups, and with few groups each is cut
     # into splits (by thread count) whose partial softmaxes merge; rows of one group see different spans.
     c = make_paged_case([11, 1, 3], [700, 90, 260], num_heads=9, num_kv_heads=3, head_dim=64, block_size=16,
                         seed=threads)
     args = (c.q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale)
+    monkeypatch.setattr(cpu, "chunks_by_sdpa", lambda *shape: False)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -367,3 +377,22 @@ def test_argmax_logsumexp_takes_the_first_nan_like_torch(dtype):
     ids, lse = cpu.argmax_logsumexp(scores)
     assert ids.tolist() == scores.float().argmax(dim=-1).tolist() == [7, 21]
     assert torch.isnan(lse).all()
+
+
+def test_chunk_route_is_measured_once_or_fixed_by_the_environment(monkeypatch, caplog):
+    shape = (torch.bfloat16, 9, 3, 64)
+    for fixed in ("native", "sdpa"):
+        monkeypatch.setenv("SPINDLE_CPU_CHUNK_ATTENTION", fixed)
+        cpu.chunks_by_sdpa.cache_clear()
+        assert cpu.chunks_by_sdpa(*shape) is (fixed == "sdpa")
+    monkeypatch.setenv("SPINDLE_CPU_CHUNK_ATTENTION", "fast")
+    cpu.chunks_by_sdpa.cache_clear()
+    with pytest.raises(ValueError, match="auto, native or sdpa"):
+        cpu.chunks_by_sdpa(*shape)
+    monkeypatch.delenv("SPINDLE_CPU_CHUNK_ATTENTION")
+    cpu.chunks_by_sdpa.cache_clear()
+    with caplog.at_level("INFO", logger="spindle_kernels.cpu"):
+        choice = cpu.chunks_by_sdpa(*shape)
+        assert cpu.chunks_by_sdpa(*shape) is choice  # measured once per shape
+    assert len([r for r in caplog.records if "attend through" in r.message]) == 1
+    cpu.chunks_by_sdpa.cache_clear()

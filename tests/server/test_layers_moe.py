@@ -195,4 +195,6 @@ def test_block_equals_transformers_block(runs, tmp_path_factory, name, dtype) ->
     x = weights.get("x")
     with torch.no_grad():
         want = _transformers_block(name, tensors, dtype)(x[None])[0]
-    torch.testing.assert_close(ours(x), want, atol=1e-6, rtol=1e-6)
+    # Outputs reach ~30, where a float32 ulp is 2e-6: a few ulps apart where oneDNN and MKL sum in
+    # different orders (seen on Sapphire Rapids), bit-equal elsewhere.
+    torch.testing.assert_close(ours(x), want, atol=1e-5, rtol=1e-6)
