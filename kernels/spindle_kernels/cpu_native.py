@@ -28,7 +28,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).parent / "csrc" / "cpu_kernels.cpp"
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w"]
+# -mprefer-vector-width=512: GCC's Intel tunings vectorize plain loops (silu, rms_norm) with 256-bit ymm even
+# where zmm exists; at 512 bits silu_and_mul over 512 x 1536 bf16 takes 345 instead of 495 us on Sapphire
+# Rapids. The attention kernels use explicit 64-byte vectors either way; without AVX-512 it changes nothing.
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC", "-w"]
 
 
 def _cpu_flags() -> str:
