@@ -44,7 +44,7 @@ class LimitsConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     max_batch_prefill_tokens: int = 4096  # tokens one forward may prefill
-    max_decode_slowdown: float = 1.7  # a step prefilling beside decodes: at most this x a decode-only step
+    max_decode_slowdown: float = 2.0  # a step prefilling beside decodes: at most this x a decode-only step
     max_batch_total_tokens: int | None = None  # KV tokens of the running batch; None: all the shards hold
     max_batch_size: int | None = None
     waiting_served_ratio: float = 0.3

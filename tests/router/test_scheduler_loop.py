@@ -8,6 +8,7 @@ transformers token for token, and every block must come back.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 
 import pytest
@@ -387,3 +388,41 @@ def test_equal_chunks_inside_one_block_are_each_sent(shard: Shard) -> None:
 
     results = asyncio.run(main())
     assert [tokens for tokens, _ in results] == expected
+
+
+def test_chunks_beside_decode_rows_teach_the_chunk_price(shard: Shard, monkeypatch) -> None:
+    """A prompt arriving while another request decodes is chunked beside it; each such step reports its one
+    decode row and its chunk's probe price, and the price the budget uses moves off the probes' own."""
+    seen: list[tuple[int, float]] = []
+    observe = StepCost.observe_mixed_step
+
+    def recording(self, decodes, probe_ns, forward_ns, weight=0.2):
+        seen.append((decodes, probe_ns))
+        return observe(self, decodes, probe_ns, forward_ns, weight)
+
+    monkeypatch.setattr(StepCost, "observe_mixed_step", recording)
+    first, second = (prompt(5, 0), 24), (prompt(48, 1), 4)
+    expected = [shard.ref(tuple(p), n) for p, n in (first, second)]
+
+    async def main():
+        config = SchedulerConfig(max_batch_prefill_tokens=16, prefix_caching=False)
+        scheduler, client, _ = await started(shard, config)
+        # The tiny model's probes find tokens (nearly) free: price one at a tenth of a one-token step, so that
+        # chunks beside the decode row are capped (a few tokens each) and priced.
+        base = scheduler.limits.step_cost.base_ns
+        scheduler.limits = dataclasses.replace(scheduler.limits, step_cost=StepCost(base, base // 10))
+        try:
+            events = aiter(scheduler.submit(greedy(*first)))
+            head = await anext(events)  # decoding from here on
+            rest = asyncio.ensure_future(collect(events))
+            results = [await collect(scheduler.submit(greedy(*second))), await rest]
+            await wait_idle(scheduler)
+            return head, results, scheduler.limits.step_cost
+        finally:
+            await scheduler.stop(drain_timeout_s=5)
+            await client.close()
+
+    head, (late, early), cost = asyncio.run(main())
+    assert [head.token.id] + early[0] == expected[0] and late[0] == expected[1]
+    assert seen and all(decodes == 1 and probe_ns > 0 for decodes, probe_ns in seen)
+    assert cost.chunk_scale != 1.0

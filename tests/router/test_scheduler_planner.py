@@ -6,7 +6,14 @@ import random
 from collections import deque
 
 import pytest
-from spindle_router.scheduler.batcher import StepCost, StepLimits, StepPlan, plan_step
+from spindle_router.scheduler.batcher import (
+    MAX_CHUNK_SCALE,
+    MIN_CHUNK_SCALE,
+    StepCost,
+    StepLimits,
+    StepPlan,
+    plan_step,
+)
 from spindle_router.scheduler.block_manager import BlockManager
 from spindle_router.scheduler.request import SamplingParams, ScheduledRequest, StoppingParams, ValidRequest
 
@@ -496,3 +503,23 @@ def test_randomized_in_flight_sharing_with_cancels_and_preemption(seed: int) -> 
     if calm:
         assert preempted == 0
         assert len(kv.computed) == len(set(kv.computed)), "a shared prompt block was computed twice"
+
+
+def test_chunk_price_learned_from_mixed_steps_narrows_the_budget() -> None:
+    cost = StepCost(base_ns=30_000_000, token_ns=1_000_000)
+    # Four decode rows (33 ms alone) beside chunks the probes priced at 20 ms: the step took 73 ms, so the
+    # chunks added 40 ms, twice their probe price.
+    learned = cost
+    for _ in range(40):
+        learned = learned.observe_mixed_step(4, 20_000_000, 73_000_000)
+    assert abs(learned.chunk_scale - 2.0) < 0.01
+    assert learned.probe_chunk_ns(10, 0) == cost.chunk_ns(10, 0) == 10_000_000
+    assert abs(learned.chunk_ns(10, 0) - 20_000_000) < 200_000
+    spare = 0.7 * cost.decode_only_ns(4)  # 23.1 ms at the default slowdown
+    assert cost.max_chunk(0, 1000, spare) == 23 and learned.max_chunk(0, 1000, spare) == 11
+    # One stalled step moves the price a fifth of the way, to at most MAX_CHUNK_SCALE; a step faster than its
+    # decode rows alone to at least MIN_CHUNK_SCALE.
+    assert cost.observe_mixed_step(4, 20_000_000, 10**10).chunk_scale == pytest.approx(0.8 + 0.2 * MAX_CHUNK_SCALE)
+    assert cost.observe_mixed_step(4, 20_000_000, 1).chunk_scale == pytest.approx(0.8 + 0.2 * MIN_CHUNK_SCALE)
+    assert cost.observe_mixed_step(0, 20_000_000, 73_000_000) is cost  # no decode rows: nothing to compare with
+    assert cost.observe_mixed_step(4, 0.0, 73_000_000) is cost

@@ -57,21 +57,30 @@ class StepCost:
     base_ns, token_ns and context_ns are measured by the shards at warmup (a one-token forward, a prefill
     probe from position 0, the same probe deep into a context); decode_row_ns, what a decode row costs
     beyond a token (its attention over its context), is learned from the decode-only steps the scheduler
-    sees (`observe_decode_step`).
+    sees (`observe_decode_step`), and chunk_scale, how far the probes' price of a chunk is from what chunks
+    beside decode rows really add, from the mixed steps (`observe_mixed_step`): the probes run one chunk
+    alone, the best of three, and a short chunk deep into a context pays fixed costs per layer (gathering
+    that context) they spread over 128 tokens; on a Sapphire Rapids host chunks beside 16 decode rows cost
+    1.3-2x their probe price, and steps meant to take 1.7x a decode step took 2.7x.
     """
 
     base_ns: int
     token_ns: int
     decode_row_ns: float = 0.0
     context_ns: float = 0.0
+    chunk_scale: float = 1.0
 
     def decode_only_ns(self, decodes: int) -> float:
         """A step of `decodes` decode rows and nothing else."""
         return self.base_ns + max(0, decodes - 1) * self.token_ns + decodes * self.decode_row_ns
 
+    def probe_chunk_ns(self, num_tokens: int, start: int) -> float:
+        """The warmup probes' price of a prefill chunk of `num_tokens` from context position `start`."""
+        return num_tokens * (self.token_ns + self.context_ns * start)
+
     def chunk_ns(self, num_tokens: int, start: int) -> float:
         """What a prefill chunk of `num_tokens` from context position `start` adds to a forward."""
-        return num_tokens * (self.token_ns + self.context_ns * start)
+        return self.chunk_scale * self.probe_chunk_ns(num_tokens, start)
 
     def max_chunk(self, start: int, limit: int, spare_ns: float) -> int:
         """The longest chunk from `start`, at most `limit` tokens, that adds at most `spare_ns`."""
@@ -90,6 +99,19 @@ class StepCost:
             return self
         row = max(0.0, (forward_ns - self.base_ns - (decodes - 1) * self.token_ns) / decodes)
         return replace(self, decode_row_ns=(1 - weight) * self.decode_row_ns + weight * row)
+
+    def observe_mixed_step(self, decodes: int, probe_ns: float, forward_ns: int, weight: float = 0.2) -> StepCost:
+        """This cost with chunk_scale moved towards what the chunks of a step with `decodes` decode rows just
+        added beyond a decode-only step, over their probe price `probe_ns` (the sum of `probe_chunk_ns`).
+        Kept within [MIN_CHUNK_SCALE, MAX_CHUNK_SCALE]: one stalled step must not starve prompts for long."""
+        if decodes < 1 or probe_ns <= 0:
+            return self
+        added = forward_ns - self.decode_only_ns(decodes)
+        ratio = min(MAX_CHUNK_SCALE, max(MIN_CHUNK_SCALE, added / probe_ns))
+        return replace(self, chunk_scale=(1 - weight) * self.chunk_scale + weight * ratio)
+
+
+MIN_CHUNK_SCALE, MAX_CHUNK_SCALE = 0.5, 4.0
 
 
 @dataclass

@@ -64,6 +64,9 @@ log = logging.getLogger("spindle_router.scheduler")
 
 # Events a stream may hold unread (beyond what the socket buffers took): about 1 KB each with top tokens.
 MAX_BUFFERED_EVENTS = 1024
+# A mixed step teaches the chunk price only when its chunks were priced at this share of the decode rows'
+# step or more: what a few tokens add is lost in a step's noise.
+MIN_LEARNED_CHUNK_SHARE = 0.1
 
 _FINISH_REASONS = {
     pb.FINISH_REASON_LENGTH: "length",
@@ -133,6 +136,8 @@ class _Flight:
     method: str  # "prefill" when it admitted requests, else "decode" (TGI's metric labels)
     dropped: bool  # it dropped requests from the shards
     sent_at: float  # time.perf_counter()
+    decodes: int  # rows computing one token of a request that is decoding
+    chunk_probe_ns: float  # its prefill chunks at the warmup probes' price (0: no chunks, or no cost model)
     call: asyncio.Future[pb.StepResponse]
 
 
@@ -384,6 +389,7 @@ class Scheduler:
         ))
         self._next_seq += 1
         self._held = [sr.id for sr in stepped]
+        decodes, chunk_probe_ns = self._price(stepped)
         samples: dict[int, int] = {}
         for sr in stepped:
             sr.computed_tokens += sr.scheduled_tokens
@@ -400,7 +406,7 @@ class Scheduler:
                 self._finishing.append(sr)
         flight = _Flight(stepped=stepped, admitted=bool(plan.admitted), num_running=len(plan.running),
                          samples=samples, num_tokens=num_tokens, method=method, dropped=bool(dropped),
-                         sent_at=time.perf_counter(), call=call)
+                         sent_at=time.perf_counter(), decodes=decodes, chunk_probe_ns=chunk_probe_ns, call=call)
         phase.labels(phase="build").observe(flight.sent_at - start)
         return flight
 
@@ -546,12 +552,29 @@ class Scheduler:
         if response.grammar_mask_ns:
             m.grammar_mask_duration.observe(response.grammar_mask_ns / 1e9)
 
-    def _learn_step_cost(self, flight: _Flight, response: pb.StepResponse) -> None:
-        """Decode-only steps teach the stall-free budget what decode rows cost at today's context lengths."""
+    def _price(self, stepped: list[ScheduledRequest]) -> tuple[int, float]:
+        """(decode rows, probe price of the prefill chunks) of a step about to be sent."""
         cost = self.limits.step_cost
-        if cost is None or flight.admitted or flight.num_tokens != flight.num_running:
+        decodes, probe_ns = 0, 0.0
+        for sr in stepped:
+            if sr.remaining_tokens == 1 and sr.num_generated > 0:
+                decodes += 1
+            elif cost is not None:
+                probe_ns += cost.probe_chunk_ns(sr.scheduled_tokens, sr.computed_tokens)
+        return decodes, probe_ns
+
+    def _learn_step_cost(self, flight: _Flight, response: pb.StepResponse) -> None:
+        """Decode-only steps teach the stall-free budget what decode rows cost at today's context lengths;
+        steps with chunks beside decode rows, what those chunks really add over their probe price."""
+        cost = self.limits.step_cost
+        if cost is None:
             return
-        learned = cost.observe_decode_step(flight.num_running, response.forward_ns)
+        if not flight.admitted and flight.num_tokens == flight.num_running:
+            learned = cost.observe_decode_step(flight.num_running, response.forward_ns)
+        elif flight.decodes and flight.chunk_probe_ns >= MIN_LEARNED_CHUNK_SHARE * cost.decode_only_ns(flight.decodes):
+            learned = cost.observe_mixed_step(flight.decodes, flight.chunk_probe_ns, response.forward_ns)
+        else:
+            return
         self.limits = dataclasses.replace(self.limits, step_cost=learned)
 
     def _note_plan(self, plan: StepPlan) -> None:
