@@ -15,6 +15,11 @@ than the torch path here, most at long contexts and batch 1); a sliding window s
 its first visible position, and Gemma 2's soft cap is applied to the scores. The torch path stays for what the C++
 kernel does not take (other head sizes and dtypes) and when no compiler is available.
 
+Prefill chunks of SDPA_MIN_ROWS rows or more may instead attend through torch's CPU flash attention over
+their gathered context, where `chunks_by_sdpa` times it faster for the model's shape: on CPUs with AMX its
+bf16 tiles run through oneDNN's brgemm at ~4x the C++ kernel's rate. Decode rows and short chunks stay on
+the C++ kernel, in one call.
+
 The KV cache write (`reshape_and_cache`) is one C++ op too. q, k and v reach these ops as strided views
 of the QKV projection's output (`KernelOps.takes_strided_qkv`): the C++ kernels read them in place, the
 torch fallbacks copy where they need to; no three copies per layer.
