@@ -132,9 +132,7 @@ def paged_attention(
         lens = context_lens.tolist()
         for b, start, end in chunks:
             rest[start:end] = False
-            first = 0 if window is None else max(lens[b] - (end - start) - window + 1, 0)
-            k = reference.gather_context(k_cache, block_tables[b], lens[b])[first:]
-            v = reference.gather_context(v_cache, block_tables[b], lens[b])[first:]
+            k, v = reference.chunk_context(k_cache, v_cache, block_tables[b], lens[b], end - start, window)
             out[start:end] = _chunk_attention(q[start:end], k, v, scale, window=window)
         rows = rest.nonzero().flatten()
         if rows.numel():

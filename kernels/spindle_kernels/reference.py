@@ -56,12 +56,29 @@ def reshape_and_cache(
     flat_v.index_copy_(0, slots, value.to(v_cache.dtype))
 
 
-def gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
+def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, context_len: int) -> torch.Tensor:
     """[context_len, num_kv_heads, head_dim] of one sequence, in position order."""
     block_size = cache.shape[1]
     num_blocks = (context_len + block_size - 1) // block_size
     blocks = block_table[:num_blocks].long()
     return cache.index_select(0, blocks).flatten(0, 1)[:context_len]
+
+
+def chunk_context(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    context_len: int,
+    q_len: int,
+    window: int | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V [n, num_kv_heads, head_dim] that a chunk of the last q_len of context_len positions attends:
+    the last n positions, all of them without a window; under one, back to what its first query sees
+    (context_len - q_len - window + 1), no further."""
+    first = 0 if window is None else max(context_len - q_len - window + 1, 0)
+    k = _gather_context(k_cache, block_table, context_len)[first:]
+    v = _gather_context(v_cache, block_table, context_len)[first:]
+    return k, v
 
 
 def paged_attention(
@@ -148,10 +165,7 @@ def varlen_attention(
         start, end = cu[b], cu[b + 1]
         if end - start <= 1:
             continue
-        # Under a window the chunk's first query sees back to lens[b] - q_len - window + 1, no further.
-        first = 0 if window is None else max(lens[b] - (end - start) - window + 1, 0)
-        k = gather_context(k_cache, block_tables[b], lens[b])[first:]
-        v = gather_context(v_cache, block_tables[b], lens[b])[first:]
+        k, v = chunk_context(k_cache, v_cache, block_tables[b], lens[b], end - start, window)
         out[start:end] = chunk(q[start:end], k, v, scale, window=window, softcap=softcap)
     return out
 
