@@ -24,6 +24,9 @@ The KV cache write (`reshape_and_cache`) is one C++ op too. q, k and v reach the
 of the QKV projection's output (`KernelOps.takes_strided_qkv`): the C++ kernels read them in place, the
 torch fallbacks copy where they need to; no three copies per layer.
 
+Matmuls of one to four rows may run in the C++ `linear_rows` over the plain weight (`layers/linear.py` keeps
+it beside oneDNN's packed copy where that measures faster).
+
 RMSNorm (with its residual add), rotary and SiLU-and-mul are one C++ op each (a decode step at batch 1
 is mostly per-op overhead outside its matmuls: the torch versions take 6-12 ops with their dtype round
 trips). Without the C++ kernels: torch's fused `rms_norm`, and rotary in the activations' dtype.
@@ -302,3 +305,19 @@ def argmax_logsumexp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if scores.dim() == 2 and scores.dtype in NATIVE_DTYPES and cpu_native.load():
         return torch.ops.spindle_cpu.argmax_logsumexp(scores)
     return reference.argmax_logsumexp(scores)
+
+
+# Matmuls of at most this many rows may run in the C++ `linear_rows` kernel over a plain weight.
+LINEAR_ROWS = 4
+
+
+def has_linear_rows(dtype: torch.dtype) -> bool:
+    """Whether `linear_rows` takes weights of `dtype` on this host (the C++ kernels loaded)."""
+    return dtype in NATIVE_DTYPES and cpu_native.load()
+
+
+def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows <= LINEAR_ROWS, in] @ weight.T (+ bias) -> [rows, out], weight the plain contiguous [out, in]: each
+    thread streams its output rows' weights once, in memory order (on Sapphire Rapids 1.4-1.6x oneDNN's rate
+    over the SmolLM2-135M shapes at one row, 1.2-1.3x at four; `layers/linear.py` times both per model)."""
+    return torch.ops.spindle_cpu.linear_rows(x, weight, bias)

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
+from spindle_kernels import cpu as cpu_kernels
 from spindle_server.distributed import Distributed
+from spindle_server.layers import linear
 from spindle_server.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from spindle_server.layers.linear import (
     EXACT_ROWS,
@@ -21,8 +25,9 @@ TOLERANCE = {torch.float32: {"atol": 1e-5, "rtol": 1e-5}, torch.bfloat16: {"atol
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("rows", [1, 7, 17, 64, 100])  # 1, 17 and 100 run padded (to 4, 18 and 104)
+@pytest.mark.parametrize("rows", [1, 2, 7, 17, 64, 100])  # 1, 17 and 100 run padded (to 4, 18 and 104)
 def test_packed_layers_equal_plain_ones(dtype, rows):
+    """Row kernel off: every matmul from oneDNN's packed copy, the plain weights freed."""
     torch.manual_seed(rows)
     column = MergedColumnParallelLinear(48, [32, 32], SOLO, bias=True, dtype=dtype)
     row = RowParallelLinear(64, 48, SOLO, bias=False, dtype=dtype)
@@ -34,13 +39,81 @@ def test_packed_layers_equal_plain_ones(dtype, rows):
     x = torch.randn(rows, 48, dtype=dtype)
     with torch.inference_mode():
         plain = [column(x), row(column(x)), tied(x), own(x)]
-        assert pack_linear_weights(model) == 4
+        assert pack_linear_weights(model, row_kernel="off") == 4
         packed = [column(x), row(column(x)), tied(x), own(x)]
     for want, got in zip(plain, packed):
         torch.testing.assert_close(got, want, **TOLERANCE[dtype])
     assert column.weight.numel() == row.weight.numel() == own.table.weight.numel() == 0  # freed
     assert table.weight.shape == (100, 48)  # the tied head's table still embeds
-    assert pack_linear_weights(model) == 4  # packing twice changes nothing
+    assert pack_linear_weights(model, row_kernel="off") == 4  # packing twice changes nothing
+
+
+def _layers(dtype: torch.dtype, in_features: int = 48) -> torch.nn.ModuleList:
+    column = MergedColumnParallelLinear(in_features, [32, 40], SOLO, bias=True, dtype=dtype)
+    row = RowParallelLinear(72, in_features, SOLO, bias=True, dtype=dtype)
+    table = VocabParallelEmbedding(100, in_features, SOLO, dtype)
+    model = torch.nn.ModuleList([column, row, table, ParallelLMHead(100, in_features, SOLO, dtype, tied_to=table),
+                                 ParallelLMHead(100, in_features, SOLO, dtype)])
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("in_features", [64, 48, 37])  # whole 64-byte vectors, and tails in one or both dtypes
+def test_row_kernel_serves_up_to_four_rows_from_the_plain_weights(dtype, in_features):
+    """Row kernel on: 1-2 row matmuls (bias included) read the kept plain weights through the C++ kernel, more
+    rows the packed copy; each equals the plain matmul. drop_plain frees what only the kernel read."""
+    torch.manual_seed(in_features)
+    model = _layers(dtype, in_features)
+    column, row, table, tied, own = model
+    want = {}
+    with torch.inference_mode():
+        for n in (1, 2, 3, 4, 5, 9):
+            x, h = torch.randn(n, in_features, dtype=dtype), torch.randn(n, 72, dtype=dtype)
+            want[n] = (x, h), (column(x), row(h), tied(x), own(x))  # unpacked: F.linear
+        assert pack_linear_weights(model, row_kernel="on") == 4
+        for (x, h), expected in want.values():
+            for got, exp in zip((column(x), row(h), tied(x), own(x)), expected):
+                torch.testing.assert_close(got, exp, **TOLERANCE[dtype])
+    for layer in (column, row, tied, own):
+        assert layer.plain_rows is not None and layer.packed is not None  # both copies kept
+    calls = []
+    real = cpu_kernels.linear_rows
+    try:
+        cpu_kernels.linear_rows = lambda *a: calls.append(a[0].shape[0]) or real(*a)
+        with torch.inference_mode():
+            for (x, _), _ in want.values():
+                column(x)
+    finally:
+        cpu_kernels.linear_rows = real
+    assert calls == [1, 2, 3, 4]  # 5 and 9 rows went to oneDNN
+    for layer in (column, row, tied, own):
+        layer.drop_plain()
+        assert layer.plain_rows is None
+    assert column.weight.numel() == row.weight.numel() == own.table.weight.numel() == 0
+    assert table.weight.shape == (100, in_features)  # the tied table still embeds
+
+
+def test_row_kernel_auto_keeps_plain_weights_only_when_timed_faster_and_small(monkeypatch, caplog):
+    model = _layers(torch.float32)
+    monkeypatch.setattr(linear, "ROW_KERNEL_MARGIN", 0.0)  # nothing is that fast: oneDNN keeps every matmul
+    with caplog.at_level(logging.INFO, logger="spindle_server.layers.linear"):
+        pack_linear_weights(model, row_kernel="auto")
+    assert all(m.plain_rows is None for m in (model[0], model[1], model[3], model[4]))
+    assert model[0].weight.numel() == 0
+    assert "the C++ row kernel" in caplog.text and caplog.text.rstrip().endswith("oneDNN")
+    model = _layers(torch.float32)
+    monkeypatch.setattr(linear, "ROW_KERNEL_MARGIN", float("inf"))  # any time wins
+    pack_linear_weights(model, row_kernel="auto")
+    assert all(m.plain_rows is not None for m in (model[0], model[1], model[3], model[4]))
+    model = _layers(torch.float32)
+    monkeypatch.setattr(linear, "ROW_COPY_MEMORY_SHARE", 0.0)  # no room for a second copy: not even timed
+    pack_linear_weights(model, row_kernel="auto")
+    assert all(m.plain_rows is None for m in (model[0], model[1], model[4])) and model[1].weight.numel() == 0
+    monkeypatch.setenv("SPINDLE_CPU_ROW_KERNEL", "sometimes")
+    with pytest.raises(ValueError, match="SPINDLE_CPU_ROW_KERNEL must be auto, on or off"):
+        pack_linear_weights(_layers(torch.float32))
 
 
 def test_float16_is_left_unpacked():

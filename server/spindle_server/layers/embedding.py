@@ -89,22 +89,39 @@ class ParallelLMHead(torch.nn.Module):
         self.table = tied_to or VocabParallelEmbedding(vocab_size, hidden_size, dist, dtype, device)
         self.is_tied = tied_to is not None
         self.packed: torch.Tensor | None = None
+        self.plain_rows: torch.Tensor | None = None  # the plain table, read by the row kernel (linear.py)
 
     def load(self, weights: Weights, name: str) -> None:
         """name: e.g. "lm_head.weight"; a tied head loads nothing (the embedding did)."""
         if not self.is_tied:
             self.table.load(weights, name)
 
-    def pack(self) -> None:
-        """The head's matmul from a oneDNN-packed copy; a tied table stays for the embedding, an own one goes."""
+    def pack(self, keep_plain: bool = False) -> None:
+        """The head's matmul from a oneDNN-packed copy; a tied table stays for the embedding, an own one goes
+        unless `keep_plain` (then matmuls of up to `LINEAR_ROWS` rows read it through the C++ row kernel, until
+        `drop_plain`)."""
         if self.packed is None and can_pack(self.table.weight):
             self.packed = pack_weight(self.table.weight)
+            if keep_plain:
+                self.plain_rows = self.table.weight.detach()
+            elif not self.is_tied:
+                self.table.weight.data = self.table.weight.data.new_empty(0)
+
+    def row_copy_bytes(self) -> int:
+        """What keeping the plain table beside the packed copy costs: nothing when tied (the embedding keeps it)."""
+        weight = self.table.weight
+        return 0 if self.is_tied else weight.numel() * weight.element_size()
+
+    def drop_plain(self) -> None:
+        """Every matmul from the packed copy; an own plain table freed."""
+        if self.plain_rows is not None:
+            self.plain_rows = None
             if not self.is_tied:
                 self.table.weight.data = self.table.weight.data.new_empty(0)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         if self.packed is not None:
-            logits = packed_linear(hidden, self.packed)  # [N, vocab_per_rank]
+            logits = packed_linear(hidden, self.packed, None, self.plain_rows)  # [N, vocab_per_rank]
         else:
             logits = F.linear(hidden, self.table.weight)
         logits = self.dist.all_gather_last_dim(logits)

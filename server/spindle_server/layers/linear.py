@@ -17,17 +17,38 @@ model's sizes divide by the world size is checked once, from its config, before 
 On CPU, `pack_linear_weights` reorders every weight once into oneDNN's blocked layout (what inductor's
 `freezing` does): measured on 2 Zen 4 cores over the SmolLM2-135M shapes, float32 matmuls run 2.1x
 faster at 32 rows (170 vs 81 GFLOP/s) and 2.3x at one row; bfloat16 1.4x at 32 rows.
+
+Matmuls of up to four rows (a decode step at small batch, a lone prompt's logits) stream every weight once and
+do little else: the C++ `linear_rows` kernel streams the plain [out, in] weight faster than oneDNN's small-row
+kernels stream the packed one (Sapphire Rapids, SmolLM2-135M's weights at one row: float32 19.8 vs 28.1 ms,
+bfloat16 9.3 vs 14.7 ms; at four rows 22.3 vs 26.5 and 11.0 vs 14.0 ms). That needs the plain weight kept
+beside the packed copy, so `pack_linear_weights` keeps it only where the copy is a small share of the host's
+memory and the kernel measures faster over the model's own weights, and says which it chose.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from spindle_kernels import cpu as cpu_kernels
 
 from spindle_server.distributed import Distributed
 from spindle_server.weights import Weights, shard_range
+
+log = logging.getLogger(__name__)
+
+# The plain weights are kept for `linear_rows` only while that copy takes at most this share of the host's memory
+# (SPINDLE_CPU_ROW_KERNEL=on keeps them regardless, =off never).
+ROW_COPY_MEMORY_SHARE = 1 / 8
+# ... and where the kernel measures at most this fraction of oneDNN's time: noise must not decide.
+ROW_KERNEL_MARGIN = 0.95
+# The timing reads at most this many bytes of weights per pass (enough to stream from DRAM, as decode does).
+ROW_TIMING_BYTES = 512 << 20
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -82,9 +103,14 @@ def padded_rows(num_rows: int) -> int:
 _SMALL_INPUTS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
 
 
-def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [rows, in] @ packed.T (+ bias) -> [rows, out], computed at `padded_rows(rows)` rows."""
+def packed_linear(
+    x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None, plain: torch.Tensor | None = None
+) -> torch.Tensor:
+    """x [rows, in] @ packed.T (+ bias) -> [rows, out], computed at `padded_rows(rows)` rows; with `plain`, the
+    same weight unpacked, matmuls of at most `cpu_kernels.LINEAR_ROWS` rows run in the C++ row kernel instead."""
     rows = x.shape[0]
+    if plain is not None and rows <= cpu_kernels.LINEAR_ROWS:
+        return cpu_kernels.linear_rows(x, plain, bias)
     padded = padded_rows(rows)
     if rows < MIN_ROWS:
         key = (x.shape[1], x.dtype, x.device)
@@ -109,6 +135,7 @@ class ParallelLinear(torch.nn.Module):
     """
 
     packed: torch.Tensor | None = None
+    plain_rows: torch.Tensor | None = None  # the plain weight, kept beside `packed` for the row kernel
     bias_in_matmul = True  # whether `forward` hands its bias to the matmul (oneDNN keys primitives by it)
 
     def __init__(
@@ -146,27 +173,109 @@ class ParallelLinear(torch.nn.Module):
         _check_shape(weights, name, full_shape)
         _copy_checked(into, weights.get_rows(name, dim, start, stop), name)
 
-    def pack(self) -> None:
-        """Swap `weight` for its oneDNN-packed copy, freeing the plain one (CPU float32/bfloat16 only)."""
+    def pack(self, keep_plain: bool = False) -> None:
+        """Swap `weight` for its oneDNN-packed copy (CPU float32/bfloat16 only), freeing the plain one unless
+        `keep_plain` (then matmuls of up to `LINEAR_ROWS` rows read it through the C++ row kernel, until
+        `drop_plain`)."""
         if self.packed is None and can_pack(self.weight):
             self.packed = pack_weight(self.weight)
-            self.weight.data = self.weight.data.new_empty(0)  # the packed copy is the weight from now on
+            if keep_plain:
+                self.plain_rows = self.weight.detach()
+            else:
+                self.weight.data = self.weight.data.new_empty(0)  # the packed copy is the weight from now on
+
+    def row_copy_bytes(self) -> int:
+        """What keeping the plain weight beside the packed copy costs."""
+        return self.weight.numel() * self.weight.element_size()
+
+    def drop_plain(self) -> None:
+        """Every matmul from the packed copy; the plain weight freed."""
+        if self.plain_rows is not None:
+            self.plain_rows = None
+            self.weight.data = self.weight.data.new_empty(0)
 
     def _linear(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         if self.packed is not None:
-            return packed_linear(x, self.packed, bias)
+            return packed_linear(x, self.packed, bias, self.plain_rows)
         return F.linear(x, self.weight, bias)
 
 
-def pack_linear_weights(model: torch.nn.Module) -> int:
-    """Pack every packable weight of `model` (after loading); returns how many were packed."""
+def pack_linear_weights(model: torch.nn.Module, row_kernel: str | None = None) -> int:
+    """Pack every packable weight of `model` (after loading); returns how many were packed.
+
+    row_kernel (default: $SPINDLE_CPU_ROW_KERNEL, else "auto"): whether matmuls of up to 4 rows read a plain copy of
+    each weight through the C++ row kernel. "auto": where that copy takes at most ROW_COPY_MEMORY_SHARE of the
+    host's memory and the kernel measures faster on the model's own weights (logged); "on": wherever the
+    kernel takes the dtype; "off": never.
+    """
+    mode = row_kernel or os.environ.get("SPINDLE_CPU_ROW_KERNEL", "auto")
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"SPINDLE_CPU_ROW_KERNEL must be auto, on or off, got {mode!r}")
+    modules = [m for m in model.modules() if callable(getattr(m, "pack", None))]
+    keep = mode != "off" and _may_keep_plain(modules, mode)
     count = 0
-    for module in model.modules():
-        pack = getattr(module, "pack", None)
-        if callable(pack):
-            pack()
-            count += getattr(module, "packed", None) is not None
+    for module in modules:
+        if hasattr(module, "drop_plain"):
+            module.pack(keep_plain=keep)
+        else:
+            module.pack()
+        count += getattr(module, "packed", None) is not None
+    kept = [m for m in modules if getattr(m, "plain_rows", None) is not None]
+    if kept and mode == "auto" and not _row_kernel_pays(kept):
+        for module in kept:
+            module.drop_plain()
     return count
+
+
+def _may_keep_plain(modules: list[torch.nn.Module], mode: str) -> bool:
+    """Whether the row kernel takes these weights, and (under "auto") their plain copies fit the memory share."""
+    rowable = [m for m in modules if hasattr(m, "drop_plain")]
+    weights = [p for m in rowable for p in m.parameters() if can_pack(p)]
+    if not weights or not cpu_kernels.has_linear_rows(weights[0].dtype):
+        return False
+    if mode == "on":
+        return True
+    copy = sum(m.row_copy_bytes() for m in rowable)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if copy > ROW_COPY_MEMORY_SHARE * memory:
+        log.info("one-row matmuls stay on oneDNN: a plain copy of the weights (%d MiB) would take more than "
+                 "%.0f%% of this host's memory", copy >> 20, 100 * ROW_COPY_MEMORY_SHARE)
+        return False
+    return True
+
+
+def _row_kernel_pays(kept: list[torch.nn.Module]) -> bool:
+    """Times one-row matmuls over the model's weights (up to ROW_TIMING_BYTES per pass) in the row kernel and
+    in oneDNN, alternating, best of three; logs the choice."""
+    cases: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    streamed = 0
+    for module in kept:
+        plain = module.plain_rows
+        cases.append((plain.new_zeros(1, plain.shape[1]), module.packed, plain))
+        streamed += plain.numel() * plain.element_size()
+        if streamed >= ROW_TIMING_BYTES:
+            break
+
+    def timed(use_plain: bool) -> Callable[[], float]:
+        def run() -> float:
+            start = time.perf_counter()
+            for x, packed, plain in cases:
+                packed_linear(x, packed, None, plain if use_plain else None)
+            return time.perf_counter() - start
+        return run
+
+    kernel, onednn = timed(True), timed(False)
+    with torch.inference_mode():
+        kernel(), onednn()  # warm: oneDNN builds its primitives, the pages are touched
+        kernel_s, onednn_s = float("inf"), float("inf")
+        for _ in range(3):
+            kernel_s, onednn_s = min(kernel_s, kernel()), min(onednn_s, onednn())
+    pays = kernel_s < ROW_KERNEL_MARGIN * onednn_s
+    copy = sum(m.row_copy_bytes() for m in kept)
+    log.info("one-row matmuls over %d MiB of weights: the C++ row kernel %.1f ms, oneDNN %.1f ms: %s", streamed >> 20,
+             1e3 * kernel_s, 1e3 * onednn_s,
+             f"the row kernel, keeping the plain weights ({copy >> 20} MiB more)" if pays else "oneDNN")
+    return pays
 
 
 def warm_packed_linears(model: torch.nn.Module, max_rows: int) -> int:
