@@ -187,3 +187,46 @@ def test_small_inputs_share_a_buffer_yet_each_call_is_its_own():
     for want, got in zip(plain, [first, *rest]):
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_faster_buckets_pick_the_fastest_larger_bucket_within_twice_the_rows():
+    seconds = {64: 1.0, 72: 0.5, 80: 0.95, 128: 0.2, 144: 0.3, 256: 0.5, 288: 0.46}
+    # 64, 72, 80: 128 is the fastest within twice their rows. 128, 144: every larger bucket within reach is
+    # slower. 256: 288 takes 0.92 of its time, outside the 0.9 margin.
+    assert linear.faster_buckets(seconds) == {64: 128, 72: 128, 80: 128}
+    assert linear.faster_buckets({100: 1.0, 201: 0.1}) == {}  # past twice the rows
+
+
+def test_a_bucket_runs_at_the_rows_warmup_timed_faster(monkeypatch):
+    layer = MergedColumnParallelLinear(48, [40], SOLO, bias=True)
+    for p in layer.parameters():
+        p.data.normal_(0, 0.1)
+    x = torch.randn(62, 48)  # bucket 64
+    with torch.inference_mode():
+        want = layer(x)
+        layer.pack()
+        pads = []
+        real_pad = linear.F.pad
+        monkeypatch.setattr(linear.F, "pad", lambda t, pad: pads.append(pad) or real_pad(t, pad))
+        monkeypatch.setitem(linear.RUN_AT, (40, 48, torch.float32, True), {64: 128})
+        got = layer(x)
+        monkeypatch.setitem(linear.RUN_AT, (40, 48, torch.float32, False), {64: 96})  # another key: not this one
+        layer(x)
+    assert pads == [(0, 0, 0, 66), (0, 0, 0, 66)]  # 62 rows ran at 128, twice
+    assert got.shape == (62, 40)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_warmup_times_bf16_buckets_and_moves_them_only_up_to_twice_their_rows(monkeypatch):
+    monkeypatch.setattr(linear, "RUN_AT", {})
+    monkeypatch.setattr(linear, "TUNE_MARGIN", float("inf"))  # every bucket with a larger one in reach moves
+    layers = [RowParallelLinear(64, 48, SOLO, dtype=dtype) for dtype in (torch.bfloat16, torch.float32)]
+    model = torch.nn.ModuleList(layers)
+    pack_linear_weights(model, row_kernel="off")
+    warm_packed_linears(model, 300)
+    buckets = sorted({padded_rows(n) for n in range(1, 301)})
+    assert list(linear.RUN_AT) == [(48, 64, torch.bfloat16, False)]  # float32 is not timed
+    runs = linear.RUN_AT[(48, 64, torch.bfloat16, False)]
+    assert sorted(runs) == [b for b in buckets if linear.TUNE_MIN_ROWS <= b and b < buckets[-1]]
+    assert all(b < r <= 2 * b and r in buckets for b, r in runs.items())
+    assert warm_packed_linears(model, 300, tune=False) == 2 * len(buckets) and linear.RUN_AT == {}  # untimed

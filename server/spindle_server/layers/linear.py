@@ -96,6 +96,17 @@ def padded_rows(num_rows: int) -> int:
     return -(-num_rows // step) * step
 
 
+# oneDNN's bf16 kernels (AMX) vary with the row count by up to 2x and not monotonically: on a Sapphire Rapids
+# host SmolLM2-135M's down projection ran at 1.4-1.5 TFLOP/s from 512 to 1280 rows and 2.9 at 1536, its o
+# projection at 1.6 at 512 rows and 3.1 at 896, so 1024 rows padded to 1536 finish sooner than 1024 do. Warmup
+# times every bucket (`warm_packed_linears`) and each bucket runs at the larger one, up to TUNE_MAX_PADDING x
+# its rows, that took at most TUNE_MARGIN of its own time; buckets below TUNE_MIN_ROWS (microseconds, noise)
+# run as themselves. (out, in, dtype, with bias) -> {bucket: rows it runs at}, for the buckets that move.
+RUN_AT: dict[tuple[int, int, torch.dtype, bool], dict[int, int]] = {}
+TUNE_MIN_ROWS = 64
+TUNE_MAX_PADDING = 2.0
+TUNE_MARGIN = 0.9
+
 # Inputs of fewer than MIN_ROWS rows are copied into one of these (per width, dtype and device) instead of
 # padded: a copy is one op where F.pad takes four (~1 ms of a 20 ms batch-1 decode step). Rows past the input
 # keep whatever an earlier input left there; each output row depends only on its own input row, and those
@@ -112,6 +123,8 @@ def packed_linear(
     if plain is not None and rows <= cpu_kernels.LINEAR_ROWS:
         return cpu_kernels.linear_rows(x, plain, bias)
     padded = padded_rows(rows)
+    if RUN_AT and padded >= TUNE_MIN_ROWS:
+        padded = RUN_AT.get((packed.shape[0], packed.shape[1], x.dtype, bias is not None), {}).get(padded, padded)
     if rows < MIN_ROWS:
         key = (x.shape[1], x.dtype, x.device)
         small = _SMALL_INPUTS.get(key)
@@ -278,12 +291,15 @@ def _row_kernel_pays(kept: list[torch.nn.Module]) -> bool:
     return pays
 
 
-def warm_packed_linears(model: torch.nn.Module, max_rows: int) -> int:
+def warm_packed_linears(model: torch.nn.Module, max_rows: int, tune: bool = True) -> int:
     """Run every packed matmul shape of `model` once at every row bucket up to `max_rows` (the most rows one
     forward may carry), so oneDNN has built the primitives serving uses before serving starts: memory is flat
     from warm-up on and no request pays a JIT compile. Layers with equal shapes share primitives, so this costs
     about 24 x max_rows rows through one layer's matmuls (24/num_layers of a max_rows forward's); a module may
-    cap its own rows with a `max_warm_rows` attribute (the LM head does). Returns how many primitives it ran.
+    cap its own rows with a `max_warm_rows` attribute (the LM head does). With `tune`, each bfloat16 bucket of
+    at least TUNE_MIN_ROWS rows is then timed (best of two) and set to run at a larger bucket that was faster
+    (RUN_AT); float32 buckets, whose rate was flat over the row counts, are not timed.
+    Returns how many primitives it ran.
 
     What a shard holds then is bounded: (row buckets up to max_rows) x (distinct packed shapes) primitives,
     ~0.5 MiB each plus scratch that grows with the rows (~170 MiB for the 2-layer test model's 400 at 4096
@@ -299,13 +315,45 @@ def warm_packed_linears(model: torch.nn.Module, max_rows: int) -> int:
                 key = (tuple(weight.shape), weight.dtype, None if bias is None else tuple(bias.shape))
                 prior_cap = matmuls[key][2] if key in matmuls else 0  # a shape shared: the larger cap
                 matmuls[key] = (weight, bias, max(cap, prior_cap))
-    count = 0
+    count, moved = 0, {}
     with torch.inference_mode():
         for weight, bias, cap in matmuls.values():
-            for rows in sorted({padded_rows(n) for n in range(1, cap + 1)}):
-                packed_linear(torch.zeros(rows, weight.shape[1], dtype=weight.dtype), weight, bias)
+            key = (weight.shape[0], weight.shape[1], weight.dtype, bias is not None)
+            RUN_AT.pop(key, None)  # time every bucket as itself
+            buckets = sorted({padded_rows(n) for n in range(1, cap + 1)})
+            inputs = {rows: torch.zeros(rows, weight.shape[1], dtype=weight.dtype) for rows in buckets}
+            for x in inputs.values():
+                packed_linear(x, weight, bias)
                 count += 1
+            if not tune or weight.dtype == torch.float32:  # float32 (MKL-like kernels) measured flat: not timed
+                continue
+            seconds = {rows: min(_seconds(packed_linear, inputs[rows], weight, bias) for _ in range(2))
+                       for rows in buckets if rows >= TUNE_MIN_ROWS}
+            if runs := faster_buckets(seconds):
+                RUN_AT[key] = moved[key] = runs
+    if moved:
+        log.info("oneDNN: row buckets that run padded to a larger one that timed faster (weight [out, in]: rows -> "
+                 "rows run): %s", "; ".join(f"{n}x{k}: " + ", ".join(f"{a}->{b}" for a, b in runs.items())
+                                           for (n, k, _, _), runs in moved.items()))
     return count
+
+
+def faster_buckets(seconds: dict[int, float]) -> dict[int, int]:
+    """{bucket: the larger bucket it should run at} from each bucket's time: the fastest bucket of at most
+    TUNE_MAX_PADDING x its rows, where that takes at most TUNE_MARGIN of its own time."""
+    runs = {}
+    for rows, own in seconds.items():
+        candidates = [r for r in seconds if rows < r <= TUNE_MAX_PADDING * rows]
+        best = min(candidates, key=seconds.__getitem__, default=None)
+        if best is not None and seconds[best] <= TUNE_MARGIN * own:
+            runs[rows] = best
+    return runs
+
+
+def _seconds(fn: Callable[..., object], *args: object) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
 
 
 def _check_divisible(what: str, size: int, world_size: int) -> int:
