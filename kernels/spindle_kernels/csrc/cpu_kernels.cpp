@@ -822,7 +822,6 @@ inline float round_to(float x, bf16) {
 // bf16 silu_and_mul over 1024 x 1536 outputs took 0.55 -> 0.37 ms and rms_norm with its residual over
 // 4096 x 576 0.72 -> 0.42 ms with their data in cache (in a prefill, where it streams from memory, ~20% of
 // that). The instruction flushes subnormal floats (below 1.2e-38) to zero; nothing else differs.
-constexpr bool kVectorBf16 = true;
 typedef uint16_t vh16 __attribute__((vector_size(32)));
 inline vh16 to_bf16(vf16 v) { return (vh16)_mm512_cvtneps_pbh((__m512)v); }
 inline void store16(bf16* p, vf16 v) { *reinterpret_cast<vh16_u*>(p) = to_bf16(v); }
@@ -851,8 +850,6 @@ inline vf16 exp16(vf16 x) {
   const vu16 bits = (vu16)(__builtin_convertvector(n, vi16) + 127) << 23;
   return p * (vf16)bits;
 }
-#else
-constexpr bool kVectorBf16 = false;
 #endif
 
 // Rows of a 2-d tensor with a unit inner stride; grain keeps a batch-1 call on one thread.
