@@ -64,19 +64,27 @@ inline void from_float(float x, bf16* out) { *out = bf16_bits(x); }
 
 // exp for the softmax, in plain arithmetic so the compiler vectorizes it (std::exp stays a scalar call,
 // which was most of the kernel's time at long contexts): exp(x) = 2^n * exp(r), |r| <= ln2/2, with a
-// degree-6 Taylor polynomial (relative error ~2e-7), for x in [-87, 87].
-inline float softmax_exp(float x) {
-  x = x < -87.0f ? -87.0f : (x > 87.0f ? 87.0f : x);
-  // n = round(x / ln2) by the 1.5 * 2^23 trick: std::floor kept these loops scalar.
-  const float n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.0f / 720.0f;
+// degree-6 Taylor polynomial (relative error ~2e-7), for x in [-87, 87]. exp_reduced is the part that serves
+// a float and a 16-lane vector alike (exp16 below): n = round(x / ln2) by the 1.5 * 2^23 trick (std::floor
+// kept these loops scalar), and the polynomial in r.
+template <typename F>
+inline F exp_reduced(F x, F* n_out) {
+  const F n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
+  const F r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  F p = F{} + 1.0f / 720.0f;
   p = p * r + 1.0f / 120.0f;
   p = p * r + 1.0f / 24.0f;
   p = p * r + 1.0f / 6.0f;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  *n_out = n;
+  return p * r + 1.0f;
+}
+
+inline float softmax_exp(float x) {
+  x = x < -87.0f ? -87.0f : (x > 87.0f ? 87.0f : x);
+  float n;
+  const float p = exp_reduced(x, &n);
   const uint32_t bits = static_cast<uint32_t>(static_cast<int32_t>(n) + 127) << 23;
   float scale;
   std::memcpy(&scale, &bits, sizeof(scale));
@@ -838,15 +846,8 @@ inline vf16 reciprocal16(vf16 d) {
 inline vf16 exp16(vf16 x) {
   x = x < -87.0f ? vf16{} - 87.0f : x;
   x = x > 87.0f ? vf16{} + 87.0f : x;
-  const vf16 n = (x * 1.44269504f + 12582912.0f) - 12582912.0f;
-  const vf16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  vf16 p = vf16{} + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
+  vf16 n;
+  const vf16 p = exp_reduced(x, &n);
   const vu16 bits = (vu16)(__builtin_convertvector(n, vi16) + 127) << 23;
   return p * (vf16)bits;
 }
