@@ -269,20 +269,14 @@ def _row_kernel_pays(kept: list[torch.nn.Module]) -> bool:
         if streamed >= ROW_TIMING_BYTES:
             break
 
-    def timed(use_plain: bool) -> Callable[[], float]:
-        def run() -> float:
-            start = time.perf_counter()
-            for x, packed, plain in cases:
-                packed_linear(x, packed, None, plain if use_plain else None)
-            return time.perf_counter() - start
-        return run
+    def one_pass(use_plain: bool) -> None:
+        for x, packed, plain in cases:
+            packed_linear(x, packed, None, plain if use_plain else None)
 
-    kernel, onednn = timed(True), timed(False)
     with torch.inference_mode():
-        kernel(), onednn()  # warm: oneDNN builds its primitives, the pages are touched
-        kernel_s, onednn_s = float("inf"), float("inf")
-        for _ in range(3):
-            kernel_s, onednn_s = min(kernel_s, kernel()), min(onednn_s, onednn())
+        one_pass(True), one_pass(False)  # warm: oneDNN builds its primitives, the pages are touched
+        pairs = [(_seconds(one_pass, True), _seconds(one_pass, False)) for _ in range(3)]
+    kernel_s, onednn_s = min(k for k, _ in pairs), min(o for _, o in pairs)
     pays = kernel_s < ROW_KERNEL_MARGIN * onednn_s
     copy = sum(m.row_copy_bytes() for m in kept)
     log.info("one-row matmuls over %d MiB of weights: the C++ row kernel %.1f ms, oneDNN %.1f ms: %s", streamed >> 20,
@@ -320,15 +314,14 @@ def warm_packed_linears(model: torch.nn.Module, max_rows: int, tune: bool = True
         for weight, bias, cap in matmuls.values():
             key = (weight.shape[0], weight.shape[1], weight.dtype, bias is not None)
             RUN_AT.pop(key, None)  # time every bucket as itself
-            buckets = sorted({padded_rows(n) for n in range(1, cap + 1)})
-            inputs = {rows: torch.zeros(rows, weight.shape[1], dtype=weight.dtype) for rows in buckets}
-            for x in inputs.values():
-                packed_linear(x, weight, bias)
+            timed = tune and weight.dtype != torch.float32  # float32 (MKL-like kernels) measured flat: not timed
+            seconds = {}
+            for rows in sorted({padded_rows(n) for n in range(1, cap + 1)}):
+                x = torch.zeros(rows, weight.shape[1], dtype=weight.dtype)
+                packed_linear(x, weight, bias)  # builds the primitive
                 count += 1
-            if not tune or weight.dtype == torch.float32:  # float32 (MKL-like kernels) measured flat: not timed
-                continue
-            seconds = {rows: min(_seconds(packed_linear, inputs[rows], weight, bias) for _ in range(2))
-                       for rows in buckets if rows >= TUNE_MIN_ROWS}
+                if timed and rows >= TUNE_MIN_ROWS:
+                    seconds[rows] = min(_seconds(packed_linear, x, weight, bias) for _ in range(2))
             if runs := faster_buckets(seconds):
                 RUN_AT[key] = moved[key] = runs
     if moved:
