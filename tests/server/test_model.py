@@ -200,6 +200,50 @@ def test_mlp_in_row_slices(models: Models, variant: str) -> None:
     assert_close(out_long, ref_logits(ref, long))
 
 
+@pytest.mark.parametrize(("costs", "expected"), [
+    ({16: 100, 32: 60, 64: 80}, 32),  # the fastest candidate, past the margin
+    ({16: 100, 32: 95, 64: 120}, 16),  # 0.95 of the byte-sized slices' time: within the margin, stays
+    ({16: 100, 32: 70, 64: 50}, 64),  # unsliced
+])
+def test_warmup_times_the_mlp_slices(models: Models, monkeypatch, costs: dict[int, int], expected: int) -> None:
+    # The clock advances by `costs[slice rows]` per MLP call, so the choice is the test's, not the host's.
+    from spindle_server.models import llama
+
+    _, model, ref = models.get("llama3")
+    mlps = [m for m in model.modules() if isinstance(m, llama.LlamaMLP)]
+    saved = [m.slice_rows for m in mlps]
+    clock, timed = [0], []
+    real_forward = llama.LlamaMLP.forward
+
+    def costed_forward(self, x):
+        clock[0] += costs[self.slice_rows]
+        timed.append((self.slice_rows, x.shape[0]))
+        return real_forward(self, x)
+
+    monkeypatch.setattr(llama.time, "perf_counter_ns", lambda: clock[0])
+    monkeypatch.setattr(llama.LlamaMLP, "forward", costed_forward)
+    try:
+        for m in mlps:
+            m.slice_rows = 16
+        assert llama.choose_mlp_slices(model, 64, Distributed(0, 1, None)) == expected
+        # each candidate timed over 64 rows through the first MLP_SLICE_LAYERS MLPs, MLP_SLICE_REPEATS times
+        assert sorted(set(timed)) == [(16, 64), (32, 64), (64, 64)]
+        assert len(timed) == 3 * llama.MLP_SLICE_LAYERS * llama.MLP_SLICE_REPEATS
+        assert [m.slice_rows for m in mlps] == [expected] * len(mlps)
+        monkeypatch.setattr(llama.LlamaMLP, "forward", real_forward)
+        ids = prompt(50, model.config.vocab_size, seed=18)
+        runner = PagedRunner(model)
+        runner.add_sequence(0, len(ids))
+        assert_close(runner.step([(0, ids)])[0], ref_logits(ref, ids))
+        # nothing to choose where the longest forward fits in one slice
+        timed.clear()
+        assert llama.choose_mlp_slices(model, expected, Distributed(0, 1, None)) is None
+        assert not timed and [m.slice_rows for m in mlps] == [expected] * len(mlps)
+    finally:
+        for m, rows in zip(mlps, saved, strict=True):
+            m.slice_rows = rows
+
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_decode_steps_after_prefill(models: Models, variant: str) -> None:
     _, model, ref = models.get(variant)

@@ -32,6 +32,7 @@ from spindle_server.kv_cache import (
     cache_budget_bytes,
 )
 from spindle_server.layers.linear import warm_packed_linears
+from spindle_server.models.llama import choose_mlp_slices
 from spindle_server.models.registry import ModelConfig
 from spindle_server.sampling.detokenizer import IncrementalDetokenizer
 from spindle_server.sampling.grammar import GrammarCompiler, GrammarSpec
@@ -190,12 +191,13 @@ class ShardEngine:
         self.clear()
         self.kv_cache = None
         self.runner.decode_graphs = None  # they point into the old cache
-        # CPU: every packed matmul's primitives built (memory flat from here) and its row buckets timed, before
-        # the step-cost probes below time forwards that use them.
+        # CPU: every packed matmul's primitives built (memory flat from here), its row buckets and the MLP's row slices
+        # timed, before the step-cost probes below time forwards that use them.
         start = time.perf_counter()
         if primitives := warm_packed_linears(self.runner.model, spec.max_prefill_tokens):
             log.info("oneDNN: %d packed matmul primitives built and timed (every row bucket up to %d rows) in %.1f s",
                      primitives, spec.max_prefill_tokens, time.perf_counter() - start)
+        choose_mlp_slices(self.runner.model, spec.max_prefill_tokens, self.dist)
         seq_cap = min(spec.max_input_tokens or spec.max_prefill_tokens, self.config.max_position_embeddings)
         lengths = _split(spec.max_prefill_tokens, max(1, seq_cap), spec.max_batch_size)
         temp = KVCache(self.kv_shape, sum(math.ceil(n / bs) for n in lengths), self.device)

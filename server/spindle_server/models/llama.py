@@ -15,6 +15,9 @@ GeLU-tanh, soft-capped attention and final logits (Gemma 2).
 
 from __future__ import annotations
 
+import logging
+import time
+
 import torch
 from spindle_kernels import KernelOps
 
@@ -30,11 +33,21 @@ from spindle_server.models.causal_lm import CausalLM
 from spindle_server.models.registry import ModelConfig
 from spindle_server.weights import Weights
 
-# On CPU a long prefill's gate/up activation ([rows, 2 x intermediate]) outgrows the last-level cache (float32
+log = logging.getLogger(__name__)
+
+# On CPU a long prefill's gate/up activation ([rows, 2 x intermediate]) can outgrow the last-level cache (float32
 # SmolLM2-135M at 4096 rows: 50 MB against 32 MB of L3) and every op around the matmuls then streams it from
-# DRAM: rows go through the MLP in slices whose activation stays within this (a 4096-token float32 prefill
-# 5.8 -> 4.8 s on 2 Zen 4 cores; bfloat16, whose activation fits, within noise either way).
+# DRAM: rows may go through the MLP in slices (a 4096-token float32 prefill 5.8 -> 4.8 s on 2 Zen 4 cores).
+# Whether slices pay depends on the host and dtype as much as on the cache (Sapphire Rapids, bfloat16: oneDNN's
+# down projection ran at half its rate at 1024 rows, and unsliced 4096-row prefills took 0.81 s against 0.99 s
+# in 1024-row slices), so Warmup times the candidates (`choose_mlp_slices`): slices whose activation fits in
+# MLP_SLICE_BYTES, then twice, four times ... as many rows, then none.
 MLP_SLICE_BYTES = 6 << 20
+# Warmup times the MLPs of this many layers (distinct weights, as a forward streams them), best of MLP_SLICE_REPEATS.
+MLP_SLICE_LAYERS = 2
+MLP_SLICE_REPEATS = 2
+# ... and moves off the byte-sized slices only for a candidate that took at most this fraction of their time.
+MLP_SLICE_MARGIN = 0.9
 
 
 class LlamaMLP(torch.nn.Module):
@@ -44,6 +57,7 @@ class LlamaMLP(torch.nn.Module):
         super().__init__()
         size = config.intermediate_size
         row_bytes = 2 * (size // dist.world_size) * dtype.itemsize
+        # CPU: rows per slice of a long forward (None: never sliced); `choose_mlp_slices` may raise it at Warmup.
         self.slice_rows = max(256, MLP_SLICE_BYTES // row_bytes) if device.type == "cpu" else None
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [size, size], dist, bias=config.mlp_bias, dtype=dtype, device=device
@@ -67,6 +81,43 @@ class LlamaMLP(torch.nn.Module):
             return self.down_proj(self.act(self.gate_up_proj(x)))
         return torch.cat([self.down_proj(self.act(self.gate_up_proj(x[i : i + rows])))
                           for i in range(0, x.shape[0], rows)])
+
+
+def choose_mlp_slices(model: torch.nn.Module, max_rows: int, dist: Distributed) -> int | None:
+    """Time a `max_rows`-row forward through the first MLP_SLICE_LAYERS MLPs with each candidate slice size (the
+    byte-sized one, then doubling, then unsliced; alternating, best of MLP_SLICE_REPEATS) and give every MLP
+    the fastest, where it beats the byte-sized slices by MLP_SLICE_MARGIN. Every rank times, and takes the
+    slowest rank's times, so all ranks slice alike (each slice all-reduces). Returns the rows chosen, or None
+    where no MLP slices at `max_rows`."""
+    mlps = [m for m in model.modules() if isinstance(m, LlamaMLP) and m.slice_rows is not None]
+    if not mlps or max_rows <= mlps[0].slice_rows:
+        return None
+    base = mlps[0].slice_rows
+    candidates = [base << i for i in range((max_rows // base).bit_length()) if base << i < max_rows] + [max_rows]
+    probe = mlps[:MLP_SLICE_LAYERS]
+    weight = probe[0].gate_up_proj
+    gen = torch.Generator().manual_seed(0)
+    x = (0.1 * torch.randn(max_rows, weight.in_features, generator=gen)).to(weight.weight.dtype)
+    best_ns = dict.fromkeys(candidates, float("inf"))
+    with torch.inference_mode():
+        for _ in range(MLP_SLICE_REPEATS):
+            for rows in candidates:
+                for m in probe:
+                    m.slice_rows = rows
+                start = time.perf_counter_ns()
+                for m in probe:
+                    m(x)
+                best_ns[rows] = min(best_ns[rows], time.perf_counter_ns() - start)
+    agreed = dict(zip(candidates, dist.agree([int(best_ns[r]) for r in candidates], "max", x.device)))
+    fastest = min(candidates, key=agreed.__getitem__)
+    chosen = fastest if agreed[fastest] <= MLP_SLICE_MARGIN * agreed[base] else base
+    for m in mlps:
+        m.slice_rows = chosen
+    log.info("MLP at %d rows: %s; %s", max_rows,
+             ", ".join(f"{'unsliced' if r == max_rows else f'{r}-row slices'} {agreed[r] / 1e6:.1f} ms"
+                       for r in candidates),
+             "unsliced" if chosen == max_rows else f"{chosen}-row slices")
+    return chosen
 
 
 class LlamaDecoderLayer(torch.nn.Module):
