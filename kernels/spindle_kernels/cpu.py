@@ -131,12 +131,18 @@ def paged_attention(
                 q, k_cache, v_cache, block_tables, row_seqs, row_lens, scale, window or 0, softcap or 0.0
             )
         out = torch.empty(q.shape, dtype=q.dtype)
-        rest = torch.ones(q.shape[0], dtype=torch.bool)
         lens = context_lens.tolist()
-        for b, start, end in chunks:
-            rest[start:end] = False
+        fresh = [_is_fresh(lens[b], end - start, window) for b, start, end in chunks]
+        for seqs, start, end in _fresh_runs([c for c, f in zip(chunks, fresh) if f]):
+            out[start:end] = _fresh_attention(q[start:end], k_cache, v_cache, block_tables[seqs], scale)
+        for b, start, end in [c for c, f in zip(chunks, fresh) if not f]:
             k, v = reference.chunk_context(k_cache, v_cache, block_tables[b], lens[b], end - start, window)
             out[start:end] = _chunk_attention(q[start:end], k, v, scale, window=window)
+        if sum(end - start for _, start, end in chunks) == q.shape[0]:
+            return out
+        rest = torch.ones(q.shape[0], dtype=torch.bool)
+        for _, start, end in chunks:
+            rest[start:end] = False
         rows = rest.nonzero().flatten()
         if rows.numel():
             out[rows] = torch.ops.spindle_cpu.attention_rows(
@@ -209,6 +215,44 @@ def _best_time(fn: Callable[[], None], repeats: int = 5) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _is_fresh(context_len: int, q_len: int, window: int | None) -> bool:
+    """Whether a chunk is a whole prompt (nothing cached before it) that no window cuts."""
+    return context_len == q_len and (window is None or window >= q_len)
+
+
+def _fresh_runs(chunks: list[tuple[int, int, int]]) -> list[tuple[list[int], int, int]]:
+    """(sequences, first row, end row) of each run of adjacent fresh chunks of one length: one batched SDPA
+    call serves a run (16 x 256 bf16 rows: 4.1 vs 4.8 ms a layer in separate calls, and one context gather
+    instead of two per chunk)."""
+    runs: list[tuple[list[int], int, int]] = []
+    for b, start, end in chunks:
+        if runs and runs[-1][2] == start and runs[-1][2] - runs[-1][1] == len(runs[-1][0]) * (end - start):
+            seqs, first, _ = runs[-1]
+            runs[-1] = ([*seqs, b], first, end)
+        else:
+            runs.append(([b], start, end))
+    return runs
+
+
+def _fresh_attention(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """Causal attention of n whole prompts of one length L, each attending only to itself: q [n x L, heads, d],
+    block_tables [n, max_blocks] -> [n x L, heads, d]."""
+    n = block_tables.shape[0]
+    length = q.shape[0] // n
+    block_size = k_cache.shape[1]
+    blocks = block_tables[:, : (length + block_size - 1) // block_size].reshape(-1).long()
+
+    def context(cache: torch.Tensor) -> torch.Tensor:  # [n, kv_heads, L, d]
+        return cache.index_select(0, blocks).view(n, -1, *cache.shape[2:])[:, :length].transpose(1, 2)
+
+    qb = q.view(n, length, *q.shape[1:]).transpose(1, 2)
+    attn = F.scaled_dot_product_attention(qb, context(k_cache), context(v_cache), is_causal=True, scale=scale,
+                                          enable_gqa=True)
+    return attn.transpose(1, 2).reshape(q.shape)
 
 
 def _rows_of(cu_seqlens_q: torch.Tensor, context_lens: torch.Tensor, num_rows: int) -> tuple[torch.Tensor, torch.Tensor]:

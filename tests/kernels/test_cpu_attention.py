@@ -328,6 +328,31 @@ def test_native_chunk_rows_match_naive(heads, window, softcap, block_size, dtype
         torch.testing.assert_close(got.float(), want, atol=8e-3, rtol=8e-3)
 
 
+@pytest.mark.parametrize("window", [None, 7, 100])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fresh_prompts_of_one_length_attend_in_one_sdpa_call(dtype, window, monkeypatch):
+    # Adjacent whole prompts of one length (the three of 20, then the two of 20 after a 17) go to torch's flash
+    # attention as one batch; a 17-row prompt alone, a 20-row chunk after cached context and a decode row
+    # their own ways. q is a view of a wider projection, as the layer passes it. Under a 7-token window no
+    # prompt is fresh (the window cuts it): every chunk on the gathered-context path.
+    monkeypatch.setattr(cpu, "chunks_by_sdpa", lambda *shape: True)
+    calls = []
+    real = cpu._fresh_attention
+    monkeypatch.setattr(cpu, "_fresh_attention", lambda q, *a: calls.append(a[2].shape[0]) or real(q, *a))
+    c = make_paged_case([20, 20, 20, 1, 17, 20, 20, 20], [20, 20, 20, 9, 17, 20, 20, 45], num_heads=6,
+                        num_kv_heads=2, head_dim=64, block_size=16, dtype=dtype, seed=21)
+    wide = torch.cat([c.q, torch.randn_like(c.q)], dim=1)
+    q = wide[:, :6]
+    got = cpu.paged_attention(q, c.k_cache, c.v_cache, c.cu_seqlens_q, c.context_lens, c.block_tables, c.scale,
+                              window=window)
+    want = _naive_attention(c, window)
+    assert calls == ([] if window == 7 else [3, 1, 2])
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-5)
+    else:
+        torch.testing.assert_close(got.float(), want, atol=8e-3, rtol=8e-3)
+
+
 def test_attention_rows_rejects_rows_outside_the_tables():
     c = make_paged_case([3], [5], num_heads=2, num_kv_heads=1, head_dim=64, block_size=4)
     lens = torch.tensor([3, 4, 5], dtype=torch.int32)
