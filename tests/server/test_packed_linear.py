@@ -206,15 +206,38 @@ def test_a_bucket_runs_at_the_rows_warmup_timed_faster(monkeypatch):
         want = layer(x)
         layer.pack()
         pads = []
-        real_pad = linear.F.pad
-        monkeypatch.setattr(linear.F, "pad", lambda t, pad: pads.append(pad) or real_pad(t, pad))
+        real_padded = linear._padded
+        monkeypatch.setattr(linear, "_padded", lambda t, rows: pads.append(rows) or real_padded(t, rows))
         monkeypatch.setitem(linear.RUN_AT, (40, 48, torch.float32, True), {64: 128})
         got = layer(x)
         monkeypatch.setitem(linear.RUN_AT, (40, 48, torch.float32, False), {64: 96})  # another key: not this one
         layer(x)
-    assert pads == [(0, 0, 0, 66), (0, 0, 0, 66)]  # 62 rows ran at 128, twice
+    assert pads == [128, 128]  # 62 rows ran at 128, twice
     assert got.shape == (62, 40)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_padded_rows_reuse_one_buffer_whose_stale_rows_change_nothing(monkeypatch):
+    # 61 rows run at 64 and 33 at 36, both from one buffer per width: the second input's padding rows still
+    # hold the first's (NaN) rows, and its outputs are exact. Past PAD_BUFFER_BYTES, F.pad pads instead.
+    monkeypatch.setattr(linear, "_PAD_BUFFERS", {})
+    layer = MergedColumnParallelLinear(48, [40], SOLO)
+    layer.weight.data.normal_(0, 0.1)
+    plain = layer.weight.detach().clone()
+    layer.pack()
+    x = torch.randn(33, 48)
+    with torch.inference_mode():
+        layer(torch.full((61, 48), float("nan")))
+        got = layer(x)
+        (buffer,) = linear._PAD_BUFFERS.values()
+        assert buffer.shape == (64, 48) and buffer[33:36].isnan().all()
+        torch.testing.assert_close(got, x @ plain.T, atol=1e-5, rtol=1e-5)
+        pads = []
+        real_pad = linear.F.pad
+        monkeypatch.setattr(linear.F, "pad", lambda t, pad: pads.append(pad) or real_pad(t, pad))
+        monkeypatch.setattr(linear, "PAD_BUFFER_BYTES", 35 * 48 * 4)
+        torch.testing.assert_close(layer(x), x @ plain.T, atol=1e-5, rtol=1e-5)
+    assert pads == [(0, 0, 0, 3)]
 
 
 def test_warmup_times_bf16_buckets_and_moves_them_only_up_to_twice_their_rows(monkeypatch):

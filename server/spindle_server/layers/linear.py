@@ -107,11 +107,29 @@ TUNE_MIN_ROWS = 64
 TUNE_MAX_PADDING = 2.0
 TUNE_MARGIN = 0.9
 
-# Inputs of fewer than MIN_ROWS rows are copied into one of these (per width, dtype and device) instead of
-# padded: a copy is one op where F.pad takes four (~1 ms of a 20 ms batch-1 decode step). Rows past the input
-# keep whatever an earlier input left there; each output row depends only on its own input row, and those
-# rows are cut off.
-_SMALL_INPUTS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+# Inputs that run padded are copied into the top of one of these (per width, dtype and device) instead of padded
+# by F.pad, which allocates, zero-fills and copies (four ops, ~1 ms of a 20 ms batch-1 decode step; a mixed
+# step's ~90 pads ~2 ms of 60). Rows past the input keep whatever an earlier input left there: each output row
+# depends only on its own input row, and those rows are cut off. Inputs padded past PAD_BUFFER_BYTES (long
+# prefills, where a pad is noise) take F.pad.
+PAD_BUFFER_BYTES = 8 << 20
+_PAD_BUFFERS: dict[tuple[int, torch.dtype, torch.device], torch.Tensor] = {}
+
+
+def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [n, in] as the first n of `rows` rows."""
+    width = x.shape[1]
+    if rows * width * x.element_size() > PAD_BUFFER_BYTES:
+        return F.pad(x, (0, 0, 0, rows - x.shape[0]))
+    key = (width, x.dtype, x.device)
+    buffer = _PAD_BUFFERS.get(key)
+    if buffer is None or buffer.shape[0] < rows:  # grown by doubling, up to the byte cap (rows fit under it)
+        held = 0 if buffer is None else buffer.shape[0]
+        size = min(max(rows, 2 * held), PAD_BUFFER_BYTES // (width * x.element_size()))
+        with torch.inference_mode(False):  # a normal tensor: writable inside inference mode and out of it
+            buffer = _PAD_BUFFERS[key] = x.new_zeros(size, width)
+    buffer[: x.shape[0]] = x
+    return buffer[:rows]
 
 
 def packed_linear(
@@ -125,16 +143,8 @@ def packed_linear(
     padded = padded_rows(rows)
     if RUN_AT and padded >= TUNE_MIN_ROWS:
         padded = RUN_AT.get((packed.shape[0], packed.shape[1], x.dtype, bias is not None), {}).get(padded, padded)
-    if rows < MIN_ROWS:
-        key = (x.shape[1], x.dtype, x.device)
-        small = _SMALL_INPUTS.get(key)
-        if small is None:
-            with torch.inference_mode(False):  # a normal tensor: writable inside inference mode and out of it
-                small = _SMALL_INPUTS[key] = x.new_zeros(MIN_ROWS, x.shape[1])
-        small[:rows] = x
-        x = small
-    elif padded != rows:
-        x = F.pad(x, (0, 0, 0, padded - rows))
+    if padded != rows:
+        x = _padded(x, padded)
     return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")[:rows]
 
 
