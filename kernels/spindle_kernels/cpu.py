@@ -294,8 +294,9 @@ def _chunk_bias(q_len: int, ctx_len: int, window: int | None, dtype: torch.dtype
 def _make_chunk_bias(
     q_len: int, ctx_len: int, window: int | None, dtype: torch.dtype, device: torch.device
 ) -> torch.Tensor:
-    mask = reference.chunk_mask(q_len, ctx_len, window, device)
-    return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
+    with torch.inference_mode(False):  # a normal tensor: a cached one may serve calls in and out of inference mode
+        mask = reference.chunk_mask(q_len, ctx_len, window, device)
+        return torch.zeros(mask.shape, dtype=dtype, device=device).masked_fill_(~mask, float("-inf"))
 
 
 _cached_chunk_bias = functools.lru_cache(maxsize=32)(_make_chunk_bias)

@@ -211,7 +211,7 @@ def test_warmup_times_the_mlp_slices(models: Models, monkeypatch, costs: dict[in
 
     _, model, ref = models.get("llama3")
     mlps = [m for m in model.modules() if isinstance(m, llama.LlamaMLP)]
-    saved = [m.slice_rows for m in mlps]
+    saved = [(m.byte_slice_rows, m.slice_rows) for m in mlps]
     clock, timed = [0], []
     real_forward = llama.LlamaMLP.forward
 
@@ -224,7 +224,7 @@ def test_warmup_times_the_mlp_slices(models: Models, monkeypatch, costs: dict[in
     monkeypatch.setattr(llama.LlamaMLP, "forward", costed_forward)
     try:
         for m in mlps:
-            m.slice_rows = 16
+            m.byte_slice_rows = m.slice_rows = 16
         assert llama.choose_mlp_slices(model, 64, Distributed(0, 1, None)) == expected
         # each candidate timed over 64 rows through the first MLP_SLICE_LAYERS MLPs, MLP_SLICE_REPEATS times
         assert sorted(set(timed)) == [(16, 64), (32, 64), (64, 64)]
@@ -235,13 +235,13 @@ def test_warmup_times_the_mlp_slices(models: Models, monkeypatch, costs: dict[in
         runner = PagedRunner(model)
         runner.add_sequence(0, len(ids))
         assert_close(runner.step([(0, ids)])[0], ref_logits(ref, ids))
-        # nothing to choose where the longest forward fits in one slice
+        # nothing to choose where the longest forward fits in one byte-sized slice
         timed.clear()
-        assert llama.choose_mlp_slices(model, expected, Distributed(0, 1, None)) is None
+        assert llama.choose_mlp_slices(model, 16, Distributed(0, 1, None)) is None
         assert not timed and [m.slice_rows for m in mlps] == [expected] * len(mlps)
     finally:
-        for m, rows in zip(mlps, saved, strict=True):
-            m.slice_rows = rows
+        for m, (byte_rows, rows) in zip(mlps, saved, strict=True):
+            m.byte_slice_rows, m.slice_rows = byte_rows, rows
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

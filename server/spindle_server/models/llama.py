@@ -58,7 +58,8 @@ class LlamaMLP(torch.nn.Module):
         size = config.intermediate_size
         row_bytes = 2 * (size // dist.world_size) * dtype.itemsize
         # CPU: rows per slice of a long forward (None: never sliced); `choose_mlp_slices` may raise it at Warmup.
-        self.slice_rows = max(256, MLP_SLICE_BYTES // row_bytes) if device.type == "cpu" else None
+        self.byte_slice_rows = max(256, MLP_SLICE_BYTES // row_bytes) if device.type == "cpu" else None
+        self.slice_rows = self.byte_slice_rows
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, [size, size], dist, bias=config.mlp_bias, dtype=dtype, device=device
         )
@@ -89,10 +90,10 @@ def choose_mlp_slices(model: torch.nn.Module, max_rows: int, dist: Distributed) 
     the fastest, where it beats the byte-sized slices by MLP_SLICE_MARGIN. Every rank times, and takes the
     slowest rank's times, so all ranks slice alike (each slice all-reduces). Returns the rows chosen, or None
     where no MLP slices at `max_rows`."""
-    mlps = [m for m in model.modules() if isinstance(m, LlamaMLP) and m.slice_rows is not None]
-    if not mlps or max_rows <= mlps[0].slice_rows:
+    mlps = [m for m in model.modules() if isinstance(m, LlamaMLP) and m.byte_slice_rows is not None]
+    if not mlps or max_rows <= mlps[0].byte_slice_rows:
         return None
-    base = mlps[0].slice_rows
+    base = mlps[0].byte_slice_rows
     candidates = [base << i for i in range((max_rows // base).bit_length()) if base << i < max_rows] + [max_rows]
     probe = mlps[:MLP_SLICE_LAYERS]
     weight = probe[0].gate_up_proj
