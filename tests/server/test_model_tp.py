@@ -76,7 +76,15 @@ def _tp_worker(rank: int, port: int, root: str, bad_dir: str, out: str) -> None:
     for name in SPECS:
         model = load_model(Path(root) / name, torch.float32, CPU, dist, ops_for(CPU))
         kv_heads = model.layers[0].self_attn.num_kv_heads
-        results[name] = {"logits": run_steps(model, WORLD), "kv_heads_per_rank": kv_heads,
+        slices = None
+        if name == "qwen2":  # each rank times the MLP's slices of 8, 16 and 32 rows and takes the slowest rank's times
+            from spindle_server.models import llama
+
+            for m in model.modules():
+                if isinstance(m, llama.LlamaMLP):
+                    m.byte_slice_rows = m.slice_rows = 8
+            slices = llama.choose_mlp_slices(model, 32, dist)
+        results[name] = {"logits": run_steps(model, WORLD), "kv_heads_per_rank": kv_heads, "slices": slices,
                          "intermediate_per_rank": getattr(model.layers[0].mlp, "intermediate_per_rank", None)}
     try:
         load_model(bad_dir, torch.float32, CPU, dist, ops_for(CPU))
@@ -134,3 +142,10 @@ def test_fewer_kv_heads_than_ranks_is_a_clear_error(tp_results) -> None:
     _, results = tp_results
     for r in results:
         assert "num_heads=4 and num_kv_heads=1 must both be divisible by the world size 2" in r["bad_error"]
+
+
+def test_ranks_agree_on_the_mlp_slices(tp_results) -> None:
+    # Each slice all-reduces: ranks slicing differently would hang. The qwen2 logits above ran with the choice.
+    _, results = tp_results
+    assert results[0]["qwen2"]["slices"] in (8, 16, 32)
+    assert results[0]["qwen2"]["slices"] == results[1]["qwen2"]["slices"]
