@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 MLP_SLICE_BYTES = 6 << 20
 # Warmup times the MLPs of this many layers (distinct weights, as a forward streams them), best of MLP_SLICE_REPEATS.
 MLP_SLICE_LAYERS = 2
-MLP_SLICE_REPEATS = 2
+MLP_SLICE_REPEATS = 3
 # ... and moves off the byte-sized slices only for a candidate that took at most this fraction of their time.
 MLP_SLICE_MARGIN = 0.9
 
@@ -86,7 +86,7 @@ class LlamaMLP(torch.nn.Module):
 
 def choose_mlp_slices(model: torch.nn.Module, max_rows: int, dist: Distributed) -> int | None:
     """Time a `max_rows`-row forward through the first MLP_SLICE_LAYERS MLPs with each candidate slice size (the
-    byte-sized one, then doubling, then unsliced; alternating, best of MLP_SLICE_REPEATS) and give every MLP
+    byte-sized one, then doubling, then unsliced; in alternating order, best of MLP_SLICE_REPEATS) and give every MLP
     the fastest, where it beats the byte-sized slices by MLP_SLICE_MARGIN. Every rank times, and takes the
     slowest rank's times, so all ranks slice alike (each slice all-reduces). Returns the rows chosen, or None
     where no MLP slices at `max_rows`."""
@@ -101,8 +101,8 @@ def choose_mlp_slices(model: torch.nn.Module, max_rows: int, dist: Distributed) 
     x = (0.1 * torch.randn(max_rows, weight.in_features, generator=gen)).to(weight.weight.dtype)
     best_ns = dict.fromkeys(candidates, float("inf"))
     with torch.inference_mode():
-        for _ in range(MLP_SLICE_REPEATS):
-            for rows in candidates:
+        for repeat in range(MLP_SLICE_REPEATS):  # the order alternates: a burst of load elsewhere hits all alike
+            for rows in candidates[:: 1 if repeat % 2 == 0 else -1]:
                 for m in probe:
                     m.slice_rows = rows
                 start = time.perf_counter_ns()
