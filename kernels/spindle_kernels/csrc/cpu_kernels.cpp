@@ -414,6 +414,16 @@ inline void for_head_runs(int64_t group, F&& f) {
 // batch of 32 x 300 0.31 -> 0.25 ms (warm caches).
 //
 // Splits (flash-decoding): each keeps its own running max and sum per head; a second pass merges them.
+// Kernels keep their per-thread scratch vectors between calls (thread_local): allocating them afresh in every
+// thread of every call (~540 mallocs a batch-32 decode step) made the threads queue on the allocator's lock
+// when they share one arena, as a shard's do (cli._single_malloc_arena). A vector grown past kScratchKeep
+// elements (a long context's scores) is handed back after the call instead of held.
+constexpr size_t kScratchKeep = size_t(1) << 20;
+template <typename V>
+inline void release_if_large(V& v) {
+  if (v.capacity() > kScratchKeep) V().swap(v);
+}
+
 constexpr int64_t kMinSplitRows = 64;   // below this a split's merge costs more than its parallelism wins
 constexpr int64_t kItemsPerThread = 4;  // enough items that uneven lengths still balance
 constexpr int64_t kGroupRows = 8;       // query rows of one sequence per work item
@@ -475,8 +485,11 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
   const int64_t num_items = num_groups * splits;
   std::atomic<int64_t> next_item{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> qf, acc, scores, top, total, kt(head_dim * kTile), vt(kTile * head_dim);
-    std::vector<bf16> qb, wb;  // raw bf16 query rows, and the softmax weights in bf16, for dot_pairs
+    // Scratch kept per thread between calls (see kScratchKeep).
+    thread_local std::vector<float> qf, acc, scores, top, total, kt, vt;
+    thread_local std::vector<bf16> qb, wb;  // raw bf16 query rows, and the softmax weights in bf16, for dot_pairs
+    kt.resize(head_dim * kTile);
+    vt.resize(kTile * head_dim);
     for (int64_t item = next_item++; item < num_items; item = next_item++) {
       const int64_t gi = order[item / splits], split = item % splits;
       const int64_t r0 = starts[gi], nr = starts[gi + 1] - r0;
@@ -706,10 +719,13 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
         }
       }
     }
+    release_if_large(scores);
+    release_if_large(wb);
   });
   if (splits == 1) return;
   at::parallel_for(0, rows * num_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> merged(head_dim);
+    thread_local std::vector<float> merged;
+    merged.resize(head_dim);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / num_heads, hg = bh % num_heads;
       float m = kNegInf;
@@ -881,7 +897,8 @@ template <typename T>
 void rms_norm_kernel(const T* x, const T* residual, const T* weight, T* out, T* sum_out, int64_t rows, int64_t width,
                      float eps) {
   at::parallel_for(0, rows, kRowGrain, [&](int64_t begin, int64_t end) {
-    std::vector<float> storage(width);
+    thread_local std::vector<float> storage;  // kept between calls (kScratchKeep)
+    storage.resize(width);
     float* buf = storage.data();
     for (int64_t r = begin; r < end; ++r) {
       const T* xr = x + r * width;
