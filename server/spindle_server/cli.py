@@ -218,7 +218,8 @@ def _single_malloc_arena() -> None:
     whose arena hands a large forward's activations back to the OS when they are freed and faults them in again
     on the next one: a 16 x 256-token bf16 prefill (SmolLM2-135M, 2 Sapphire Rapids cores) took 1.6 s for the
     first two and 0.88 s median on that thread against 0.77 s on the main thread; with one arena, 0.77 s on both.
-    The shard's other threads (gRPC's) allocate little, so the shared arena's lock is not contended."""
+    gRPC's threads allocate little, and the C++ kernels keep their per-thread scratch between calls (kScratchKeep in
+    cpu_kernels.cpp), so OpenMP's threads do not queue on the shared arena's lock either."""
     try:
         ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
     except (OSError, AttributeError):  # not glibc: its allocator decides

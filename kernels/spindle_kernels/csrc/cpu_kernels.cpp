@@ -414,6 +414,13 @@ inline void for_head_runs(int64_t group, F&& f) {
 // batch of 32 x 300 0.31 -> 0.25 ms (warm caches).
 //
 // Splits (flash-decoding): each keeps its own running max and sum per head; a second pass merges them.
+constexpr int64_t kMinSplitRows = 64;   // below this a split's merge costs more than its parallelism wins
+constexpr int64_t kItemsPerThread = 4;  // enough items that uneven lengths still balance
+constexpr int64_t kGroupRows = 8;       // query rows of one sequence per work item
+constexpr int64_t kSharedRows = 2;      // an item with this many rows transposes its K tiles
+constexpr int kPairsAtOnce = 4;         // (row, query head) pairs per pass over a transposed tile
+static_assert(kPairsAtOnce <= 4, "with_count dispatches counts of 1 .. 4");
+
 // Kernels keep their per-thread scratch vectors between calls (thread_local): allocating them afresh in every
 // thread of every call (~540 mallocs a batch-32 decode step) made the threads queue on the allocator's lock
 // when they share one arena, as a shard's do (cli._single_malloc_arena). A vector grown past kScratchKeep
@@ -423,13 +430,6 @@ template <typename V>
 inline void release_if_large(V& v) {
   if (v.capacity() > kScratchKeep) V().swap(v);
 }
-
-constexpr int64_t kMinSplitRows = 64;   // below this a split's merge costs more than its parallelism wins
-constexpr int64_t kItemsPerThread = 4;  // enough items that uneven lengths still balance
-constexpr int64_t kGroupRows = 8;       // query rows of one sequence per work item
-constexpr int64_t kSharedRows = 2;      // an item with this many rows transposes its K tiles
-constexpr int kPairsAtOnce = 4;         // (row, query head) pairs per pass over a transposed tile
-static_assert(kPairsAtOnce <= 4, "with_count dispatches counts of 1 .. 4");
 
 template <typename T, int64_t head_dim>
 void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t* tables, const int32_t* row_seqs,
