@@ -139,14 +139,8 @@ def paged_attention(
             k, v = reference.chunk_context(k_cache, v_cache, block_tables[b], lens[b], end - start, window)
             out[start:end] = _chunk_attention(q[start:end], k, v, scale, window=window)
         gaps = _gaps(chunks, q.shape[0])
-        if len(gaps) == 1:  # the usual mixed step: its decode rows first, then the chunks
-            rows = slice(*gaps[0])
-        elif gaps:
-            rest = torch.ones(q.shape[0], dtype=torch.bool)
-            for _, start, end in chunks:
-                rest[start:end] = False
-            rows = rest.nonzero().flatten()
-        if gaps:
+        if gaps:  # one range in the usual mixed step (its decode rows first, then the chunks): a slice
+            rows = slice(*gaps[0]) if len(gaps) == 1 else torch.cat([torch.arange(a, b) for a, b in gaps])
             out[rows] = torch.ops.spindle_cpu.attention_rows(
                 q[rows], k_cache, v_cache, block_tables, row_seqs[rows], row_lens[rows], scale, window or 0, 0.0
             )
