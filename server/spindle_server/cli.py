@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import dataclasses
 import logging
 import os
@@ -25,6 +24,7 @@ from spindle_server.engine.cuda_graphs import (
     DecodeGraphSettings,
     parse_cuda_graph_sizes,
 )
+from spindle_server.heap import single_malloc_arena
 
 log = logging.getLogger("spindle_server")
 
@@ -213,21 +213,8 @@ async def serve(args: ServeArgs) -> None:
         torch_dist.destroy_process_group()
 
 
-def _single_malloc_arena() -> None:
-    """Every thread allocates from glibc's main arena. The engine runs on its own thread (service.engine_thread),
-    whose arena hands a large forward's activations back to the OS when they are freed and faults them in again
-    on the next one: a 16 x 256-token bf16 prefill (SmolLM2-135M, 2 Sapphire Rapids cores) took 1.6 s for the
-    first two and 0.88 s median on that thread against 0.77 s on the main thread; with one arena, 0.77 s on both.
-    gRPC's threads allocate little, and the C++ kernels keep their per-thread scratch between calls (kScratchKeep in
-    cpu_kernels.cpp), so OpenMP's threads do not queue on the shared arena's lock either."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, 1)  # M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc: its allocator decides
-        pass
-
-
 def main(argv: list[str] | None = None) -> int:
-    _single_malloc_arena()
+    single_malloc_arena()
     ns = build_parser().parse_args(argv)
     rank = int(os.environ.get("RANK", "0") or 0)
     _setup_logging(rank)

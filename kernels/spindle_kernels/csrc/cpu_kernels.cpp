@@ -423,7 +423,7 @@ static_assert(kPairsAtOnce <= 4, "with_count dispatches counts of 1 .. 4");
 
 // Kernels keep their per-thread scratch vectors between calls (thread_local): allocating them afresh in every
 // thread of every call (~540 mallocs a batch-32 decode step) made the threads queue on the allocator's lock
-// when they share one arena, as a shard's do (cli._single_malloc_arena). A vector grown past kScratchKeep
+// when they share one arena, as a shard's do (spindle_server/heap.py). A vector grown past kScratchKeep
 // elements (a long context's scores) is handed back after the call instead of held.
 constexpr size_t kScratchKeep = size_t(1) << 20;
 template <typename V>

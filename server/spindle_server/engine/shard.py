@@ -7,7 +7,6 @@ calls, so they take identical branches and run the same collectives; only rank 0
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import math
 import time
@@ -24,6 +23,7 @@ from spindle_server.engine.errors import InvalidArgumentError, NotReadyError
 from spindle_server.engine.generation import Generation
 from spindle_server.engine.request import RequestState
 from spindle_server.engine.runner import ModelRunner
+from spindle_server.heap import return_freed_heap
 from spindle_server.kv_cache import (
     KVCache,
     KVCacheShape,
@@ -219,7 +219,7 @@ class ShardEngine:
                 "max_prefill_tokens"
             ) from exc
         del temp, batch
-        _return_freed_heap()
+        return_freed_heap()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.empty_cache()
@@ -359,16 +359,6 @@ class ShardEngine:
         """Forget every held request."""
         self.batch = ShardBatch([], self.settings.block_size)
         self._last_seq = 0
-
-
-def _return_freed_heap() -> None:
-    """Hand the heap memory Warmup's largest activations freed back to the OS. glibc keeps freed blocks of a
-    process that has freed large ones (its mmap threshold rises), so without this a shard's resident memory
-    keeps Warmup's peak (over 250 MiB on SmolLM2-135M's shapes at 4096 rows) whether serving needs it or not."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: its allocator decides
-        pass
 
 
 def _split(total: int, cap: int, max_batch_size: int) -> list[int]:
