@@ -24,8 +24,9 @@ The KV cache write (`reshape_and_cache`) is one C++ op too. q, k and v reach the
 of the QKV projection's output (`KernelOps.takes_strided_qkv`): the C++ kernels read them in place, the
 torch fallbacks copy where they need to; no three copies per layer.
 
-Matmuls of one to four rows may run in the C++ `linear_rows` over the plain weight (`layers/linear.py` keeps
-it beside oneDNN's packed copy where that measures faster).
+Matmuls of one to four rows may run in the C++ `linear_rows` over the plain weight, and bf16 ones of up to 32
+rows in the AMX `linear_tiles` over the same weight (`layers/linear.py` keeps it beside oneDNN's packed copy
+where that measures faster).
 
 RMSNorm (with its residual add), rotary and SiLU-and-mul are one C++ op each (a decode step at batch 1
 is mostly per-op overhead outside its matmuls: the torch versions take 6-12 ops with their dtype round
@@ -397,3 +398,25 @@ def linear_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     thread streams its output rows' weights once, in memory order (on Sapphire Rapids 1.4-1.6x oneDNN's rate
     over the SmolLM2-135M shapes at one row, 1.2-1.3x at four; `layers/linear.py` times both per model)."""
     return torch.ops.spindle_cpu.linear_rows(x, weight, bias)
+
+
+# bf16 matmuls of at most this many rows may run in the C++ `linear_tiles` kernel (AMX) over a plain weight.
+TILE_ROWS = 32
+
+
+@functools.cache
+def has_linear_tiles(dtype: torch.dtype) -> bool:
+    """Whether `linear_tiles` runs here: bf16, the C++ kernels built with AMX, and the OS lending AMX state."""
+    return dtype == torch.bfloat16 and cpu_native.load() and torch.ops.spindle_cpu.has_linear_tiles()
+
+
+def tiles_take(weight: torch.Tensor) -> bool:
+    """Whether `linear_tiles` takes this plain [out, in] weight's shape (whole 16 x 32 tiles)."""
+    return weight.shape[1] % 32 == 0 and weight.shape[0] % 16 == 0
+
+
+def linear_tiles(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [rows <= TILE_ROWS, in] @ weight.T (+ bias) -> [rows, out] in bf16 with AMX tiles, weight the plain
+    contiguous [out, in] (`tiles_take`): W's rows load as tiles in place, so each byte of W is streamed once for
+    all the rows (on Sapphire Rapids ~0.85x oneDNN's time over the SmolLM2-135M shapes at 1-32 rows)."""
+    return torch.ops.spindle_cpu.linear_tiles(x, weight, bias)

@@ -13,6 +13,7 @@ from spindle_server.layers.embedding import ParallelLMHead, VocabParallelEmbeddi
 from spindle_server.layers.linear import (
     EXACT_ROWS,
     MIN_ROWS,
+    ColumnParallelLinear,
     MergedColumnParallelLinear,
     RowParallelLinear,
     pack_linear_weights,
@@ -93,6 +94,41 @@ def test_row_kernel_serves_up_to_four_rows_from_the_plain_weights(dtype, in_feat
         assert layer.plain_rows is None
     assert column.weight.numel() == row.weight.numel() == own.table.weight.numel() == 0
     assert table.weight.shape == (100, in_features)  # the tied table still embeds
+
+
+@pytest.mark.parametrize("in_features, out_features", [(64, 64), (96, 48), (48, 64)])
+def test_tile_kernel_serves_bf16_matmuls_of_up_to_32_rows(in_features, out_features):
+    """With AMX, bf16 matmuls of 5 to 32 rows (bias included) read the plain weights through `linear_tiles`;
+    1-4 rows stay on the row kernel, 33 on oneDNN, and shapes without whole 16 x 32 tiles (48 in) on oneDNN;
+    every output within a bf16 step of the exact product. Without AMX the kernel is off and says why."""
+    torch.manual_seed(out_features)
+    dtype = torch.bfloat16
+    layer = ColumnParallelLinear(in_features, out_features, SOLO, bias=True, dtype=dtype)  # bias in the matmul
+    for p in layer.parameters():
+        p.data.normal_(0, 0.1)
+    weight, bias = layer.weight.detach().clone(), layer.bias.detach().clone()
+    inputs = {n: torch.randn(n, in_features, dtype=dtype) for n in (1, 4, 5, 16, 17, 32, 33)}
+    pack_linear_weights(torch.nn.ModuleList([layer]), row_kernel="on")
+    tiles = cpu_kernels.has_linear_tiles(dtype)
+    assert linear.PLAIN_KERNELS.tiles == tiles and linear.PLAIN_KERNELS.rows
+    if not tiles:
+        with pytest.raises(RuntimeError, match="linear_tiles needs"):
+            cpu_kernels.linear_tiles(inputs[5], weight, bias)
+    calls: dict[str, list[int]] = {"rows": [], "tiles": []}
+    real_rows, real_tiles = cpu_kernels.linear_rows, cpu_kernels.linear_tiles
+    try:
+        cpu_kernels.linear_rows = lambda *a: calls["rows"].append(a[0].shape[0]) or real_rows(*a)
+        cpu_kernels.linear_tiles = lambda *a: calls["tiles"].append(a[0].shape[0]) or real_tiles(*a)
+        with torch.inference_mode():
+            got = {n: layer(x) for n, x in inputs.items()}
+    finally:
+        cpu_kernels.linear_rows, cpu_kernels.linear_tiles = real_rows, real_tiles
+    served = [5, 16, 17, 32] if tiles and in_features % 32 == 0 else []
+    assert calls == {"rows": [1, 4], "tiles": served}
+    for n, x in inputs.items():
+        exact = x.double() @ weight.double().T + bias.double()
+        ulp = torch.exp2(torch.floor(torch.log2(exact.abs())) - 7)  # a bf16 step at each exact value
+        assert ((got[n].double() - exact).abs() <= ulp).all(), n  # the exact product rounded, or one step off
 
 
 def test_row_kernel_auto_keeps_plain_weights_only_when_timed_faster_and_small(monkeypatch, caplog):

@@ -1,5 +1,5 @@
 // Spindle's C++ CPU kernels: paged attention, RMSNorm (+ residual), rotary, SiLU-and-mul, KV cache write, and
-// the greedy token with its row's log-normalizer, and matmuls of one to four rows.
+// the greedy token with its row's log-normalizer, and matmuls of one to four rows (and, with AMX, up to 32).
 //
 // Attention reads straight from the paged KV cache, one query row at a time: a decode row per sequence, or
 // the rows of a prefill chunk, each over the context up to its own position (`attention_rows`). The torch
@@ -14,7 +14,7 @@
 //
 // Built on first use by spindle_kernels/cpu_native.py for the host CPU (-march=native) and registered as
 // torch.ops.spindle_cpu.{paged_decode_attention, attention_rows, rms_norm, rotary_embedding, silu_and_mul,
-// reshape_and_cache, argmax_logsumexp, linear_rows}.
+// reshape_and_cache, argmax_logsumexp, linear_rows, linear_tiles, has_linear_tiles}.
 
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -34,6 +34,10 @@
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 
 namespace {
@@ -1278,6 +1282,149 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10:
   return y;
 }
 
+
+// ---- bf16 matmuls of 5 to 32 rows with AMX (a decode step's batch): y = x W^T + b over the plain [out, in]
+// weight, still one pass over W from DRAM, which oneDNN's AMX kernels stream at ~19 GB/s at 32 rows from their
+// packed copy (Sapphire Rapids, SmolLM2-135M's shapes: 13.6-14.0 ms a step's matmuls) where this kernel reads
+// ~24 GB/s (11.0-11.5 ms). It computes y^T = W x^T, so W's rows load as AMX "A" tiles straight from the plain
+// layout (16 rows x 32 columns, strided by the row), and x (a few KB) is rearranged once per call into the
+// pair-interleaved "B" tiles TDPBF16PS multiplies by: tile (m block, k chunk) holds x[m][k] for 16 rows m and 32
+// columns k, as 16 rows of (k pair) x 16 m pairs -- the 16 x 16 transpose of x's 32-bit pairs. Each thread walks
+// its range of 32-row blocks of W in memory order (the next block prefetched into L2 as the K loop goes), with
+// two A, up to two B and four C tiles (of the eight), so every W byte is read once for all the rows. Products
+// are exact in float32 and summed in float32 as oneDNN's AMX kernels sum them; the bias is added before the
+// rounding to bf16. Takes K % 32 == 0 and N % 16 == 0 (every shape the models here have); linear.py checks.
+constexpr int64_t kMaxTileRows = 32;
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// Linux hands a thread AMX state only after the process asks (ARCH_REQ_XCOMP_PERM for XTILEDATA); without it
+// the first tile instruction faults. oneDNN asks too; asking twice is harmless.
+bool amx_permitted() {
+  static const bool ok = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+  return ok;
+}
+
+struct alignas(64) TileConfig {  // palette 1: every tile 16 rows of 64 bytes
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+  TileConfig() {
+    for (int t = 0; t < 8; ++t) colsb[t] = 64, rows[t] = 16;
+  }
+};
+
+// C tiles 4..4+MB*NBK-1 (nb-major) += A tiles 0..NBK-1 (W blocks) x B tiles 2..2+MB-1 (x blocks), over K.
+template <int NBK, int MB>
+inline void tile_block(const bf16* w, int64_t K, const bf16* xb, int64_t mb, const char* next, int64_t next_bytes) {
+  const int64_t KC = K / 32;
+  const int64_t per_chunk = (next_bytes / KC + 63) / 64 * 64;
+  _tile_zero(4);
+  if constexpr (MB == 2) _tile_zero(5);
+  if constexpr (NBK == 2) _tile_zero(6);
+  if constexpr (NBK == 2 && MB == 2) _tile_zero(7);
+  for (int64_t kc = 0; kc < KC; ++kc) {
+    if (next != nullptr) {
+      for (int64_t off = kc * per_chunk; off < std::min((kc + 1) * per_chunk, next_bytes); off += 64)
+        __builtin_prefetch(next + off, 0, 2);
+    }
+    _tile_loadd(0, w + kc * 32, K * 2);
+    if constexpr (NBK == 2) _tile_loadd(1, w + 16 * K + kc * 32, K * 2);
+    _tile_loadd(2, xb + (mb * KC + kc) * 512, 64);
+    if constexpr (MB == 2) _tile_loadd(3, xb + ((mb + 1) * KC + kc) * 512, 64);
+    _tile_dpbf16ps(4, 0, 2);
+    if constexpr (MB == 2) _tile_dpbf16ps(5, 0, 3);
+    if constexpr (NBK == 2) _tile_dpbf16ps(6, 1, 2);
+    if constexpr (NBK == 2 && MB == 2) _tile_dpbf16ps(7, 1, 3);
+  }
+}
+
+// C tile (n block, m block) [16 n][16 m] float32 -> y[m][n], + bias, rounded to bf16; rows past M skipped.
+inline void store_tile(const float* c, const bf16* bias, bf16* y, int64_t M, int64_t N, int64_t n0, int64_t m0) {
+  vf16 v[16];
+  for (int i = 0; i < 16; ++i) v[i] = load16(c + i * 16);
+  transpose16(v);
+  const vf16 b = bias != nullptr ? load16(bias + n0) : vf16{};
+  for (int i = 0; i < 16 && m0 + i < M; ++i) {
+    const __m256bh h = _mm512_cvtneps_pbh((__m512)(v[i] + b));
+    std::memcpy(y + (m0 + i) * N + n0, &h, sizeof(h));
+  }
+}
+
+void linear_tiles_kernel(const bf16* x, const bf16* w, const bf16* bias, bf16* y, int64_t M, int64_t K, int64_t N) {
+  const int64_t KC = K / 32, MBS = (M + 15) / 16;
+  thread_local std::vector<bf16> xb;  // B tiles [m block][k chunk][16 pairs][16 m][2]; a few KB, kept
+  xb.resize(MBS * 16 * K);
+  for (int64_t mb = 0; mb < MBS; ++mb) {
+    for (int64_t kc = 0; kc < KC; ++kc) {
+      vf16 v[16];  // 32-bit lanes: bf16 pairs
+      for (int i = 0; i < 16; ++i)
+        v[i] = mb * 16 + i < M ? (vf16)load_pairs(x + (mb * 16 + i) * K + kc * 32) : vf16{};
+      transpose16(v);
+      float* tile = reinterpret_cast<float*>(xb.data() + (mb * KC + kc) * 512);
+      for (int p = 0; p < 16; ++p) store16(tile + p * 16, v[p]);
+    }
+  }
+  const bf16* xt = xb.data();
+  const int64_t blocks = (N + 31) / 32;  // the last one 16 rows when N % 32 == 16
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    const TileConfig config;
+    _tile_loadconfig(&config);
+    alignas(64) float c[4][256];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * 32;
+      const bool pair = n0 + 32 <= N;
+      const char* next = b + 1 < b1 ? reinterpret_cast<const char*>(w + (n0 + 32) * K) : nullptr;
+      const int64_t next_bytes = next == nullptr ? 0 : std::min<int64_t>(32, N - n0 - 32) * K * 2;
+      for (int64_t mb = 0; mb < MBS; mb += 2) {
+        const bool two = mb + 1 < MBS;
+        const char* ahead = mb == 0 ? next : nullptr;  // the later m blocks read W from L2
+        if (pair && two) tile_block<2, 2>(w + n0 * K, K, xt, mb, ahead, next_bytes);
+        else if (pair) tile_block<2, 1>(w + n0 * K, K, xt, mb, ahead, next_bytes);
+        else if (two) tile_block<1, 2>(w + n0 * K, K, xt, mb, ahead, next_bytes);
+        else tile_block<1, 1>(w + n0 * K, K, xt, mb, ahead, next_bytes);
+        _tile_stored(4, c[0], 64);
+        if (two) _tile_stored(5, c[1], 64);
+        if (pair) _tile_stored(6, c[2], 64);
+        if (pair && two) _tile_stored(7, c[3], 64);
+        for (int nb = 0; nb < (pair ? 2 : 1); ++nb)
+          for (int j = 0; j < (two ? 2 : 1); ++j)
+            store_tile(c[nb * 2 + j], bias, y, M, N, n0 + nb * 16, (mb + j) * 16);
+      }
+    }
+    _tile_release();
+  });
+  release_if_large(xb);
+}
+#else
+bool amx_permitted() { return false; }
+void linear_tiles_kernel(const bf16*, const bf16*, const bf16*, bf16*, int64_t, int64_t, int64_t) {
+  TORCH_CHECK(false, "linear_tiles needs a build with AMX (this CPU or compiler has none)");
+}
+#endif
+
+bool has_linear_tiles() { return amx_permitted(); }
+
+at::Tensor linear_tiles(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(amx_permitted(), "linear_tiles needs AMX, which this CPU, kernel or build lacks");
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2 && x.size(1) == weight.size(1),
+              "linear_tiles takes x [rows, in] and weight [out, in]");
+  TORCH_CHECK(x.size(0) >= 1 && x.size(0) <= kMaxTileRows, "linear_tiles takes 1 to ", kMaxTileRows, " rows");
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16,
+              "linear_tiles takes bfloat16 x and weight");
+  TORCH_CHECK(weight.is_contiguous(), "linear_tiles takes a contiguous weight");
+  const int64_t K = x.size(1), N = weight.size(0);
+  TORCH_CHECK(K % 32 == 0 && N % 16 == 0, "linear_tiles takes in % 32 == 0 and out % 16 == 0, got ", K, " and ", N);
+  const at::Tensor xc = x.contiguous();
+  at::Tensor b;
+  if (bias.has_value()) {
+    b = bias->contiguous();
+    TORCH_CHECK(b.scalar_type() == at::kBFloat16 && b.numel() == N, "bias must be [out], bfloat16");
+  }
+  at::Tensor y = at::empty({x.size(0), N}, x.options());
+  linear_tiles_kernel(BF(xc), BF(weight), b.defined() ? BF(b) : nullptr, BF(y), x.size(0), K, N);
+  return y;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(spindle_cpu, m) {
@@ -1299,4 +1446,7 @@ TORCH_LIBRARY(spindle_cpu, m) {
   m.impl("argmax_logsumexp", c10::DispatchKey::CPU, TORCH_FN(argmax_logsumexp));
   m.def("linear_rows(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.impl("linear_rows", c10::DispatchKey::CPU, TORCH_FN(linear_rows));
+  m.def("linear_tiles(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
+  m.impl("linear_tiles", c10::DispatchKey::CPU, TORCH_FN(linear_tiles));
+  m.def("has_linear_tiles() -> bool", TORCH_FN(has_linear_tiles));
 }

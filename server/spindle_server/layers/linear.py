@@ -21,9 +21,12 @@ faster at 32 rows (170 vs 81 GFLOP/s) and 2.3x at one row; bfloat16 1.4x at 32 r
 Matmuls of up to four rows (a decode step at small batch, a lone prompt's logits) stream every weight once and
 do little else: the C++ `linear_rows` kernel streams the plain [out, in] weight faster than oneDNN's small-row
 kernels stream the packed one (Sapphire Rapids, SmolLM2-135M's weights at one row: float32 19.8 vs 28.1 ms,
-bfloat16 9.3 vs 14.7 ms; at four rows 22.3 vs 26.5 and 11.0 vs 14.0 ms). That needs the plain weight kept
-beside the packed copy, so `pack_linear_weights` keeps it only where the copy is a small share of the host's
-memory and the kernel measures faster over the model's own weights, and says which it chose.
+bfloat16 9.3 vs 14.7 ms; at four rows 22.3 vs 26.5 and 11.0 vs 14.0 ms). On hosts with AMX, bf16 matmuls of up to 32 rows (a decode
+step's batch) run in the C++ `linear_tiles` over the same plain weight: its rows load as AMX tiles in place, each
+byte streamed once for all the rows, where oneDNN's AMX kernels stream their packed copy slower at these row counts
+(Sapphire Rapids, SmolLM2-135M's shapes with its LM head at 32 rows: 14.0 vs 16.5 ms; at 8 rows 11.8 vs 13.4).
+Both need the plain weight kept beside the packed copy, so `pack_linear_weights` keeps it only where the copy is a
+small share of the host's memory and a kernel measures faster over the model's own weights, and says which it chose.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +46,25 @@ from spindle_server.weights import Weights, shard_range
 
 log = logging.getLogger(__name__)
 
-# The plain weights are kept for `linear_rows` only while that copy takes at most this share of the host's memory
-# (SPINDLE_CPU_ROW_KERNEL=on keeps them regardless, =off never).
+# The plain weights are kept for `linear_rows` / `linear_tiles` only while that copy takes at most this share of the
+# host's memory (SPINDLE_CPU_ROW_KERNEL=on keeps them regardless, =off never).
 ROW_COPY_MEMORY_SHARE = 1 / 8
-# ... and where the kernel measures at most this fraction of oneDNN's time: noise must not decide.
+# ... and where a kernel measures at most this fraction of oneDNN's time: noise must not decide.
 ROW_KERNEL_MARGIN = 0.95
 # The timing reads at most this many bytes of weights per pass (enough to stream from DRAM, as decode does).
 ROW_TIMING_BYTES = 512 << 20
+
+
+@dataclass
+class PlainKernels:
+    """Which matmuls read the plain weights kept beside the packed ones (`pack_linear_weights` decides, per
+    process: a shard holds one model)."""
+
+    rows: bool = True  # 1 .. LINEAR_ROWS rows through `linear_rows`
+    tiles: bool = False  # 1 .. TILE_ROWS bf16 rows through `linear_tiles` (AMX), where `linear_rows` does not serve
+
+
+PLAIN_KERNELS = PlainKernels()
 
 
 def can_pack(weight: torch.Tensor) -> bool:
@@ -136,10 +152,13 @@ def packed_linear(
     x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None, plain: torch.Tensor | None = None
 ) -> torch.Tensor:
     """x [rows, in] @ packed.T (+ bias) -> [rows, out], computed at `padded_rows(rows)` rows; with `plain`, the
-    same weight unpacked, matmuls of at most `cpu_kernels.LINEAR_ROWS` rows run in the C++ row kernel instead."""
+    same weight unpacked, matmuls of few rows run in the C++ kernels `PLAIN_KERNELS` names instead."""
     rows = x.shape[0]
-    if plain is not None and rows <= cpu_kernels.LINEAR_ROWS:
-        return cpu_kernels.linear_rows(x, plain, bias)
+    if plain is not None:
+        if rows <= cpu_kernels.LINEAR_ROWS and PLAIN_KERNELS.rows:
+            return cpu_kernels.linear_rows(x, plain, bias)
+        if rows <= cpu_kernels.TILE_ROWS and PLAIN_KERNELS.tiles and cpu_kernels.tiles_take(plain):
+            return cpu_kernels.linear_tiles(x, plain, bias)
     padded = padded_rows(rows)
     if RUN_AT and padded >= TUNE_MIN_ROWS:
         padded = RUN_AT.get((packed.shape[0], packed.shape[1], x.dtype, bias is not None), {}).get(padded, padded)
@@ -226,10 +245,11 @@ class ParallelLinear(torch.nn.Module):
 def pack_linear_weights(model: torch.nn.Module, row_kernel: str | None = None) -> int:
     """Pack every packable weight of `model` (after loading); returns how many were packed.
 
-    row_kernel (default: $SPINDLE_CPU_ROW_KERNEL, else "auto"): whether matmuls of up to 4 rows read a plain copy of
-    each weight through the C++ row kernel. "auto": where that copy takes at most ROW_COPY_MEMORY_SHARE of the
-    host's memory and the kernel measures faster on the model's own weights (logged); "on": wherever the
-    kernel takes the dtype; "off": never.
+    row_kernel (default: $SPINDLE_CPU_ROW_KERNEL, else "auto"): whether matmuls of few rows read a plain copy of
+    each weight through the C++ kernels (`linear_rows` up to 4 rows; with AMX, bf16 `linear_tiles` up to 32).
+    "auto": where that copy takes at most ROW_COPY_MEMORY_SHARE of the host's memory, each kernel where it
+    measures faster on the model's own weights (logged); "on": wherever the kernels take the dtype; "off": never.
+    Sets PLAIN_KERNELS.
     """
     mode = row_kernel or os.environ.get("SPINDLE_CPU_ROW_KERNEL", "auto")
     if mode not in ("auto", "on", "off"):
@@ -244,9 +264,13 @@ def pack_linear_weights(model: torch.nn.Module, row_kernel: str | None = None) -
             module.pack()
         count += getattr(module, "packed", None) is not None
     kept = [m for m in modules if getattr(m, "plain_rows", None) is not None]
-    if kept and mode == "auto" and not _row_kernel_pays(kept):
-        for module in kept:
-            module.drop_plain()
+    tiles = bool(kept) and cpu_kernels.has_linear_tiles(kept[0].plain_rows.dtype)
+    PLAIN_KERNELS.rows, PLAIN_KERNELS.tiles = bool(kept), tiles
+    if kept and mode == "auto":
+        PLAIN_KERNELS.rows, PLAIN_KERNELS.tiles = _plain_kernels_pay(kept, tiles)
+        if not (PLAIN_KERNELS.rows or PLAIN_KERNELS.tiles):
+            for module in kept:
+                module.drop_plain()
     return count
 
 
@@ -261,38 +285,51 @@ def _may_keep_plain(modules: list[torch.nn.Module], mode: str) -> bool:
     copy = sum(m.row_copy_bytes() for m in rowable)
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if copy > ROW_COPY_MEMORY_SHARE * memory:
-        log.info("one-row matmuls stay on oneDNN: a plain copy of the weights (%d MiB) would take more than "
+        log.info("few-row matmuls stay on oneDNN: a plain copy of the weights (%d MiB) would take more than "
                  "%.0f%% of this host's memory", copy >> 20, 100 * ROW_COPY_MEMORY_SHARE)
         return False
     return True
 
 
-def _row_kernel_pays(kept: list[torch.nn.Module]) -> bool:
-    """Times one-row matmuls over the model's weights (up to ROW_TIMING_BYTES per pass) in the row kernel and
-    in oneDNN, alternating, best of three; logs the choice."""
-    cases: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+def _plain_kernels_pay(kept: list[torch.nn.Module], tiles: bool) -> tuple[bool, bool]:
+    """Times one-row matmuls over the model's weights (up to ROW_TIMING_BYTES per pass) in the row kernel and in
+    oneDNN, and, where `tiles`, TILE_ROWS-row ones in the tile kernel and in oneDNN, alternating, best of three;
+    logs the choice. Returns whether each kernel pays (rows, tiles)."""
+    cases: list[tuple[torch.Tensor, torch.Tensor]] = []  # (plain, packed)
     streamed = 0
     for module in kept:
-        plain = module.plain_rows
-        cases.append((plain.new_zeros(1, plain.shape[1]), module.packed, plain))
-        streamed += plain.numel() * plain.element_size()
+        cases.append((module.plain_rows, module.packed))
+        streamed += module.plain_rows.numel() * module.plain_rows.element_size()
         if streamed >= ROW_TIMING_BYTES:
             break
 
-    def one_pass(use_plain: bool) -> None:
-        for x, packed, plain in cases:
-            packed_linear(x, packed, None, plain if use_plain else None)
+    def one_pass(kernel: Callable[..., torch.Tensor] | None, inputs: list[torch.Tensor]) -> None:  # None: oneDNN
+        for x, (plain, packed) in zip(inputs, cases):
+            if kernel is None or (kernel is cpu_kernels.linear_tiles and not cpu_kernels.tiles_take(plain)):
+                packed_linear(x, packed)
+            else:
+                kernel(x, plain)
+
+    def timed(kernel: Callable[..., torch.Tensor], rows: int) -> tuple[float, float]:
+        inputs = [plain.new_zeros(rows, plain.shape[1]) for plain, _ in cases]
+        one_pass(kernel, inputs), one_pass(None, inputs)  # warm: oneDNN builds its primitives, the pages are touched
+        pairs = [(_seconds(one_pass, kernel, inputs), _seconds(one_pass, None, inputs)) for _ in range(3)]
+        return min(k for k, _ in pairs), min(o for _, o in pairs)
 
     with torch.inference_mode():
-        one_pass(True), one_pass(False)  # warm: oneDNN builds its primitives, the pages are touched
-        pairs = [(_seconds(one_pass, True), _seconds(one_pass, False)) for _ in range(3)]
-    kernel_s, onednn_s = min(k for k, _ in pairs), min(o for _, o in pairs)
-    pays = kernel_s < ROW_KERNEL_MARGIN * onednn_s
+        rows_s, rows_onednn_s = timed(cpu_kernels.linear_rows, 1)
+        tiles_s, tiles_onednn_s = timed(cpu_kernels.linear_tiles, cpu_kernels.TILE_ROWS) if tiles else (0.0, 0.0)
+    rows_pay = rows_s < ROW_KERNEL_MARGIN * rows_onednn_s
+    tiles_pay = tiles and tiles_s < ROW_KERNEL_MARGIN * tiles_onednn_s
     copy = sum(m.row_copy_bytes() for m in kept)
-    log.info("one-row matmuls over %d MiB of weights: the C++ row kernel %.1f ms, oneDNN %.1f ms: %s", streamed >> 20,
-             1e3 * kernel_s, 1e3 * onednn_s,
-             f"the row kernel, keeping the plain weights ({copy >> 20} MiB more)" if pays else "oneDNN")
-    return pays
+    chosen = [name for name, pays in (("the C++ row kernel", rows_pay), ("the AMX tile kernel", tiles_pay)) if pays]
+    timings = f"1 row: the C++ row kernel {1e3 * rows_s:.1f} ms, oneDNN {1e3 * rows_onednn_s:.1f} ms"
+    if tiles:
+        timings += (f"; {cpu_kernels.TILE_ROWS} rows: the AMX tile kernel {1e3 * tiles_s:.1f} ms, "
+                    f"oneDNN {1e3 * tiles_onednn_s:.1f} ms")
+    log.info("few-row matmuls over %d MiB of weights, %s: %s", streamed >> 20, timings,
+             f"{' and '.join(chosen)}, keeping the plain weights ({copy >> 20} MiB more)" if chosen else "oneDNN")
+    return rows_pay, tiles_pay
 
 
 def warm_packed_linears(model: torch.nn.Module, max_rows: int, tune: bool = True) -> int:
