@@ -152,6 +152,35 @@ def test_row_kernel_auto_keeps_plain_weights_only_when_timed_faster_and_small(mo
         pack_linear_weights(_layers(torch.float32))
 
 
+def test_row_and_tile_kernels_are_chosen_apart(monkeypatch, caplog):
+    """bfloat16: the row kernel is timed at one row and, with AMX, the tile kernel at TILE_ROWS rows, each against
+    oneDNN; the choice is logged and set in PLAIN_KERNELS, and one kernel paying keeps the plain weights for it."""
+    tiles = cpu_kernels.has_linear_tiles(torch.bfloat16)
+    monkeypatch.setattr(linear, "ROW_KERNEL_MARGIN", float("inf"))  # any time wins
+    with caplog.at_level(logging.INFO, logger="spindle_server.layers.linear"):
+        pack_linear_weights(_layers(torch.bfloat16, 64), row_kernel="auto")
+    assert linear.PLAIN_KERNELS == linear.PlainKernels(rows=True, tiles=tiles)
+    assert (f"{cpu_kernels.TILE_ROWS} rows: the AMX tile kernel" in caplog.text) == tiles
+    monkeypatch.setattr(linear, "_plain_kernels_pay", lambda kept, can_tile: (False, can_tile))  # only tiles pay
+    model = _layers(torch.bfloat16, 64)
+    square = ColumnParallelLinear(64, 64, SOLO, bias=True, dtype=torch.bfloat16)  # whole tiles
+    for p in square.parameters():
+        p.data.normal_(0, 0.1)
+    model.append(square)
+    x = torch.randn(1, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        want = square(x)  # unpacked: F.linear
+    pack_linear_weights(model, row_kernel="auto")
+    assert linear.PLAIN_KERNELS == linear.PlainKernels(rows=False, tiles=tiles)
+    assert all((m.plain_rows is not None) == tiles for m in (model[0], model[1], model[3], model[4], square))
+    calls = []
+    real = cpu_kernels.linear_tiles
+    monkeypatch.setattr(cpu_kernels, "linear_tiles", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    with torch.inference_mode():  # one row without the row kernel: the tile kernel where it runs, else oneDNN
+        torch.testing.assert_close(square(x), want, **TOLERANCE[torch.bfloat16])
+    assert calls == ([1] if tiles else [])
+
+
 def test_float16_is_left_unpacked():
     layer = RowParallelLinear(16, 8, SOLO, dtype=torch.float16)
     layer.pack()
