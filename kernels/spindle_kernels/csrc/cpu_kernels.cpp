@@ -167,6 +167,21 @@ inline vf16 row_sums16(vf16 v[16]) {
   return __builtin_shuffle(y[0], y[1], a4) + __builtin_shuffle(y[0], y[1], b4);
 }
 
+// The largest of p[0 .. n), NaNs passed over as std::max passes them. `omp simd reduction(max)` left this loop
+// scalar (one VMAXSS after another, each waiting on the last): a fifth of the decode kernel's own time.
+inline float max_of(const float* p, int64_t n) {
+  vf16 best = vf16{} - std::numeric_limits<float>::infinity();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const vf16 v = load16(p + i);
+    best = v > best ? v : best;
+  }
+  float m = -std::numeric_limits<float>::infinity();
+  for (int lane = 0; lane < 16; ++lane) m = std::max(m, best[lane]);
+  for (; i < n; ++i) m = std::max(m, p[i]);
+  return m;
+}
+
 constexpr int kTile = 16;
 
 // Into L2 (locality 2: prefetcht1), not L1: an L1 prefetch holds one of the core's few L1 miss buffers until
@@ -632,9 +647,7 @@ void decode_kernel(const T* q, const T* k_cache, const T* v_cache, const int32_t
             if (softcap > 0.0f) {  // Gemma 2's soft-capped logits
               for (int64_t t = a; t < z; ++t) sg[t] = softcap * std::tanh(sg[t] / softcap);
             }
-            float m = kNegInf;
-#pragma omp simd reduction(max : m)
-            for (int64_t t = a; t < z; ++t) m = std::max(m, sg[t]);
+            const float m = max_of(sg + a, z - a);
             float sum = 0.0f;
 #pragma omp simd reduction(+ : sum)
             for (int64_t t = a; t < z; ++t) {
