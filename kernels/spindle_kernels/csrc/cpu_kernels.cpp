@@ -1295,8 +1295,7 @@ at::Tensor linear_rows(const at::Tensor& x, const at::Tensor& weight, const c10:
   return y;
 }
 
-
-// ---- bf16 matmuls of 5 to 32 rows with AMX (a decode step's batch): y = x W^T + b over the plain [out, in]
+// ---- bf16 matmuls of up to 32 rows with AMX (a decode step's batch): y = x W^T + b over the plain [out, in]
 // weight, still one pass over W from DRAM, which oneDNN's AMX kernels stream at ~19 GB/s at 32 rows from their
 // packed copy (Sapphire Rapids, SmolLM2-135M's shapes: 13.6-14.0 ms a step's matmuls) where this kernel reads
 // ~24 GB/s (11.0-11.5 ms). It computes y^T = W x^T, so W's rows load as AMX "A" tiles straight from the plain

@@ -21,12 +21,13 @@ faster at 32 rows (170 vs 81 GFLOP/s) and 2.3x at one row; bfloat16 1.4x at 32 r
 Matmuls of up to four rows (a decode step at small batch, a lone prompt's logits) stream every weight once and
 do little else: the C++ `linear_rows` kernel streams the plain [out, in] weight faster than oneDNN's small-row
 kernels stream the packed one (Sapphire Rapids, SmolLM2-135M's weights at one row: float32 19.8 vs 28.1 ms,
-bfloat16 9.3 vs 14.7 ms; at four rows 22.3 vs 26.5 and 11.0 vs 14.0 ms). On hosts with AMX, bf16 matmuls of up to 32 rows (a decode
-step's batch) run in the C++ `linear_tiles` over the same plain weight: its rows load as AMX tiles in place, each
-byte streamed once for all the rows, where oneDNN's AMX kernels stream their packed copy slower at these row counts
-(Sapphire Rapids, SmolLM2-135M's shapes with its LM head at 32 rows: 14.0 vs 16.5 ms; at 8 rows 11.8 vs 13.4).
-Both need the plain weight kept beside the packed copy, so `pack_linear_weights` keeps it only where the copy is a
-small share of the host's memory and a kernel measures faster over the model's own weights, and says which it chose.
+bfloat16 9.3 vs 14.7 ms; at four rows 22.3 vs 26.5 and 11.0 vs 14.0 ms). On hosts with AMX, bf16 matmuls of up
+to 32 rows (a decode step's batch) run in the C++ `linear_tiles` over the same plain weight: its rows load as AMX
+tiles in place, each byte streamed once for all the rows, where oneDNN's AMX kernels stream their packed copy
+slower at these row counts (Sapphire Rapids, SmolLM2-135M's shapes with its LM head at 32 rows: 14.0 vs 16.5 ms;
+at 8 rows 11.8 vs 13.4). Both need the plain weight kept beside the packed copy, so `pack_linear_weights` keeps
+it only where the copy is a small share of the host's memory and a kernel measures faster over the model's own
+weights, and says which it chose.
 """
 
 from __future__ import annotations
