@@ -3,7 +3,8 @@
 Workloads (issue 4):
   (a) 256-token prompts, 128 output tokens, concurrency 1, 8, 32
   (b) a shared 1500-token prefix with distinct 32-token suffixes: TTFT cold vs prefix cached
-  (c) a 2000-token prompt arriving while 16 streams decode: their ITL, and its TTFT vs alone
+  (c) a 2000-token prompt arriving while 16 streams decode: their ITL, and its TTFT vs alone (the streams go
+      on for STEADY_TOKENS tokens after its first)
 The naive baseline (bench/naive_server.py: transformers generate, one request at a time) runs (a).
 MFU = tokens processed x 2 x parameters / wall time / best matmul rate measured here (bench/flops.py).
 """
@@ -102,6 +103,11 @@ async def workload_b(url: str, samples: int = 3) -> tuple[list[float], list[floa
     return cold, warm
 
 
+# Workload (c): the streams decode until each has this many tokens after the long prompt's first token (then the
+# client closes them), so the steady window is the same length whichever server and however long its prefill.
+STEADY_TOKENS = 48
+
+
 async def workload_c(url: str, api: str = "tgi") -> dict[str, float]:
     """16 decoding streams, then a 2000-token prompt: the streams' ITL before/during, its TTFT vs alone."""
     import aiohttp
@@ -111,7 +117,7 @@ async def workload_c(url: str, api: str = "tgi") -> dict[str, float]:
         alone = await stream_one(session, url, long_prompt, 2001, max_new_tokens=4, api=api)
         live = [RequestResult(prompt_tokens=n, sent_at=time.perf_counter()) for _, n in prompts(16, 64, seed=80_000)]
         streams = [
-            asyncio.create_task(stream_one(session, url, p, n, max_new_tokens=160, api=api, result=r))
+            asyncio.create_task(stream_one(session, url, p, n, max_new_tokens=1024, api=api, result=r))
             for (p, n), r in zip(prompts(16, 64, seed=80_000), live)
         ]
         # The long prompt arrives once every stream is decoding steadily.
@@ -121,7 +127,14 @@ async def workload_c(url: str, api: str = "tgi") -> dict[str, float]:
         long_run = await stream_one(session, url, bench_model.prompt(2000, seed=70_001), 2001, max_new_tokens=4,
                                     api=api)
         first_token = long_run.token_times[0] if long_run.token_times else arrival
-        done = await asyncio.gather(*streams)
+        # A stream that ended (EOS, error) counts with what it has.
+        while not all(sum(t > first_token for t in r.token_times) >= STEADY_TOKENS or task.done()
+                      for r, task in zip(live, streams)):
+            await asyncio.sleep(0.05)
+        for task in streams:
+            task.cancel()
+        await asyncio.gather(*streams, return_exceptions=True)
+        done = live
     steady, during = [], []
     for r in done:
         # Before the arrival the streams are still being admitted (not steady decoding): steady is after
