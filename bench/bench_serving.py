@@ -134,9 +134,8 @@ async def workload_c(url: str, api: str = "tgi") -> dict[str, float]:
         for task in streams:
             task.cancel()
         await asyncio.gather(*streams, return_exceptions=True)
-        done = live
     steady, during = [], []
-    for r in done:
+    for r in live:
         # Before the arrival the streams are still being admitted (not steady decoding): steady is after
         # the long prompt's first token, when all 16 stream on.
         for a, b in zip(r.token_times, r.token_times[1:]):
